@@ -1,0 +1,45 @@
+# The README's two commands:   make run    (set up + main job on the embedded default)
+#                              make test   (set up + the test suite, network cut off but loopback)
+PY      ?= python3.11
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+CONFIG  ?= configs/tiny.yaml
+PYTEST_ARGS ?=
+export PATH := $(abspath $(BIN)):$(PATH)
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: setup run test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# main job on the embedded default: tiny models, then a check of every role
+run: setup
+	$(BIN)/cafe models make-tiny models/tiny
+	$(BIN)/cafe models check $(CONFIG)
+
+# the whole suite inside a network namespace that has only loopback (needs root; else the
+# in-process guard in tests/conftest.py still refuses non-loopback connections)
+test: setup
+	@if unshare -n true 2>/dev/null; then \
+	  echo "running tests in a loopback-only network namespace"; \
+	  unshare -n sh -c 'ip link set lo up 2>/dev/null || true; exec "$$@"' _ $(BIN)/python -m pytest $(PYTEST_ARGS); \
+	else \
+	  echo "unshare unavailable: running tests with the in-process network guard only"; \
+	  $(BIN)/python -m pytest $(PYTEST_ARGS); \
+	fi
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python bench/bench_build.py
+
+clean:
+	rm -rf outputs models/tiny .pytest_cache

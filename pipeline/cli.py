@@ -1,0 +1,197 @@
+"""``cafe`` — the command line. Each command is a thin layer over one documented Python function.
+
+Usage::
+
+    cafe config validate configs/*.yaml [--check-paths]
+    cafe config show configs/tiny.yaml --set build.profusion.num_inference_steps=10
+    cafe models make-tiny models/tiny
+    cafe models check models/tiny            # or a config file
+    cafe build configs/tiny.yaml [--set ...] [--out DIR] [--address RAY_ADDRESS]
+    cafe refilter DATASET_DIR --set build.rules.clip_t_min=0.25 --out DIR
+    cafe report DATASET_DIR
+
+Exit codes (stable, for scripts): 0 success · 1 runtime failure · 2 usage error · 3 invalid config ·
+4 unusable model directory · 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import pipeline  # noqa: F401  (loopback env before anything imports ray)
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+
+log = logging.getLogger("cafe")
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override one config key (YAML value); repeatable")
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+def cmd_config_validate(args) -> int:
+    from pipeline.config import ConfigError, check_paths, load_config
+
+    failed = 0
+    for path in args.files:
+        try:
+            cfg = load_config(path, args.overrides)
+            problems = check_paths(cfg) if args.check_paths else []
+            if problems:
+                raise ConfigError(path, problems)
+            print(f"{path}: ok")
+        except ConfigError as exc:
+            failed += 1
+            print(str(exc), file=sys.stderr)
+    return EXIT_CONFIG if failed else EXIT_OK
+
+
+def cmd_config_show(args) -> int:
+    import yaml
+
+    from pipeline.config import load_config
+
+    cfg = load_config(args.file, args.overrides)
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+def cmd_models_make_tiny(args) -> int:
+    from pipeline.models import make_tiny_models
+
+    written = make_tiny_models(args.dir, seed=args.seed, overwrite=args.overwrite)
+    for role, path in written.items():
+        print(f"{role:13s} {path}")
+    return EXIT_OK
+
+
+def cmd_models_check(args) -> int:
+    from pipeline.models import check_models, format_check_table
+
+    rows = check_models(args.target, args.overrides, roles=args.role or None)
+    print(format_check_table(rows))
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------ build
+
+
+def cmd_build(args) -> int:
+    from pipeline.build import run_build
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # validated before Ray starts
+    result = run_build(cfg, out_dir=args.out, address=args.address, config_path=args.config)
+    print(result.summary())
+    return EXIT_OK
+
+
+def cmd_refilter(args) -> int:
+    from pipeline.refilter import refilter
+
+    result = refilter(args.dataset, args.overrides, out_dir=args.out)
+    print(result.summary())
+    return EXIT_OK
+
+
+def cmd_report(args) -> int:
+    from pipeline.report import write_report
+
+    path = write_report(args.dataset)
+    print(f"report: {path}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cafe", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    nouns = parser.add_subparsers(dest="noun", metavar="COMMAND", required=True)
+
+    config = nouns.add_parser("config", help="validate and show configs").add_subparsers(dest="verb", required=True)
+    p = config.add_parser("validate", help="validate YAML configs; exit 3 on any error")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--check-paths", action="store_true", help="also require every model directory to exist")
+    _add_set(p)
+    p.set_defaults(func=cmd_config_validate)
+    p = config.add_parser("show", help="print the resolved config (defaults, overrides, env vars applied)")
+    p.add_argument("file")
+    _add_set(p)
+    p.set_defaults(func=cmd_config_show)
+
+    models = nouns.add_parser("models", help="tiny checkpoints and model checks").add_subparsers(dest="verb", required=True)
+    p = models.add_parser("make-tiny", help="write a seeded tiny set of every model role into DIR")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="rewrite roles that already exist")
+    p.set_defaults(func=cmd_models_make_tiny)
+    p = models.add_parser("check", help="load every role, run one forward pass, print a table")
+    p.add_argument("target", help="a directory with one folder per role, or a config file")
+    p.add_argument("--role", action="append", help="check only this role; repeatable")
+    _add_set(p)
+    p.set_defaults(func=cmd_models_check)
+
+    p = nouns.add_parser("build", help="round-0 CAFE dataset construction on Ray Data")
+    p.add_argument("config")
+    p.add_argument("--out", help="output directory (default: run.output_dir/run.name)")
+    p.add_argument("--address", help="Ray address of an existing cluster (default: a local loopback cluster)")
+    _add_set(p)
+    p.set_defaults(func=cmd_build)
+
+    p = nouns.add_parser("refilter", help="re-apply rules to a built dataset's stored scores (no recomputation)")
+    p.add_argument("dataset", help="output directory of a `cafe build`")
+    p.add_argument("--out", required=True)
+    _add_set(p)
+    p.set_defaults(func=cmd_refilter)
+
+    p = nouns.add_parser("report", help="regenerate the report of a built dataset")
+    p.add_argument("dataset")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``cafe`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    from pipeline.config import ConfigError
+
+    try:
+        from training.models.kit import ModelLoadError
+    except ImportError:  # pragma: no cover - torch missing
+        ModelLoadError = RuntimeError  # type: ignore[misc,assignment]
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_CONFIG
+    except ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_MODEL
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, FileNotFoundError) else EXIT_FAILURE
+    except Exception as exc:  # noqa: BLE001 - top level: report and exit non-zero
+        log.exception("failed: %s", exc)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Model kit (:mod:`training.models.kit`), tiny checkpoints (:mod:`training.models.tiny`) and model definitions."""
