@@ -40,6 +40,8 @@ class SourcesConfig(_Strict):
     min_side: int = Field(8, ge=1)
     max_pixels: int = Field(64_000_000, ge=1, description="decompression-bomb limit (width*height)")
     max_file_mb: float = Field(64.0, gt=0)
+    num_cpus_per_actor: float = Field(0.125, ge=0.0)
+    num_gpus_per_actor: float = Field(0.0, ge=0.0, description="only used when kind is 'generate'")
 
     @model_validator(mode="after")
     def _check(self) -> "SourcesConfig":
@@ -107,7 +109,7 @@ class ScoringConfig(_Strict):
     batch_size: int = Field(16, ge=1)
     num_actors: int = Field(1, ge=1)
     num_gpus_per_actor: float = Field(0.0, ge=0.0)
-    num_cpus_per_actor: float = Field(1.0, ge=0.0)
+    num_cpus_per_actor: float = Field(0.25, ge=0.0)
 
 
 class RulesConfig(_Strict):
@@ -151,6 +153,7 @@ class DialogueConfig(_Strict):
         default_factory=lambda: ["clear", "ambiguous", "question"], min_length=1
     )
     max_chars: int = Field(600, ge=16)
+    num_cpus_per_actor: float = Field(0.125, ge=0.0)
     openai: OpenAIBackendConfig = OpenAIBackendConfig()
     transformers: TransformersBackendConfig = TransformersBackendConfig()
 

@@ -1,0 +1,333 @@
+"""Score columns for the automatic filter (SPEC §1.4): CLIP-T, DINO and CLIP-I.
+
+Usage::
+
+    scorer = ClipTScorer("models/tiny/clip_filter")
+    batch = scorer({"target_png": pngs, "filled_prompt": texts})    # adds batch["clip_t"], (N,) float32
+
+Each scorer is a plain callable class in the Ray Data "stateful transform" shape: the model is loaded once in
+``__init__`` (through :func:`training.models.kit.load_role`), and ``__call__(batch)`` adds one float32 score
+column computed in one batched forward pass under ``torch.inference_mode()``. Ray is not imported here; the
+pipeline wraps these classes in actor pools.
+
+=============  =================  =================================================================
+column         role (paper)       score
+=============  =================  =================================================================
+``clip_t``     ``clip_filter``    cosine(CLIP image embedding of ``target_png``, CLIP text embedding
+               (CLIP ViT-B/32)    of ``filled_prompt``, the filled instruction ``"a {class} {phrase}"``)
+``dino``       ``dino_filter``    cosine(DINO CLS embedding of ``target_png``, of ``source_png``)
+               (DINO ViT-S/16)
+``clip_i``     ``clip_filter``    cosine(CLIP image embedding of ``target_png``, of ``source_png``)
+=============  =================  =================================================================
+
+Images arrive as PNG bytes (:func:`filtering.images.encode_png`) in object arrays. Embeddings are computed in
+the model's dtype and compared in float32. An embedding of zero norm has no direction: it normalises to NaN
+(not to the zero vector that ``F.normalize`` would give), and the score stays NaN so the rules drop the row
+as ``score_missing`` (:mod:`filtering.rules`); a NaN produced by the model itself (e.g. fp16 overflow) also
+passes through unchanged.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from filtering.images import decode_png_rgb
+from filtering.rules import CLIP_T, DINO
+from training.models.kit import load_role
+
+__all__ = [
+    "CLIP_I",
+    "CLIP_T",
+    "DINO",
+    "FILLED_PROMPT",
+    "SCORE_COLUMNS",
+    "SOURCE_PNG",
+    "TARGET_PNG",
+    "ClipEmbedder",
+    "ClipIScorer",
+    "ClipTScorer",
+    "DinoEmbedder",
+    "DinoScorer",
+    "decode_pngs",
+    "paired_cosine",
+]
+
+# Score columns written by the scorers (CLIP_T and DINO are defined in filtering.rules, which reads them).
+CLIP_I = "clip_i"
+SCORE_COLUMNS: tuple[str, ...] = (CLIP_T, DINO, CLIP_I)
+# Input columns the scorers read.
+TARGET_PNG = "target_png"
+SOURCE_PNG = "source_png"
+FILLED_PROMPT = "filled_prompt"
+
+
+# --- embedders (shared with metrics) ---------------------------------------------------------------
+
+
+class ClipEmbedder:
+    """Normalised CLIP image and text embeddings from the ``clip_filter`` role (open_clip CLIP).
+
+    Usage: ``emb = ClipEmbedder(role_dir).embed_images(images)``  # (N, D) float32
+
+    Args:
+        role_dir: The ``clip_filter`` directory (open_clip ``local-dir:`` layout; CLIP ViT-B/32 in the paper).
+        dtype: Model dtype: ``float32``, ``float16`` or ``bfloat16``.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+    """
+
+    def __init__(self, role_dir: str, dtype: str = "float32", device: str = "cpu") -> None:
+        loaded = load_role("clip_filter", role_dir, dtype=dtype, device=device)
+        self.model = loaded.components.model
+        self.preprocess = loaded.components.preprocess
+        self.tokenizer = loaded.components.tokenizer
+        self.fingerprint = loaded.fingerprint
+        self.embed_dim = int(getattr(self.model.visual, "output_dim", 0))  # D, for empty batches
+        param = next(self.model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+
+    @torch.inference_mode()
+    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Embed RGB images with the CLIP image tower in one forward pass.
+
+        Args:
+            images: N PIL images (any size; the open_clip preprocess resizes and crops).
+
+        Returns:
+            ``(N, D)`` float32 CPU tensor of unit rows (NaN rows for zero-norm embeddings).
+        """
+        if len(images) == 0:
+            return torch.empty(0, self.embed_dim)
+        pixels = torch.stack([self.preprocess(im) for im in images])  # (N, 3, H, W)
+        feats = self.model.encode_image(pixels.to(self.device, self.dtype), normalize=False)  # (N, D)
+        return _unit_rows(feats)
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Embed texts with the CLIP text tower in one forward pass (the open_clip tokenizer truncates).
+
+        Args:
+            texts: N strings; for CLIP-T the filled instruction ``"a {class} {phrase}"``.
+
+        Returns:
+            ``(N, D)`` float32 CPU tensor of unit rows (NaN rows for zero-norm embeddings).
+        """
+        if len(texts) == 0:
+            return torch.empty(0, self.embed_dim)
+        tokens = self.tokenizer([str(t) for t in texts])  # (N, context_length) int64
+        feats = self.model.encode_text(tokens.to(self.device), normalize=False)  # (N, D)
+        return _unit_rows(feats)
+
+
+class DinoEmbedder:
+    """Normalised DINO CLS embeddings from the ``dino_filter`` role (transformers ``ViTModel``).
+
+    Usage: ``emb = DinoEmbedder(role_dir).embed_images(images)``  # (N, D) float32
+
+    Args:
+        role_dir: The ``dino_filter`` directory (transformers layout; DINO ViT-S/16 in the paper).
+        dtype: Model dtype: ``float32``, ``float16`` or ``bfloat16``.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+    """
+
+    def __init__(self, role_dir: str, dtype: str = "float32", device: str = "cpu") -> None:
+        loaded = load_role("dino_filter", role_dir, dtype=dtype, device=device)
+        self.model = loaded.components.model
+        self.processor = loaded.components.processor
+        self.fingerprint = loaded.fingerprint
+        param = next(self.model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+
+    @torch.inference_mode()
+    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Embed RGB images with DINO in one forward pass; the embedding is the CLS token.
+
+        Args:
+            images: N PIL images (the image processor resizes and normalises).
+
+        Returns:
+            ``(N, D)`` float32 CPU tensor of unit rows (NaN rows for zero-norm embeddings).
+        """
+        if len(images) == 0:
+            return torch.empty(0, int(self.model.config.hidden_size))
+        pixels = self.processor(images=list(images), return_tensors="pt").pixel_values  # (N, 3, H, W)
+        hidden = self.model(pixel_values=pixels.to(self.device, self.dtype)).last_hidden_state  # (N, 1+P, D)
+        return _unit_rows(hidden[:, 0])
+
+
+# --- scorers (Ray Data callable classes) -----------------------------------------------------------
+
+
+class ClipTScorer:
+    """Adds ``clip_t``: CLIP image–text cosine of the target image and the filled instruction.
+
+    Usage: ``batch = ClipTScorer(role_dir)(batch)``
+
+    The model is the ``clip_filter`` role (CLIP ViT-B/32 in the paper). The text is the row's
+    ``filled_prompt``, the filled instruction ``"a {class} {phrase}"`` (SPEC §1.4: the paper does not say
+    which text; the 0.3 threshold depends on this choice).
+
+    Args:
+        role_dir: The ``clip_filter`` directory.
+        dtype: Model dtype.
+        device: Model device.
+    """
+
+    def __init__(self, role_dir: str, dtype: str = "float32", device: str = "cpu") -> None:
+        self.embedder = ClipEmbedder(role_dir, dtype=dtype, device=device)
+
+    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """``(N, D)`` float32 normalised CLIP image embeddings (see :meth:`ClipEmbedder.embed_images`)."""
+        return self.embedder.embed_images(images)
+
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """``(N, D)`` float32 normalised CLIP text embeddings (see :meth:`ClipEmbedder.embed_texts`)."""
+        return self.embedder.embed_texts(texts)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Score a batch.
+
+        Args:
+            batch: Columns ``target_png`` (PNG bytes) and ``filled_prompt`` (str), N rows each.
+
+        Returns:
+            The batch with ``clip_t`` added: ``(N,)`` float32 in ``[-1, 1]`` or NaN.
+        """
+        _require_columns(batch, TARGET_PNG, FILLED_PROMPT)
+        images = self.embed_images(decode_pngs(batch[TARGET_PNG]))
+        texts = self.embed_texts(list(batch[FILLED_PROMPT]))
+        return {**batch, CLIP_T: paired_cosine(images, texts)}
+
+
+class DinoScorer:
+    """Adds ``dino``: cosine of the DINO CLS embeddings of the target and the source image.
+
+    Usage: ``batch = DinoScorer(role_dir)(batch)``
+
+    The model is the ``dino_filter`` role (DINO ViT-S/16 in the paper, a transformers ``ViTModel`` without
+    pooler); the embedding is ``last_hidden_state[:, 0]``.
+
+    Args:
+        role_dir: The ``dino_filter`` directory.
+        dtype: Model dtype.
+        device: Model device.
+    """
+
+    def __init__(self, role_dir: str, dtype: str = "float32", device: str = "cpu") -> None:
+        self.embedder = DinoEmbedder(role_dir, dtype=dtype, device=device)
+
+    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """``(N, D)`` float32 normalised DINO CLS embeddings (see :meth:`DinoEmbedder.embed_images`)."""
+        return self.embedder.embed_images(images)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Score a batch; targets and sources go through the model together (one forward of 2N images).
+
+        Args:
+            batch: Columns ``target_png`` and ``source_png`` (PNG bytes), N rows each.
+
+        Returns:
+            The batch with ``dino`` added: ``(N,)`` float32 in ``[-1, 1]`` or NaN.
+        """
+        _require_columns(batch, TARGET_PNG, SOURCE_PNG)
+        return {**batch, DINO: _image_pair_cosine(self.embed_images, batch)}
+
+
+class ClipIScorer:
+    """Adds ``clip_i``: cosine of the CLIP image embeddings of the target and the source image.
+
+    Usage: ``batch = ClipIScorer(role_dir)(batch)``
+
+    The model is the ``clip_filter`` role (CLIP ViT-B/32 in the paper), the same image tower as CLIP-T.
+
+    Args:
+        role_dir: The ``clip_filter`` directory.
+        dtype: Model dtype.
+        device: Model device.
+    """
+
+    def __init__(self, role_dir: str, dtype: str = "float32", device: str = "cpu") -> None:
+        self.embedder = ClipEmbedder(role_dir, dtype=dtype, device=device)
+
+    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """``(N, D)`` float32 normalised CLIP image embeddings (see :meth:`ClipEmbedder.embed_images`)."""
+        return self.embedder.embed_images(images)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Score a batch; targets and sources go through the model together (one forward of 2N images).
+
+        Args:
+            batch: Columns ``target_png`` and ``source_png`` (PNG bytes), N rows each.
+
+        Returns:
+            The batch with ``clip_i`` added: ``(N,)`` float32 in ``[-1, 1]`` or NaN.
+        """
+        _require_columns(batch, TARGET_PNG, SOURCE_PNG)
+        return {**batch, CLIP_I: _image_pair_cosine(self.embed_images, batch)}
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def decode_pngs(column: Sequence[bytes] | np.ndarray) -> list[Image.Image]:
+    """Decode a column of RGB PNG bytes into PIL images.
+
+    Usage: ``images = decode_pngs(batch["target_png"])``
+
+    Args:
+        column: N PNG byte strings (an object array or a list).
+
+    Returns:
+        N RGB PIL images.
+
+    Raises:
+        ValueError: If an entry is not an RGB PNG (from :func:`filtering.images.decode_png_rgb`).
+    """
+    return [Image.fromarray(decode_png_rgb(bytes(png))) for png in column]
+
+
+def paired_cosine(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """Row-wise dot product of two ``(N, D)`` unit-row embeddings: the cosine of each pair.
+
+    Usage: ``scores = paired_cosine(emb_target, emb_source)``
+
+    Args:
+        a: ``(N, D)`` normalised embeddings.
+        b: ``(N, D)`` normalised embeddings.
+
+    Returns:
+        ``(N,)`` float32, clamped to ``[-1, 1]`` (rounding can put a unit row's self-product at 1 + 1e-7);
+        NaN where either row is NaN.
+
+    Raises:
+        ValueError: If the shapes differ.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"paired_cosine: shapes differ, {tuple(a.shape)} vs {tuple(b.shape)}")
+    dots = (a.float() * b.float()).sum(dim=-1).cpu().numpy()  # (N,)
+    return np.clip(dots, -1.0, 1.0).astype(np.float32)  # np.clip keeps NaN
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """``(N, D)`` → float32 CPU unit rows; a zero-norm row becomes NaN (0/0) instead of a zero vector."""
+    x = x.float()
+    return (x / torch.linalg.vector_norm(x, dim=-1, keepdim=True)).cpu()
+
+
+def _image_pair_cosine(embed, batch: dict[str, np.ndarray]) -> np.ndarray:
+    targets = decode_pngs(batch[TARGET_PNG])
+    sources = decode_pngs(batch[SOURCE_PNG])
+    if len(targets) != len(sources):
+        raise ValueError(f"{TARGET_PNG} has {len(targets)} rows, {SOURCE_PNG} has {len(sources)}")
+    n = len(targets)
+    emb = embed(targets + sources)  # (2N, D): one forward pass for both columns
+    return paired_cosine(emb[:n], emb[n:])
+
+
+def _require_columns(batch: dict[str, Any], *names: str) -> None:
+    missing = [n for n in names if n not in batch]
+    if missing:
+        raise ValueError(f"batch is missing column(s) {missing}; got {sorted(batch)}")

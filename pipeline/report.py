@@ -1,0 +1,544 @@
+"""The report of a built CAFE dataset: ``OUT/report/report.md`` and its PNG figures.
+
+Usage::
+
+    path = write_report("runs/tiny")          # -> runs/tiny/report/report.md (``cafe report OUT``)
+    print(funnel_text(json.loads(Path("runs/tiny/manifest.json").read_text())))  # end of ``cafe build``
+
+Inputs (layout in :mod:`pipeline.schema`): ``OUT/manifest.json`` (funnel, rules, counts, hashes, timings),
+``OUT/candidates/`` (score columns of every scored row), ``OUT/dataset/`` (kept rows) and
+``OUT/quarantine/``. Outputs, all rewritten on every call and written to a temp name then renamed:
+
+* ``report.md`` — funnel table, counts, quarantine reasons by stage, thresholds, hashes, timings, figure
+  links and the text of the sample rows;
+* ``funnel.png`` — per stage, rows (or sources) in vs. out;
+* ``clip_t_hist.png`` / ``dino_hist.png`` — every candidate's score with the applied threshold; NaN scores
+  are left out and counted in the caption;
+* ``samples.png`` — one row per sample (source, target, instruction + dialogue): the first ``max_samples``
+  kept rows by id.
+
+A figure whose input is absent (no ``candidates``, no kept rows) is not drawn, the report says why, and a
+stale copy from an earlier run is removed. A funnel record whose ``in`` is not ``out + sum(removed)`` is
+reported with a warning line, never corrected. Matplotlib is used through its object API on the Agg
+canvas (no pyplot state, no display). This module does not import Ray.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import textwrap
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import schema
+
+__all__ = ["write_report", "funnel_text", "funnel_warnings", "load_manifest", "REPORT_DIR", "FIGURES"]
+
+REPORT_DIR = "report"
+#: every figure this module may write, by role
+FIGURES: dict[str, str] = {
+    "funnel": "funnel.png",
+    schema.CLIP_T: "clip_t_hist.png",
+    schema.DINO: "dino_hist.png",
+    "samples": "samples.png",
+}
+_SCORE_LABELS = {schema.CLIP_T: "CLIP-T (image vs. filled instruction)", schema.DINO: "DINO (target vs. source)"}
+_DPI = 100
+_THUMB = 192  # px, longer side of the sample images in samples.png
+_WRAP = 64  # characters per line of the dialogue text in samples.png
+_MAX_TEXT_LINES = 6  # per dialogue turn in samples.png (report.md carries the full text)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Manifest and funnel
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read ``OUT/manifest.json`` and check the shape of its funnel records.
+
+    Args:
+        out_dir: output directory of a ``cafe build``.
+
+    Returns:
+        The manifest as a dict.
+
+    Raises:
+        FileNotFoundError: there is no ``manifest.json`` in ``out_dir``.
+        ValueError: the manifest is not a JSON object or a funnel record is malformed.
+    """
+    path = Path(out_dir) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; is {out_dir} the output directory of `cafe build`?")
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    _check_funnel(manifest.get("funnel", []))
+    return manifest
+
+
+def _check_funnel(funnel: Any) -> None:
+    if not isinstance(funnel, list):
+        raise ValueError(f"manifest funnel: expected a list of stage records, got {type(funnel).__name__}")
+    for i, rec in enumerate(funnel):
+        if not isinstance(rec, dict):
+            raise ValueError(f"manifest funnel[{i}]: expected an object, got {type(rec).__name__}")
+        if not isinstance(rec.get("stage"), str):
+            raise ValueError(f"manifest funnel[{i}].stage: expected a string, got {rec.get('stage')!r}")
+        for key in ("in", "out"):
+            if not _is_count(rec.get(key)):
+                raise ValueError(f"manifest funnel[{i}].{key}: expected a count >= 0, got {rec.get(key)!r}")
+        removed = rec.get("removed", {})
+        if not isinstance(removed, dict) or not all(_is_count(v) for v in removed.values()):
+            raise ValueError(f"manifest funnel[{i}].removed: expected {{reason: count >= 0}}, got {removed!r}")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def funnel_warnings(funnel: list[dict[str, Any]]) -> list[str]:
+    """One message per funnel record whose ``in`` is not ``out + sum(removed)``.
+
+    Usage: ``for line in funnel_warnings(manifest["funnel"]): log.warning(line)``
+
+    Args:
+        funnel: the manifest's ``funnel`` list.
+
+    Returns:
+        Messages such as ``"stage 'rules': in 10 != out 6 + removed 3 (= 9)"``; empty when all add up.
+    """
+    problems = []
+    for rec in funnel:
+        removed = sum(rec.get("removed", {}).values())
+        if rec["in"] != rec["out"] + removed:
+            problems.append(
+                f"stage {rec['stage']!r}: in {rec['in']} != out {rec['out']} + removed {removed} "
+                f"(= {rec['out'] + removed})"
+            )
+    return problems
+
+
+def _removed_items(removed: dict[str, int]) -> list[tuple[str, int]]:
+    """Reasons by count, largest first (ties by name), so the main cause reads first."""
+    return sorted(removed.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def funnel_text(manifest: dict[str, Any]) -> str:
+    """The plain-text funnel printed at the end of ``cafe build``: aligned columns, one line per stage.
+
+    Usage: ``print(funnel_text(manifest))``
+
+    Args:
+        manifest: the build manifest (only ``funnel`` is read).
+
+    Returns:
+        A header line, then ``stage  unit  in  out  removed`` per stage with the removals as
+        ``reason=count`` pairs, then one ``WARNING:`` line per record that does not add up. No trailing
+        newline.
+
+    Raises:
+        ValueError: a funnel record is malformed.
+    """
+    funnel = manifest.get("funnel", [])
+    _check_funnel(funnel)
+    header = ("stage", "unit", "in", "out", "removed")
+    rows = [
+        (
+            rec["stage"], str(rec.get("unit", "")), str(rec["in"]), str(rec["out"]),
+            ", ".join(f"{r}={n}" for r, n in _removed_items(rec.get("removed", {}))) or "-",
+        )
+        for rec in funnel
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    lines = []
+    for r in [header, *rows]:
+        # text columns left-aligned, counts right-aligned
+        lines.append(
+            f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:>{widths[3]}}  {r[4]}".rstrip()
+        )
+    lines += [f"WARNING: {w}" for w in funnel_warnings(funnel)]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------
+
+
+def write_report(out_dir: str | os.PathLike[str], max_samples: int = 8) -> Path:
+    """(Re)write ``OUT/report/report.md`` and its figures for a built dataset.
+
+    Usage: ``path = write_report("runs/tiny", max_samples=cfg.build.report_samples)``
+
+    Args:
+        out_dir: output directory of a ``cafe build`` (holds ``manifest.json``).
+        max_samples: how many kept rows (first by id) to show in ``samples.png`` and the report.
+
+    Returns:
+        Path of ``report.md``.
+
+    Raises:
+        FileNotFoundError: ``out_dir`` has no ``manifest.json``.
+        ValueError: ``max_samples`` is negative, or the manifest is malformed.
+    """
+    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 0:
+        raise ValueError(f"max_samples: expected an integer >= 0, got {max_samples!r}")
+    out = Path(out_dir)
+    manifest = load_manifest(out)
+    report_dir = out / REPORT_DIR
+    report_dir.mkdir(parents=True, exist_ok=True)
+    written: set[str] = set()
+
+    def save(role: str, fig: Any) -> None:
+        _save_figure(fig, report_dir / FIGURES[role])
+        written.add(role)
+
+    md: list[str] = [f"# CAFE dataset report — `{out.resolve().name}`", ""]
+    md += _identity_section(manifest)
+
+    funnel = manifest.get("funnel", [])
+    md += ["## Funnel", ""]
+    if funnel:
+        md += [*_funnel_table(funnel), ""]
+        for warning in funnel_warnings(funnel):
+            md += [f"> **Warning:** funnel does not add up: {warning}", ""]
+        save("funnel", _funnel_figure(funnel))
+        md += [f"![funnel]({FIGURES['funnel']})", ""]
+    else:
+        md += ["The manifest has no funnel records.", ""]
+
+    kept_ds = _load(out / "dataset")
+    quarantine = _load(out / "quarantine")
+    md += _counts_section(manifest, kept_ds, quarantine)
+    md += _quarantine_section(quarantine)
+
+    rules = manifest.get("rules", {})
+    md += _thresholds_section(rules)
+    md += _score_sections(out, rules, save)
+    md += _samples_section(kept_ds, max_samples, save)
+    md += _timings_section(manifest)
+
+    for role, name in FIGURES.items():  # a figure not drawn this time must not be left from a previous run
+        if role not in written:
+            (report_dir / name).unlink(missing_ok=True)
+    path = report_dir / "report.md"
+    _atomic_write(path, ("\n".join(md).rstrip() + "\n").encode("utf-8"))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Markdown sections
+# ---------------------------------------------------------------------------------------------------
+
+
+def _identity_section(manifest: dict[str, Any]) -> list[str]:
+    rows = [(k, manifest.get(k)) for k in ("created", "dataset_hash", "config_hash")]
+    lines = ["| field | value |", "|---|---|"]
+    lines += [f"| {k} | {_cell('`' + str(v) + '`' if v is not None else 'not recorded')} |" for k, v in rows]
+    return lines + [""]
+
+
+def _funnel_table(funnel: list[dict[str, Any]]) -> list[str]:
+    lines = ["| stage | unit | in | out | removed | removed by reason |", "|---|---|---:|---:|---:|---|"]
+    for rec in funnel:
+        removed = rec.get("removed", {})
+        reasons = ", ".join(f"{r}: {n}" for r, n in _removed_items(removed)) or "—"
+        lines.append(
+            f"| {_cell(rec['stage'])} | {_cell(rec.get('unit', ''))} | {rec['in']} | {rec['out']} | "
+            f"{sum(removed.values())} | {_cell(reasons)} |"
+        )
+    return lines
+
+
+def _counts_section(manifest: dict[str, Any], kept_ds: Any, quarantine: Any) -> list[str]:
+    counts = manifest.get("counts", {})
+    lines = ["## Counts", "", "| count | value |", "|---|---:|"]
+    for key in ("candidates", "kept", "quarantined"):
+        lines.append(f"| {key} | {counts.get(key, 'not recorded')} |")
+    kept, candidates = counts.get("kept"), counts.get("candidates")
+    if _is_count(kept) and _is_count(candidates) and candidates > 0:
+        lines.append(f"| kept / candidates | {kept / candidates:.1%} |")
+    lines.append("")
+    # the manifest is what the build claims, the tables are what it wrote: say so when they disagree
+    for key, ds, where in (("kept", kept_ds, "dataset"), ("quarantined", quarantine, "quarantine")):
+        if ds is not None and counts.get(key) is not None and counts[key] != ds.num_rows:
+            lines += [f"> **Warning:** manifest counts.{key} = {counts[key]} but `{where}/` has {ds.num_rows} rows", ""]
+    return lines
+
+
+def _quarantine_section(quarantine: Any) -> list[str]:
+    lines = ["## Quarantine", ""]
+    if quarantine is None:
+        return lines + ["No `quarantine/` table in this output directory.", ""]
+    if quarantine.num_rows == 0:
+        return lines + ["No rows or inputs were quarantined.", ""]
+    table = _arrow(quarantine, [schema.Q_STAGE, schema.Q_REASON])
+    pairs = Counter(zip(table.column(schema.Q_STAGE).to_pylist(), table.column(schema.Q_REASON).to_pylist()))
+    order = {s: i for i, s in enumerate(schema.STAGES)}
+    lines += ["| stage | reason | count |", "|---|---|---:|"]
+    for (stage, reason), n in sorted(
+        pairs.items(), key=lambda kv: (order.get(kv[0][0], len(order)), str(kv[0][0]), -kv[1], str(kv[0][1]))
+    ):
+        lines.append(f"| {_cell(stage)} | {_cell(reason)} | {n} |")
+    lines.append(f"| **total** | | {quarantine.num_rows} |")
+    return lines + [""]
+
+
+def _thresholds_section(rules: dict[str, Any]) -> list[str]:
+    applied = rules.get("thresholds", {})
+    quantiles = any(f"{score}_quantile" in rules for score in (schema.CLIP_T, schema.DINO))
+    q_head, q_rule = (" configured quantile |", "---:|") if quantiles else ("", "")
+    lines = ["## Thresholds", "", f"Rule mode: `{rules.get('mode', 'not recorded')}`.", "",
+             f"| score | configured minimum |{q_head} applied threshold |", f"|---|---:|{q_rule}---:|"]
+    for score in (schema.CLIP_T, schema.DINO):
+        quantile = f" {_num(rules.get(f'{score}_quantile'))} |" if quantiles else ""
+        lines.append(f"| {score} | {_num(rules.get(f'{score}_min'))} |{quantile} {_num(applied.get(score))} |")
+    if not applied:
+        lines += ["", "The manifest records no applied thresholds."]
+    return lines + [""]
+
+
+def _score_sections(out: Path, rules: dict[str, Any], save: Any) -> list[str]:
+    lines = ["## Score distributions", ""]
+    candidates = _load(out / "candidates")
+    if candidates is None:
+        return lines + ["No `candidates/` table in this output directory: score histograms not drawn.", ""]
+    present = [c for c in (schema.CLIP_T, schema.DINO) if c in candidates.column_names]
+    table = _arrow(candidates, present)
+    thresholds = rules.get("thresholds", {})
+    for score in (schema.CLIP_T, schema.DINO):
+        if score not in present:
+            lines += [f"`candidates/` has no `{score}` column: histogram not drawn.", ""]
+            continue
+        # nulls become NaN in the float conversion; both count as "no score"
+        values = np.asarray(table.column(score).to_numpy(), dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        n_nan = int(values.size - finite.size)
+        threshold = _finite(thresholds.get(score))
+        save(score, _hist_figure(score, finite, threshold, n_nan, rules.get("mode")))
+        thr_text = "no threshold recorded"
+        if threshold is not None:
+            thr_text = f"applied threshold {_num(threshold)} (dashed line)"
+        lines += [
+            f"![{score} histogram]({FIGURES[score]})", "",
+            f"*{score} of all {values.size} candidates: {finite.size} plotted, {n_nan} NaN/missing excluded; "
+            f"{thr_text}.*", "",
+        ]
+    return lines
+
+
+def _samples_section(kept_ds: Any, max_samples: int, save: Any) -> list[str]:
+    lines = ["## Samples", ""]
+    if kept_ds is None:
+        return lines + ["No `dataset/` table in this output directory: no samples.", ""]
+    if kept_ds.num_rows == 0:
+        return lines + ["No rows were kept (the dataset is empty): no samples figure.", ""]
+    if max_samples == 0:
+        return lines + ["`max_samples` is 0: no samples figure.", ""]
+    rows = _first_by_id(kept_ds, max_samples)
+    save("samples", _samples_figure(rows))
+    lines += [f"The first {len(rows)} of {kept_ds.num_rows} kept rows by id.", "",
+              f"![samples]({FIGURES['samples']})", ""]
+    for i, row in enumerate(rows, 1):
+        scores = ", ".join(
+            f"{c} {_num(row[c], 4)}" for c in (schema.CLIP_T, schema.DINO, schema.CLIP_I) if row.get(c) is not None
+        )
+        lines += [
+            f"### {i}. `{row[schema.ID]}`", "",
+            f"- class: {_inline(row.get(schema.CLASS))}",
+            f"- instruction: {_inline(row.get(schema.INSTRUCTION))}",
+        ]
+        if scores:
+            lines.append(f"- scores: {scores}")
+        lines += ["", *_quote("User", row.get(schema.USER_TEXT)), ">",
+                  *_quote("Assistant", row.get(schema.ASSISTANT_TEXT)), ""]
+    return lines
+
+
+def _timings_section(manifest: dict[str, Any]) -> list[str]:
+    timings = manifest.get("timings_s", {})
+    if not timings:
+        return []
+    lines = ["## Timings", "", "| stage | seconds |", "|---|---:|"]
+    # no total row: the keys mix per-stage sums (over parallel workers) with wall-clock spans
+    lines += [f"| {_cell(stage)} | {float(s):.2f} |" for stage, s in timings.items()]
+    return lines + [""]
+
+
+def _cell(value: Any) -> str:
+    """Text safe inside one Markdown table cell."""
+    return str(value).replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+def _inline(value: Any) -> str:
+    return "—" if value is None else " ".join(str(value).split())
+
+
+def _quote(speaker: str, text: Any) -> list[str]:
+    """``text`` as Markdown blockquote lines, led by the speaker's name (line breaks kept)."""
+    lines = ("—" if text is None else str(text)).splitlines() or [""]
+    return [f"> **{speaker}:** {lines[0]}"] + [f"> {line}" for line in lines[1:]]
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _num(value: Any, digits: int | None = None) -> str:
+    """A number as text: ``repr`` (shortest exact form) by default, else ``digits`` significant digits."""
+    if value is None:
+        return "not recorded"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if digits is not None else repr(value)
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Figures (matplotlib object API on the Agg canvas)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _new_figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=_DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _funnel_figure(funnel: list[dict[str, Any]]) -> Any:
+    fig = _new_figure(max(6.0, 1.3 * len(funnel) + 2.0), 4.0)
+    ax = fig.add_subplot()
+    x = np.arange(len(funnel))
+    width = 0.4
+    for offset, key, color in ((-width / 2, "in", "#9bbbd9"), (width / 2, "out", "#2b6ca3")):
+        values = [rec[key] for rec in funnel]
+        bars = ax.bar(x + offset, values, width, label=key, color=color)
+        ax.bar_label(bars, labels=[str(v) for v in values], fontsize=8, padding=2)
+    ax.set_xticks(x, [f"{rec['stage']}\n({rec.get('unit', '')})" for rec in funnel], fontsize=8)
+    ax.set_ylabel("count")
+    ax.set_title("Funnel: in vs. out per stage")
+    ax.margins(y=0.15)
+    ax.legend()
+    fig.subplots_adjust(left=0.1, right=0.98, top=0.9, bottom=0.18)
+    return fig
+
+
+def _hist_figure(score: str, values: np.ndarray, threshold: float | None, n_nan: int, mode: Any) -> Any:
+    fig = _new_figure(6.0, 4.0)
+    ax = fig.add_subplot()
+    if values.size:
+        lo, hi = float(values.min()), float(values.max())
+        if threshold is not None:  # keep the threshold line inside the plotted range
+            lo, hi = min(lo, threshold), max(hi, threshold)
+        ax.hist(values, bins=30, range=(lo, hi) if hi > lo else None, color="#2b6ca3")
+    else:
+        ax.text(0.5, 0.5, "no finite scores", ha="center", va="center", transform=ax.transAxes)
+    if threshold is not None:
+        ax.axvline(threshold, color="#c0392b", linestyle="--", linewidth=1.5,
+                   label=f"applied threshold = {threshold:.4g} ({mode})")
+        ax.legend(loc="upper left", fontsize=8)
+    ax.set_xlabel(_SCORE_LABELS.get(score, score))
+    ax.set_ylabel("candidates")
+    ax.set_title(f"{score}: {values.size + n_nan} candidates ({values.size} plotted, {n_nan} NaN excluded)",
+                 fontsize=10)
+    fig.subplots_adjust(left=0.12, right=0.97, top=0.9, bottom=0.13)
+    return fig
+
+
+def _samples_figure(rows: list[dict[str, Any]]) -> Any:
+    fig = _new_figure(12.0, 2.8 * len(rows))
+    # fixed margins (tight_layout would draw the figure twice); 0.35 in. above each row for its titles
+    grid = fig.add_gridspec(len(rows), 3, width_ratios=[1.0, 1.0, 2.4], left=0.01, right=0.99, bottom=0.01,
+                            top=1.0 - 0.35 / (2.8 * len(rows)), hspace=0.35 / 2.45, wspace=0.05)
+    for i, row in enumerate(rows):
+        for j, (key, title) in enumerate(((schema.INPUT_IMAGE, "source"), (schema.TARGET_IMAGE, "target"))):
+            ax = fig.add_subplot(grid[i, j])
+            ax.set_axis_off()
+            image = row.get(key)
+            if image is None:
+                ax.text(0.5, 0.5, f"no {title} image", ha="center", va="center", transform=ax.transAxes)
+            else:
+                thumb = image.convert("RGB")
+                thumb.thumbnail((_THUMB, _THUMB))
+                ax.imshow(np.asarray(thumb))
+            ax.set_title(f"{title} · {row[schema.ID]}" if j == 0 else title, fontsize=8)
+        ax = fig.add_subplot(grid[i, 2])
+        ax.set_axis_off()
+        text = "\n".join([
+            f"instruction: {_inline(row.get(schema.INSTRUCTION))}   [{_inline(row.get(schema.CLASS))}]", "",
+            *_wrap("User: ", row.get(schema.USER_TEXT)), "",
+            *_wrap("Assistant: ", row.get(schema.ASSISTANT_TEXT)),
+        ])
+        ax.text(0.0, 1.0, text, ha="left", va="top", fontsize=8, family="monospace", transform=ax.transAxes)
+    return fig
+
+
+def _wrap(prefix: str, text: Any) -> list[str]:
+    lines = textwrap.wrap(prefix + _inline(text), width=_WRAP, subsequent_indent=" " * len(prefix))
+    if len(lines) > _MAX_TEXT_LINES:
+        lines = lines[:_MAX_TEXT_LINES]
+        lines[-1] = lines[-1][: _WRAP - 1] + "…"
+    return lines
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    _atomic_write(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------------
+# IO
+# ---------------------------------------------------------------------------------------------------
+
+
+def _load(path: Path) -> Any:
+    """``datasets.load_from_disk(path)``, or ``None`` when the table is absent.
+
+    ``Dataset.save_to_disk`` writes an empty table as zero shards, which ``load_from_disk`` cannot read
+    back (datasets 5.x); such a table is returned as an empty dataset with its recorded features.
+    """
+    if not path.is_dir():
+        return None
+    import datasets
+
+    state = path / "state.json"
+    if state.is_file() and json.loads(state.read_text(encoding="utf-8")).get("_data_files") == []:
+        features = datasets.DatasetInfo.from_directory(str(path)).features
+        return datasets.Dataset.from_dict({name: [] for name in features or {}}, features=features)
+    return datasets.load_from_disk(str(path))
+
+
+def _first_by_id(ds: Any, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` rows of ``ds`` by id (decoded; only the id column is sorted, only ``n`` rows read)."""
+    import pyarrow.compute as pc
+
+    order = pc.sort_indices(_arrow(ds, [schema.ID]), sort_keys=[(schema.ID, "ascending")])
+    return list(ds.select(order[:n].to_pylist()))
+
+
+def _arrow(ds: Any, columns: list[str]) -> Any:
+    """The ``columns`` of a ``datasets.Dataset`` as a ``pyarrow.Table`` (no image decoding)."""
+    return ds.select_columns(columns).with_format("arrow")[:]
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,269 @@
+"""Tests of the dataset report (``pipeline.report``) on a small fake build output directory."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipeline import schema
+from pipeline.report import FIGURES, funnel_text, funnel_warnings, write_report
+
+FUNNEL = [
+    {"stage": "sources", "unit": "sources", "in": 7, "out": 5, "removed": {"too_small": 1, "not_an_image": 1}},
+    {"stage": "generate", "unit": "rows", "in": 5, "out": 5, "removed": {}},
+    {"stage": "rules", "unit": "rows", "in": 5, "out": 3, "removed": {"clip_t_below": 1, "score_missing": 1}},
+    {"stage": "dialogue", "unit": "rows", "in": 3, "out": 3, "removed": {}},
+]
+RULES = {"mode": "absolute", "clip_t_min": 0.25, "dino_min": 0.55, "thresholds": {"clip_t": 0.25, "dino": 0.55}}
+QUARANTINE = [  # (stage, reason)
+    ("sources", "too_small"), ("sources", "not_an_image"), ("rules", "clip_t_below"), ("rules", "score_missing"),
+]
+# candidate scores: c3 has no clip_t (NaN) and c4 no dino (null); kept = c0, c1, c2
+CLIP_T = [0.31, 0.40, 0.27, float("nan"), 0.10]
+DINO = [0.70, 0.61, 0.90, 0.80, None]
+
+
+def _png(color: tuple[int, int, int], size: int = 16) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _rows(ids: list[str]) -> dict[str, list]:
+    n = len(ids)
+    return {
+        schema.ID: ids, schema.ROUND: [0] * n, schema.SOURCE_ID: [f"s-{i}" for i in ids],
+        schema.SOURCE_URI: [f"/data/{i}.png" for i in ids], schema.CLASS: ["dog"] * n,
+        schema.INSTRUCTION: [f"on the beach {i}" for i in ids],
+        schema.FILLED_PROMPT: [f"a dog on the beach {i}" for i in ids],
+        schema.INPUT_IMAGE: [{"bytes": _png((200, 10, 10)), "path": None} for _ in ids],
+        schema.USER_TEXT: [f"Put this dog on the beach please, row {i}." for i in ids],
+        schema.TARGET_IMAGE: [{"bytes": _png((10, 10, 200)), "path": None} for _ in ids],
+        schema.ASSISTANT_TEXT: [f"Here is this dog on a sunny beach | row {i}." for i in ids],
+        schema.DIALOGUE_STYLE: ["clear"] * n, schema.GENERATOR: ["tiny"] * n, schema.GENERATOR_PARAMS: ["{}"] * n,
+        schema.SEED: list(range(n)), schema.CLIP_T: CLIP_T[:n], schema.DINO: DINO[:n], schema.CLIP_I: [0.5] * n,
+    }
+
+
+def make_out(root: Path) -> Path:
+    """A fake ``cafe build`` output directory: manifest, candidates, dataset (3 kept rows), quarantine."""
+    from datasets import Dataset
+
+    out = root / "out"
+    out.mkdir(parents=True)
+    cand = _rows([f"c{i}" for i in range(5)])
+    cand[schema.KEEP] = [True, True, True, False, False]
+    cand[schema.FILTER_REASON] = [None, None, None, "score_missing", "clip_t_below"]
+    Dataset.from_dict(cand).cast(schema.dataset_features(with_decision=True)).save_to_disk(str(out / "candidates"))
+    write_kept(out, ["c2", "c0", "c1"])  # unordered on disk on purpose
+    Dataset.from_dict({
+        schema.Q_ID: [f"q{i}" for i in range(len(QUARANTINE))], schema.Q_STAGE: [s for s, _ in QUARANTINE],
+        schema.Q_REASON: [r for _, r in QUARANTINE], schema.Q_DETAIL: ["x"] * len(QUARANTINE),
+        schema.Q_INPUT: ["/data/x.png"] * len(QUARANTINE),
+    }).save_to_disk(str(out / "quarantine"))
+    manifest = {
+        "funnel": FUNNEL, "rules": RULES,
+        "config_hash": "cfg0123abcd", "dataset_hash": "ds4567efgh", "created": "2025-01-02T03:04:05Z",
+        "counts": {"kept": 3, "candidates": 5, "quarantined": len(QUARANTINE)},
+        "timings_s": {"sources": 0.5, "generate": 2.25, "rules": 0.01},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def write_kept(out: Path, kept_ids: list[str], num_shards: int | None = None) -> None:
+    """(Re)write ``out/dataset`` with the kept rows ``kept_ids`` and set ``counts.kept`` to match."""
+    from datasets import Dataset
+
+    kept = _rows(kept_ids)
+    for col in (schema.CLIP_T, schema.DINO):
+        kept[col] = [0.5] * len(kept_ids)
+    shutil.rmtree(out / "dataset", ignore_errors=True)
+    Dataset.from_dict(kept).cast(schema.dataset_features()).save_to_disk(str(out / "dataset"), num_shards=num_shards)
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        manifest["counts"]["kept"] = len(kept_ids)
+        manifest_path.write_text(json.dumps(manifest))
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    """The fake output directory, built once per module; tests work on copies (:func:`clone`)."""
+    return make_out(tmp_path_factory.mktemp("pristine"))
+
+
+def clone(pristine: Path, tmp_path: Path, **manifest_updates) -> Path:
+    """A copy of the pristine output directory, with top-level manifest keys replaced."""
+    out = Path(shutil.copytree(pristine, tmp_path / "out"))
+    if manifest_updates:
+        manifest = json.loads((out / "manifest.json").read_text())
+        manifest.update(manifest_updates)
+        (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def table_rows(md: str, first_cell: str) -> list[list[str]]:
+    """Cells of every Markdown table row whose first cell is ``first_cell``."""
+    rows = []
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+            if cells[0] == first_cell:
+                rows.append(cells)
+    return rows
+
+
+def assert_png(path: Path) -> tuple[int, int]:
+    assert path.is_file() and path.stat().st_size > 0
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        im.load()
+        assert im.width > 0 and im.height > 0
+        return im.size
+
+
+@pytest.fixture(scope="module")
+def built(pristine, tmp_path_factory) -> tuple[Path, str]:
+    out = clone(pristine, tmp_path_factory.mktemp("built"))
+    path = write_report(out, max_samples=2)
+    return out, path.read_text(encoding="utf-8")
+
+
+def test_files_written_and_valid_pngs(built):
+    out, _ = built
+    report = out / "report"
+    assert (report / "report.md").is_file()
+    for name in FIGURES.values():
+        assert_png(report / name)
+    assert not [p.name for p in report.iterdir() if ".tmp" in p.name]
+
+
+def test_funnel_table_has_exact_numbers(built):
+    _, md = built
+    for rec in FUNNEL:
+        (cells,) = table_rows(md, rec["stage"])[:1]
+        assert cells[1:5] == [rec["unit"], str(rec["in"]), str(rec["out"]), str(sum(rec["removed"].values()))]
+        for reason, n in rec["removed"].items():
+            assert f"{reason}: {n}" in cells[5]
+    assert "Warning" not in md
+    for name in FIGURES.values():
+        assert f"]({name})" in md
+
+
+def test_counts_thresholds_hashes(built):
+    _, md = built
+    assert table_rows(md, "kept")[0][1] == "3"
+    assert table_rows(md, "candidates")[0][1] == "5"
+    assert table_rows(md, "quarantined")[0][1] == "4"
+    assert table_rows(md, schema.CLIP_T)[0][1:] == [repr(RULES["clip_t_min"]), repr(RULES["thresholds"]["clip_t"])]
+    assert table_rows(md, schema.DINO)[0][1:] == [repr(RULES["dino_min"]), repr(RULES["thresholds"]["dino"])]
+    assert "`absolute`" in md
+    assert "cfg0123abcd" in md and "ds4567efgh" in md
+
+
+def test_quarantine_reason_counts(built):
+    _, md = built
+    expected: dict[tuple[str, str], int] = {}
+    for key in QUARANTINE:
+        expected[key] = expected.get(key, 0) + 1
+    got = {(cells[0], cells[1]): int(cells[2]) for stage in ("sources", "rules")
+           for cells in table_rows(md, stage) if len(cells) == 3}
+    assert got == expected
+    assert "| **total** | | 4 |" in md
+
+
+def test_nan_scores_counted_in_caption(built):
+    _, md = built
+    n_nan = {schema.CLIP_T: sum(math.isnan(v) for v in CLIP_T), schema.DINO: sum(v is None for v in DINO)}
+    for score, n in n_nan.items():
+        assert f"*{score} of all 5 candidates: {5 - n} plotted, {n} NaN/missing excluded; applied threshold " \
+               f"{RULES['thresholds'][score]!r}" in md
+
+
+def test_samples_first_by_id(built):
+    _, md = built
+    assert "### 1. `c0`" in md and "### 2. `c1`" in md and "`c2`" not in md
+    assert "> **User:** Put this dog on the beach please, row c0." in md
+    assert "> **Assistant:** Here is this dog on a sunny beach | row c1." in md
+
+
+def test_inconsistent_funnel_warns(pristine, tmp_path):
+    bad = [dict(FUNNEL[0]), {"stage": "rules", "unit": "rows", "in": 10, "out": 6, "removed": {"dino_below": 3}}]
+    out = clone(pristine, tmp_path, funnel=bad)
+    md = write_report(out, max_samples=0).read_text()
+    warnings = [line for line in md.splitlines() if "Warning" in line]
+    assert len(warnings) == 1 and "'rules'" in warnings[0] and "in 10 != out 6 + removed 3" in warnings[0]
+    assert funnel_warnings(bad) == ["stage 'rules': in 10 != out 6 + removed 3 (= 9)"]
+    assert "WARNING: stage 'rules'" in funnel_text({"funnel": bad})
+    assert not (out / "report" / "samples.png").exists()
+
+
+def test_quantile_mode_thresholds(pristine, tmp_path):
+    rules = {"mode": "quantile", "clip_t_min": 0.3, "dino_min": 0.6, "clip_t_quantile": 0.25,
+             "dino_quantile": 0.5, "thresholds": {"clip_t": 0.2731234431266785}}  # no dino threshold recorded
+    out = clone(pristine, tmp_path, rules=rules)
+    md = write_report(out, max_samples=0).read_text()
+    assert "`quantile`" in md
+    assert table_rows(md, schema.CLIP_T)[0][1:] == ["0.3", "0.25", "0.2731234431266785"]
+    assert table_rows(md, schema.DINO)[0][1:] == ["0.6", "0.5", "not recorded"]
+    assert "applied threshold 0.2731234431266785 (dashed line)" in md
+    assert "*dino of all 5 candidates: 4 plotted, 1 NaN/missing excluded; no threshold recorded.*" in md
+    assert_png(out / "report" / FIGURES[schema.DINO])
+
+
+@pytest.mark.parametrize("num_shards", [None, 1], ids=["zero-shards", "one-empty-shard"])
+def test_empty_dataset(pristine, tmp_path, num_shards):
+    # datasets writes an empty table as zero shards by default, which load_from_disk cannot read back
+    out = clone(pristine, tmp_path)
+    write_kept(out, [], num_shards=num_shards)
+    (out / "report").mkdir()
+    (out / "report" / "samples.png").write_bytes(b"stale")  # from an earlier run: must go
+    md = write_report(out).read_text()
+    assert "No rows were kept" in md
+    assert not (out / "report" / "samples.png").exists()
+    assert table_rows(md, "kept")[0][1] == "0"
+    for role in ("funnel", schema.CLIP_T, schema.DINO):
+        assert_png(out / "report" / FIGURES[role])
+
+
+def test_missing_candidates_and_stale_figures(pristine, built, tmp_path):
+    out = clone(pristine, tmp_path)
+    write_report(out, max_samples=1)  # a previous run, with histograms
+    assert (out / "report" / FIGURES[schema.CLIP_T]).exists()
+    shutil.rmtree(out / "candidates")
+    md = write_report(out).read_text()  # default max_samples: all 3 kept rows
+    assert "No `candidates/` table" in md
+    assert not (out / "report" / FIGURES[schema.CLIP_T]).exists()
+    assert not (out / "report" / FIGURES[schema.DINO]).exists()
+    # one grid row per sample: 3 rows here, 2 in ``built``; same width
+    three = assert_png(out / "report" / "samples.png")
+    two = assert_png(built[0] / "report" / "samples.png")
+    assert three[0] == two[0] and three[1] > two[1]
+
+
+def test_funnel_text_lines_and_alignment():
+    lines = funnel_text({"funnel": FUNNEL}).splitlines()
+    assert len(lines) == 1 + len(FUNNEL) and lines[0].split() == ["stage", "unit", "in", "out", "removed"]
+    for rec, line in zip(FUNNEL, lines[1:]):
+        tokens = line.replace(",", " ").split()
+        assert tokens[:4] == [rec["stage"], rec["unit"], str(rec["in"]), str(rec["out"])]
+        assert set(tokens[4:]) == ({f"{r}={n}" for r, n in rec["removed"].items()} or {"-"})
+    # counts are right-aligned: the "in" and the "out" values of every line end in the same columns
+    ends = {tuple(m.end() for m in list(re.finditer(r"\S+", line))[2:4]) for line in lines}
+    assert len(ends) == 1
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        write_report(tmp_path)
+    with pytest.raises(ValueError, match="max_samples"):
+        write_report(tmp_path, max_samples=-1)
+    with pytest.raises(ValueError, match=r"funnel\[0\]\.in"):
+        funnel_text({"funnel": [{"stage": "x", "unit": "rows", "in": "3", "out": 1, "removed": {}}]})

@@ -1,0 +1,294 @@
+"""ProFusion generation (SPEC §4.5): PromptNet → S*, fusion sampling on diffusers' DDIM, per-image fine-tuning.
+
+Usage::
+
+    gen = ProFusionGenerator(t2i_components, promptnet_components, cfg)   # cfg: build.profusion section
+    with gen.finetuned(source_image, seed):                 # no-op unless cfg.finetune; restores weights after
+        images = gen.sample([source_image] * k, sstar_prompts, ref_prompts, seeds)   # list of (H, W, 3) uint8
+
+Fusion sampling, per DDIM step t (grid: the scheduler's, ``t_prev = t − T // N``, ᾱ_prev = final ᾱ below 0):
+
+* ``refine_step`` times: ε̃ = ε_u + w_r(ε_γ − ε_u), ε_γ from the S* prompt with its slot *output* scaled by γ;
+  ``x ← refine_update(x, ε̃, ᾱ_t, ᾱ_prev, σ_t, z)`` with σ_t = refine_eta·√Var(t, t_prev) (DDIM variance);
+* main step: ε = ε_u + s₁(ε_S* − ε_u) + s₂(ε_ref − ε_u), then ``scheduler.step(..., eta=0)`` (deterministic).
+
+S* is recomputed from the current z_t before every UNet call. It replaces the *output* of the text
+encoder's embedding layer at the ``holder`` slot (so S* carries no position embedding — as the authors'
+code does), and that slot of the encoder output is multiplied by the scale.
+
+Every row draws its initial latent, its VAE posterior sample and its refinement noise from its own
+``torch.Generator`` seeded by the row seed, so a row's image does not depend on the other rows' seeds.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+HOLDER_WORD = "holder"
+
+
+# ----------------------------------------------------------------------------------------- pure math
+
+
+def ddim_variance(alpha_t: float, alpha_prev: float) -> float:
+    """DDIM's Var(t, t_prev) = (1 − ᾱ_prev)/(1 − ᾱ_t) · (1 − ᾱ_t/ᾱ_prev)."""
+    return (1.0 - alpha_prev) / (1.0 - alpha_t) * (1.0 - alpha_t / alpha_prev)
+
+
+def refine_update(x: torch.Tensor, eps: torch.Tensor, alpha_t: float, alpha_prev: float, sigma: float,
+                  noise: torch.Tensor) -> torch.Tensor:
+    """One ProFusion refinement update at the same t (SPEC §4.5).
+
+    ``x − ε·σ²·√(1−ᾱ_t)/(1−ᾱ_prev) + σ·z·√((1−ᾱ_t)(2−2ᾱ_prev−σ²))/(1−ᾱ_prev)``
+    """
+    denom = 1.0 - alpha_prev
+    drift = sigma**2 * math.sqrt(1.0 - alpha_t) / denom
+    diffusion = sigma * math.sqrt((1.0 - alpha_t) * (2.0 - 2.0 * alpha_prev - sigma**2)) / denom
+    return x - eps * drift + noise * diffusion
+
+
+def fused_guidance(eps_u: torch.Tensor, eps_sstar: torch.Tensor, eps_ref: torch.Tensor, s1: float,
+                   s2: float) -> torch.Tensor:
+    """ε = ε_u + s₁(ε_S* − ε_u) + s₂(ε_ref − ε_u)."""
+    return eps_u + s1 * (eps_sstar - eps_u) + s2 * (eps_ref - eps_u)
+
+
+# ----------------------------------------------------------------------------------------- augmentation
+
+
+def generic_augmentations(image: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """Generic augmentation policy (the authors' face-specific one is not reproduced).
+
+    ``image``: (3, H, W) in [0, 1]. Returns (n, 3, H, W): random resized crop (scale 0.7–1, aspect 3/4–4/3),
+    horizontal flip (p 0.5) and brightness/contrast jitter (±10 %), all drawn from ``generator``.
+    """
+    _, h, w = image.shape
+    out = []
+    for _ in range(n):
+        r = torch.rand(6, generator=generator).tolist()
+        scale = 0.7 + 0.3 * r[0]
+        aspect = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * r[1])
+        ch = min(h, max(1, int(round(math.sqrt(scale * h * w / aspect)))))
+        cw = min(w, max(1, int(round(math.sqrt(scale * h * w * aspect)))))
+        top = int(r[2] * (h - ch + 1)) if h > ch else 0
+        left = int(r[3] * (w - cw + 1)) if w > cw else 0
+        crop = image[:, top : top + ch, left : left + cw].unsqueeze(0)
+        crop = F.interpolate(crop, size=(h, w), mode="bicubic", align_corners=False)[0]
+        if r[4] < 0.5:
+            crop = crop.flip(-1)
+        jitter = 0.9 + 0.2 * r[5]
+        crop = ((crop - crop.mean()) * jitter + crop.mean() * jitter).clamp(0, 1)
+        out.append(crop)
+    return torch.stack(out) if out else image.new_zeros((0, *image.shape))
+
+
+AUGMENTATIONS = {"generic": generic_augmentations, "none": lambda image, n, generator: image.new_zeros((0, *image.shape))}
+
+
+# ----------------------------------------------------------------------------------------- generator
+
+
+@dataclass
+class _Conditioning:
+    ref_latent: torch.Tensor  # (B, 4, h, w), scaled by the VAE scaling factor
+    clip_hidden: torch.Tensor  # (B, 1+P, clip_width)
+
+
+class ProFusionGenerator:
+    """Holds the t2i components + PromptNet; samples targets for (source image, instruction) pairs."""
+
+    def __init__(self, t2i, promptnet, cfg, device: str | torch.device = "cpu"):
+        self.t2i, self.pn, self.cfg = t2i, promptnet, cfg
+        self.device = torch.device(device)
+        self.unet, self.vae, self.text_encoder = t2i.unet, t2i.vae, t2i.text_encoder
+        self.tokenizer, self.scheduler = t2i.tokenizer, t2i.scheduler
+        self.promptnet, self.image_encoder = promptnet.promptnet, promptnet.image_encoder
+        self.image_processor = promptnet.image_processor
+        self.holder_id = self._holder_token_id()
+        self.scaling = float(getattr(self.vae.config, "scaling_factor", 0.18215))
+        self._base_state: dict[str, torch.Tensor] | None = None
+
+    # -- prompts ----------------------------------------------------------------------------------
+
+    def _holder_token_id(self) -> int:
+        ids = self.tokenizer(HOLDER_WORD, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise ValueError(f"ProFusion needs '{HOLDER_WORD}' to be one token; the t2i tokenizer splits it into {ids}")
+        return ids[0]
+
+    def _tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                              max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids.to(self.device)
+
+    def encode(self, prompts: Sequence[str], s_star: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+        """Text-encoder hidden states (B, L, D); with ``s_star`` (B, 1, D) it fills the ``holder`` slot."""
+        ids = self._tokenize(prompts)
+        if s_star is None:
+            return self.text_encoder(ids)[0]
+        rows, cols = (ids == self.holder_id).nonzero(as_tuple=True)
+        if rows.numel() != ids.shape[0] or not torch.equal(rows, torch.arange(ids.shape[0], device=ids.device)):
+            raise ValueError(f"every S* prompt needs exactly one '{HOLDER_WORD}' token: {list(prompts)}")
+
+        def put_sstar(module, args, output):  # output: (B, L, D) token + position embeddings
+            output = output.clone()
+            output[rows, cols] = s_star[:, 0].to(output.dtype)
+            return output
+
+        embeddings = getattr(self.text_encoder, "text_model", self.text_encoder).embeddings  # transformers 4 | 5
+        handle = embeddings.register_forward_hook(put_sstar)
+        try:
+            hidden = self.text_encoder(ids)[0]
+        finally:
+            handle.remove()
+        if scale != 1.0:
+            factor = torch.ones_like(hidden[..., :1])
+            factor[rows, cols] = scale
+            hidden = hidden * factor
+        return hidden
+
+    # -- images -----------------------------------------------------------------------------------
+
+    def _to_tensor(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W) in [0, 1]
+        return x.to(self.device)
+
+    def _clip_hidden(self, pixels01: torch.Tensor) -> torch.Tensor:
+        arr = (pixels01.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        pix = self.image_processor(images=list(arr), return_tensors="pt").pixel_values
+        pix = pix.to(self.device, self.image_encoder.dtype)
+        return self.image_encoder(pixel_values=pix).last_hidden_state  # (B, 1+P, width), no post-LN
+
+    def _encode_latents(self, pixels01: torch.Tensor, generators: Sequence[torch.Generator] | None) -> torch.Tensor:
+        dist = self.vae.encode((pixels01 * 2 - 1).to(self.vae.dtype)).latent_dist
+        if generators is None:
+            return dist.mean * self.scaling
+        noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in generators]).to(dist.mean)
+        return (dist.mean + dist.std * noise) * self.scaling
+
+    def _condition(self, sources: Sequence[np.ndarray], generators) -> _Conditioning:
+        pixels = self._to_tensor(sources)
+        return _Conditioning(self._encode_latents(pixels, generators), self._clip_hidden(pixels))
+
+    # -- sampling ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, sources: Sequence[np.ndarray], sstar_prompts: Sequence[str], ref_prompts: Sequence[str],
+               seeds: Sequence[int]) -> list[np.ndarray]:
+        """Fusion sampling for a batch of pairs; returns (H, W, 3) uint8 images in input order."""
+        cfg = self.cfg
+        b = len(sources)
+        if not (len(sstar_prompts) == len(ref_prompts) == len(seeds) == b):
+            raise ValueError("sources, prompts and seeds must have the same length")
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        cond = self._condition(sources, gens)
+        unet = self.unet
+        shape = (unet.config.in_channels, *cond.ref_latent.shape[-2:])
+        x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(self.device, unet.dtype)
+        x = x * self.scheduler.init_noise_sigma
+        uncond = self.encode([""] * b)
+        ref = self.encode(ref_prompts)
+        sched = self.scheduler
+        sched.set_timesteps(cfg.num_inference_steps)
+        step = sched.config.num_train_timesteps // cfg.num_inference_steps
+        for t in sched.timesteps:
+            t_int = int(t)
+            prev_t = t_int - step
+            alpha_t = float(sched.alphas_cumprod[t_int])
+            alpha_prev = float(sched.alphas_cumprod[prev_t]) if prev_t >= 0 else float(sched.final_alpha_cumprod)
+            tt = torch.full((b,), t_int, device=self.device)
+            for _ in range(cfg.refine_step):
+                s_star = self.promptnet(cond.ref_latent, x, tt, cond.clip_hidden)
+                cond_gamma = self.encode(sstar_prompts, s_star, scale=cfg.gamma)
+                eps_u, eps_g = unet(torch.cat([x, x]), t_int,
+                                    encoder_hidden_states=torch.cat([uncond, cond_gamma])).sample.chunk(2)
+                eps = eps_u + cfg.w_r * (eps_g - eps_u)
+                sigma = cfg.refine_eta * math.sqrt(ddim_variance(alpha_t, alpha_prev))
+                z = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(x)
+                x = refine_update(x, eps, alpha_t, alpha_prev, sigma, z)
+            s_star = self.promptnet(cond.ref_latent, x, tt, cond.clip_hidden)
+            cond_s = self.encode(sstar_prompts, s_star, scale=1.0)
+            eps_u, eps_s, eps_r = unet(torch.cat([x, x, x]), t_int,
+                                       encoder_hidden_states=torch.cat([uncond, cond_s, ref])).sample.chunk(3)
+            x = sched.step(fused_guidance(eps_u, eps_s, eps_r, cfg.s1, cfg.s2), t, x, eta=0.0).prev_sample
+        images = self.vae.decode((x / self.scaling).to(self.vae.dtype)).sample
+        images = ((images.float() + 1) / 2).clamp(0, 1)
+        return list((images * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+
+    # -- per-image fine-tuning --------------------------------------------------------------------
+
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """PromptNet + every UNet attention ``to_q``/``to_k``/``to_v`` (attn1 and attn2)."""
+        params = {f"promptnet.{n}": p for n, p in self.promptnet.named_parameters()}
+        for n, p in self.unet.named_parameters():
+            if any(f".{proj}." in n for proj in ("to_q", "to_k", "to_v")) and (".attn1." in n or ".attn2." in n):
+                params[f"unet.{n}"] = p
+        return params
+
+    def finetune(self, source: np.ndarray, seed: int) -> list[float]:
+        """Fine-tune on a mini-set of the source + augmentations; returns the losses. Call :meth:`restore` after."""
+        cfg = self.cfg
+        params = self.trainable_parameters()
+        if self._base_state is None:
+            self._base_state = {n: p.detach().clone() for n, p in params.items()}
+        gen = torch.Generator().manual_seed(int(seed))
+        image = self._to_tensor([source])[0]
+        augment = AUGMENTATIONS[cfg.augmentation]
+        miniset = torch.cat([image[None], augment(image.cpu(), cfg.num_augmentations, gen).to(self.device)])
+        with torch.no_grad():
+            latents = self._encode_latents(miniset, None)  # (M, 4, h, w)
+            clip_hidden = self._clip_hidden(miniset)
+        for p in params.values():
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(params.values(), lr=cfg.finetune_lr, weight_decay=cfg.finetune_weight_decay)
+        prompts = [cfg.finetune_prompt] * cfg.finetune_batch_size
+        n_train = self.scheduler.config.num_train_timesteps
+        losses = []
+        self.unet.train()
+        self.promptnet.train()
+        try:
+            for _ in range(cfg.finetune_steps):
+                ref_idx = torch.randint(len(miniset), (cfg.finetune_batch_size,), generator=gen)
+                tgt_idx = torch.randint(len(miniset), (cfg.finetune_batch_size,), generator=gen)
+                noise = torch.randn(latents[tgt_idx].shape, generator=gen).to(latents)
+                t = torch.randint(0, n_train, (cfg.finetune_batch_size,), generator=gen).to(self.device)
+                z_t = self.scheduler.add_noise(latents[tgt_idx], noise, t)
+                s_star = self.promptnet(latents[ref_idx], z_t, t, clip_hidden[ref_idx])
+                hidden = self.encode(prompts, s_star)
+                eps = self.unet(z_t, t, encoder_hidden_states=hidden).sample
+                loss = F.mse_loss(eps.float(), noise.float())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+        finally:
+            self.unet.eval()
+            self.promptnet.eval()
+            for p in params.values():
+                p.requires_grad_(False)
+                p.grad = None
+        return losses
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put the base weights back (exactly) after :meth:`finetune`."""
+        if self._base_state is None:
+            return
+        for n, p in self.trainable_parameters().items():
+            p.copy_(self._base_state[n])
+
+    @contextlib.contextmanager
+    def finetuned(self, source: np.ndarray, seed: int):
+        """Fine-tune once for ``source`` if ``cfg.finetune``; always restore the base weights on exit."""
+        if not self.cfg.finetune:
+            yield []
+            return
+        try:
+            yield self.finetune(source, seed)
+        finally:
+            self.restore()
