@@ -63,8 +63,10 @@ class ChunkStage:
             if self.store.done(self.name, chunk_id):
                 continue
             if not self._ready:
+                t_setup = time.perf_counter()
                 self.setup()
                 self._ready = True
+                log.info("%s: setup took %.1f s", self.name, time.perf_counter() - t_setup)
             t0 = time.perf_counter()
             rows = self.store.rows(self.input_stage, chunk_id) if self.input_stage else None
             out, quarantined, counts = self.process(self.plan["chunks"][chunk_id], rows)

@@ -135,7 +135,8 @@ def _to_dataset(table: pa.Table, with_decision: bool):
 def _save(ds, path: Path) -> None:
     """``save_to_disk`` into a temporary sibling, then swap it into place."""
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    ds.save_to_disk(str(tmp))
+    # an empty dataset saved with the default sharding has zero shards, which load_from_disk cannot read
+    ds.save_to_disk(str(tmp), num_shards=1 if len(ds) == 0 else None)
     if path.exists():
         shutil.rmtree(path)
     os.rename(tmp, path)

@@ -1,0 +1,141 @@
+"""Sources: bad inputs are quarantined with a reason and nothing is lost (folder build on Ray; table stage in-process)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import zlib
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline import schema as S
+from pipeline.build import enumerate_sources, make_plan, run_build
+from pipeline.stages import SourcesStage
+from tests.buildutil import as_config, tiny_build_config
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _rgb(seed: int, size=(40, 56)) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8))
+
+
+def _bomb_png(width=100_000, height=100_000) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b"")
+
+
+GOOD = {"person/good1.png", "person/good2.jpg", "cat/gray.png", "cat/cmyk.jpg", "cat/rgba.png", "cat/deep16.png"}
+BAD = {  # relative path -> quarantine reason
+    "cat/truncated.png": "truncated_image",
+    "cat/empty.png": "empty_file",
+    "cat/notimage.png": "not_an_image",
+    "cat/bomb.png": "decompression_bomb",
+    "cat/tiny.png": "too_small",
+    "cat/dangling.png": "unreadable_file",
+    "orphan.png": "no_class",
+}
+
+
+@pytest.fixture(scope="module")
+def bad_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sources")
+    (root / "person").mkdir()
+    (root / "cat").mkdir()
+    _rgb(1).save(root / "person/good1.png")
+    _rgb(2).save(root / "person/good2.jpg")
+    Image.new("L", (50, 50), 100).save(root / "cat/gray.png")
+    Image.new("CMYK", (50, 50), (0, 0, 0, 0)).save(root / "cat/cmyk.jpg")
+    Image.new("RGBA", (50, 50), (255, 0, 0, 0)).save(root / "cat/rgba.png")
+    Image.fromarray(np.full((50, 50), 65535, dtype=np.uint16)).save(root / "cat/deep16.png")
+    full = _png(_rgb(3))
+    (root / "cat/truncated.png").write_bytes(full[: len(full) // 2])
+    (root / "cat/empty.png").write_bytes(b"")
+    (root / "cat/notimage.png").write_text("this is not an image\n")
+    (root / "cat/bomb.png").write_bytes(_bomb_png())
+    Image.new("RGB", (1, 1)).save(root / "cat/tiny.png")
+    os.symlink(root / "cat/missing-target.png", root / "cat/dangling.png")  # unreadable even for root
+    _rgb(4).save(root / "orphan.png")
+    fd = os.open(os.path.join(os.fsencode(root), b"person", b"bad\xffname.png"), os.O_WRONLY | os.O_CREAT)
+    os.write(fd, _png(_rgb(5)))
+    os.close(fd)
+    return root
+
+
+def _folder_cfg(tiny_models, root):
+    return as_config(tiny_build_config(tiny_models, sources={"kind": "folder", "path": str(root)},
+                                       instructions={"per_source": 1}, rows_per_chunk=4))
+
+
+def test_enumeration_is_deterministic_and_keeps_odd_names(tiny_models, bad_folder):
+    cfg = _folder_cfg(tiny_models, bad_folder)
+    a, b = enumerate_sources(cfg), enumerate_sources(cfg)
+    assert a == b and len(a) == len(GOOD) + len(BAD) + 1
+    odd = [s for s in a if "bad" in s["uri"] and "name" in s["uri"]]
+    assert len(odd) == 1 and odd[0]["uri"].encode("utf-8")  # valid UTF-8 text for the dataset
+    assert os.path.exists(odd[0]["path"])  # the real (non-UTF-8) file is still reachable
+
+
+@pytest.mark.integration
+def test_folder_build_quarantines_every_bad_input(tiny_models, bad_folder, tmp_path, ray_local):
+    cfg = _folder_cfg(tiny_models, bad_folder)
+    result = run_build(cfg, out_dir=tmp_path / "out")
+    quarantine = datasets.load_from_disk(str(tmp_path / "out" / "quarantine"))
+    by_input = {os.path.relpath(r[S.Q_INPUT], str(bad_folder)): r for r in quarantine}
+    assert {k: v[S.Q_REASON] for k, v in by_input.items()} == BAD
+    assert all(r[S.Q_STAGE] == "sources" and r[S.Q_DETAIL] for r in quarantine)
+    ds = datasets.load_from_disk(str(tmp_path / "out" / "dataset"))
+    n_good = len(GOOD) + 1
+    assert len(ds) == n_good and len(set(ds[S.SOURCE_ID])) == n_good
+    assert all(r[S.INPUT_IMAGE].size == (64, 64) and r[S.INPUT_IMAGE].mode == "RGB" for r in ds)
+    funnel = {f["stage"]: f for f in result.manifest["funnel"]}
+    assert funnel["sources"] == {"stage": "sources", "unit": "sources", "in": n_good + len(BAD), "out": n_good,
+                                 "removed": {r: 1 for r in BAD.values()}}
+    for f in funnel.values():
+        assert f["in"] == f["out"] + sum(f["removed"].values())
+    assert result.manifest["counts"] == {"kept": n_good, "candidates": n_good, "quarantined": len(BAD)}
+    # the grayscale source became RGB grey, the transparent one white (the stated policy)
+    grey = [r for r in ds if r[S.SOURCE_URI].endswith("gray.png")][0][S.INPUT_IMAGE]
+    assert np.array(grey)[0, 0].tolist() == [100, 100, 100]
+    white = [r for r in ds if r[S.SOURCE_URI].endswith("rgba.png")][0][S.INPUT_IMAGE]
+    assert np.array(white)[0, 0].tolist() == [255, 255, 255]
+
+
+def test_table_sources_stage_decodes_and_quarantines(tiny_models, tmp_path):
+    """Parquet source with image bytes (plain and HF-Image structs), a null cell and garbage bytes."""
+    table = pa.table({
+        "image": [_png(_rgb(7)), None, b"garbage", _png(_rgb(8))],
+        "class": ["dog", "dog", "cat", ""],
+    })
+    pq.write_table(table, tmp_path / "src.parquet")
+    data = tiny_build_config(tiny_models, sources={"kind": "table", "path": str(tmp_path / "src.parquet")},
+                             instructions={"per_source": 2}, rows_per_chunk=100)
+    cfg = as_config(data)
+    plan = make_plan(cfg, {})
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "plan.json").write_text(json.dumps(plan))
+    stage = SourcesStage(cfg.model_dump(mode="json"), str(work))
+    stage.setup()
+    (chunk,) = plan["chunks"].values()
+    rows, quarantined, counts = stage.process(chunk, None)
+    reasons = sorted(q[S.Q_REASON] for q in quarantined)
+    assert reasons == ["empty_file", "no_class", "not_an_image"]
+    assert counts["sources"] == {"unit": "sources", "in": 4, "out": 1,
+                                 "removed": {"empty_file": 1, "no_class": 1, "not_an_image": 1}}
+    assert rows.num_rows == 2 and set(rows[S.CLASS].to_pylist()) == {"dog"}
+    png = rows[S.SOURCE_PNG][0].as_py()
+    assert Image.open(io.BytesIO(png)).size == (64, 64)
