@@ -19,10 +19,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# main job on the embedded default: tiny models, then a check of every role
+# main job on the embedded default: tiny models, a check of every role, then the round-0 build
 run: setup
 	$(BIN)/cafe models make-tiny models/tiny
 	$(BIN)/cafe models check $(CONFIG)
+	$(BIN)/cafe build $(CONFIG)
 
 # the whole suite inside a network namespace that has only loopback (needs root; else the
 # in-process guard in tests/conftest.py still refuses non-loopback connections)
@@ -39,7 +40,9 @@ test-fast: setup
 	$(BIN)/python -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
 
 bench: setup
+	$(BIN)/python bench/bench_scoring.py
 	$(BIN)/python bench/bench_build.py
+	$(BIN)/python bench/bench_memory.py
 
 clean:
 	rm -rf outputs models/tiny .pytest_cache

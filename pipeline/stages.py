@@ -229,10 +229,9 @@ class GenerateStage(ChunkStage):
                                       S.GENERATOR_PARAMS: params})
                             out.append(r)
             except (RuntimeError, ValueError) as exc:  # a failing source loses its rows to quarantine, with why
-                for r in group:
-                    if r.get(S.TARGET_PNG) is None:
-                        quarantined.append({S.Q_ID: r[S.ID], S.Q_STAGE: self.name, S.Q_REASON: "generation_failed",
-                                            S.Q_DETAIL: f"{type(exc).__name__}: {exc}"[:500], S.Q_INPUT: r[S.SOURCE_URI]})
+                for r in group:  # the whole source goes: its rows share one fine-tuned model
+                    quarantined.append({S.Q_ID: r[S.ID], S.Q_STAGE: self.name, S.Q_REASON: "generation_failed",
+                                        S.Q_DETAIL: f"{type(exc).__name__}: {exc}"[:500], S.Q_INPUT: r[S.SOURCE_URI]})
                 removed["generation_failed"] = removed.get("generation_failed", 0) + len(group)
                 out = [r for r in out if r[S.SOURCE_ID] != source_id]
         return _pairs_table(out), quarantined, {"generate": _funnel("rows", len(records), len(out), removed)}

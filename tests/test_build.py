@@ -237,3 +237,39 @@ def test_openai_dialogue_killed_during_dialogue_resumes_without_redoing_generati
     assert not committed_rows & set(later)
     fm = {f["stage"]: f for f in resumed.manifest["funnel"]}
     assert fm["dialogue"]["removed"] == {"malformed_response": len(snow)}
+
+
+def test_refilter_reapplies_rules_without_recomputing(build_a, tmp_path):
+    from pipeline.cli import EXIT_OK, main
+    from pipeline.refilter import refilter
+
+    _, result = build_a
+    cand = datasets.load_from_disk(str(result.out_dir / "candidates"))
+    clip_t, dino = np.array(cand[S.CLIP_T]), np.array(cand[S.DINO])
+    ct, dn = float(np.median(clip_t)), float(np.median(dino))
+    out = refilter(result.out_dir, [f"build.rules.clip_t_min={ct}", f"build.rules.dino_min={dn}"], tmp_path / "rf")
+    kept = datasets.load_from_disk(str(tmp_path / "rf" / "dataset"))
+    expected = {i for i, a, b in zip(cand[S.ID], clip_t, dino) if a >= np.float32(ct) and b >= np.float32(dn)}
+    assert set(kept[S.ID]) == expected and 0 < len(expected) < len(cand)
+    assert out.manifest["counts"]["pending_dialogue"] == 0
+    rules = {f["stage"]: f for f in out.manifest["funnel"]}["rules"]
+    assert rules["in"] == len(cand) and rules["out"] == len(expected)
+    # images are carried over byte for byte, not regenerated
+    a = kept.cast_column(S.TARGET_IMAGE, datasets.Image(decode=False))
+    b = cand.cast_column(S.TARGET_IMAGE, datasets.Image(decode=False))
+    by_id = {r[S.ID]: r[S.TARGET_IMAGE]["bytes"] for r in b}
+    assert all(by_id[r[S.ID]] == r[S.TARGET_IMAGE]["bytes"] for r in a)
+    # a stricter-then-looser chain: rows that never got dialogue are reported, not invented
+    refilter(tmp_path / "rf", ["build.rules.clip_t_min=-1.0", "build.rules.dino_min=-1.0"], tmp_path / "rf2")
+    assert (tmp_path / "rf2" / "report" / "report.md").exists()
+    assert main(["report", str(tmp_path / "rf")]) == EXIT_OK
+
+
+def test_refilter_rejects_bad_override_before_work(build_a, tmp_path):
+    from pipeline.config import ConfigError
+    from pipeline.refilter import refilter
+
+    _, result = build_a
+    with pytest.raises(ConfigError, match="build.rules.clip_t_min = 5"):
+        refilter(result.out_dir, ["build.rules.clip_t_min=5"], tmp_path / "x")
+    assert not (tmp_path / "x").exists()

@@ -23,6 +23,16 @@ from training.models.promptnet import PromptNet
 # ----------------------------------------------------------------------------------------- fixtures
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The tiny models are latency-bound; on shared cores 2 OpenMP threads spin against other processes
+    (measured: ~38 s vs ~2 s for the sampling test), so this module runs torch on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def t2i(tiny_models):
     from training.models.kit import load_role
@@ -143,7 +153,8 @@ def test_fused_guidance():
     eps_u, eps_s, eps_r = (torch.randn(2, 4, 5, 5, generator=g, dtype=torch.float64) for _ in range(3))
     for s1, s2 in [(7.0, 5.0), (1.0, 0.0), (0.0, 2.5), (3.3, 1.7)]:
         expected = eps_u.numpy() + s1 * (eps_s.numpy() - eps_u.numpy()) + s2 * (eps_r.numpy() - eps_u.numpy())
-        np.testing.assert_allclose(fused_guidance(eps_u, eps_s, eps_r, s1, s2).numpy(), expected, rtol=1e-12, atol=1e-12)
+        got = fused_guidance(eps_u, eps_s, eps_r, s1, s2).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
     assert torch.equal(fused_guidance(eps_u, eps_s, eps_r, 0.0, 0.0), eps_u)
     # s1 = 1, s2 = 0 → the S* prediction
     torch.testing.assert_close(fused_guidance(eps_u, eps_s, eps_r, 1.0, 0.0), eps_s, rtol=0, atol=1e-12)
@@ -191,7 +202,7 @@ def test_encode_sstar_slot(gen):
     tm = getattr(gen.text_encoder, "text_model", gen.text_encoder)
     emb = tm.embeddings
     handle = tm.encoder.register_forward_pre_hook(
-        lambda m, args, kwargs: captured.append(kwargs.get("inputs_embeds", args[0] if args else None).detach().clone()),
+        lambda m, args, kwargs: captured.append(kwargs.get("inputs_embeds", args[0] if args else None).clone()),
         with_kwargs=True)
     try:
         gen.encode(prompts, s_star)
@@ -232,7 +243,8 @@ def _projection_io_sizes(net: PromptNet, latent: int, clip_width: int, seq: int 
     hooks = [p.register_forward_hook(lambda m, a, o: sizes.append((tuple(a[0].shape[-2:]), tuple(o.shape[-2:]))))
              for p in net.prompt_projections]
     out_sizes = []
-    hooks.append(net.prompt_out.register_forward_hook(lambda m, a, o: out_sizes.append((tuple(a[0].shape), tuple(o.shape)))))
+    hooks.append(net.prompt_out.register_forward_hook(
+        lambda m, a, o: out_sizes.append((tuple(a[0].shape), tuple(o.shape)))))
     try:
         c = net.unet.config.in_channels
         g = torch.Generator().manual_seed(0)

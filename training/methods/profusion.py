@@ -71,7 +71,7 @@ def generic_augmentations(image: torch.Tensor, n: int, generator: torch.Generato
     _, h, w = image.shape
     out = []
     for _ in range(n):
-        r = torch.rand(6, generator=generator).tolist()
+        r = torch.rand(7, generator=generator).tolist()
         scale = 0.7 + 0.3 * r[0]
         aspect = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * r[1])
         ch = min(h, max(1, int(round(math.sqrt(scale * h * w / aspect)))))
@@ -82,8 +82,8 @@ def generic_augmentations(image: torch.Tensor, n: int, generator: torch.Generato
         crop = F.interpolate(crop, size=(h, w), mode="bicubic", align_corners=False)[0]
         if r[4] < 0.5:
             crop = crop.flip(-1)
-        jitter = 0.9 + 0.2 * r[5]
-        crop = ((crop - crop.mean()) * jitter + crop.mean() * jitter).clamp(0, 1)
+        contrast, brightness = 0.9 + 0.2 * r[5], 0.9 + 0.2 * r[6]
+        crop = (((crop - crop.mean()) * contrast + crop.mean()) * brightness).clamp(0, 1)
         out.append(crop)
     return torch.stack(out) if out else image.new_zeros((0, *image.shape))
 
@@ -216,6 +216,9 @@ class ProFusionGenerator:
             eps_u, eps_s, eps_r = unet(torch.cat([x, x, x]), t_int,
                                        encoder_hidden_states=torch.cat([uncond, cond_s, ref])).sample.chunk(3)
             x = sched.step(fused_guidance(eps_u, eps_s, eps_r, cfg.s1, cfg.s2), t, x, eta=0.0).prev_sample
+        finite = torch.isfinite(x.flatten(1)).all(dim=1)
+        if not bool(finite.all()):  # fp16 overflow or a broken checkpoint: never publish garbage as an image
+            raise RuntimeError(f"non-finite latents for rows {torch.nonzero(~finite).flatten().tolist()}")
         images = self.vae.decode((x / self.scaling).to(self.vae.dtype)).sample
         images = ((images.float() + 1) / 2).clamp(0, 1)
         return list((images * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
