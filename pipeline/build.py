@@ -111,8 +111,6 @@ def _folder_entries(root: Path) -> list[tuple[str, str | None]]:
                 continue
             cls = os.fsdecode(parts[0]) if len(parts) > 1 else None
             out.append((os.fsdecode(rel), cls))
-    for dirpath in []:  # pragma: no cover
-        pass
     return out
 
 
@@ -289,8 +287,6 @@ def run_build(cfg: CafeConfig, out_dir: str | os.PathLike | None = None, address
 
     published = publish(out, store, "dialogue", PIPELINE_STAGES, chunk_ids)
     funnel, stage_seconds = _aggregate_funnel(store, chunk_ids)
-    from filtering.rules import apply_rules  # thresholds actually applied (absolute, or quantile per chunk)
-
     r = cfg.build.rules
     manifest = {
         "schema_version": S.SCHEMA_VERSION,
@@ -303,6 +299,7 @@ def run_build(cfg: CafeConfig, out_dir: str | os.PathLike | None = None, address
         "funnel": funnel,
         "rules": {"mode": r.mode, "clip_t_min": r.clip_t_min, "dino_min": r.dino_min,
                   "clip_t_quantile": r.clip_t_quantile, "dino_quantile": r.dino_quantile,
+                  # quantile thresholds are computed per chunk during a build; `cafe refilter` records global ones
                   "thresholds": {"clip_t": r.clip_t_min, "dino": r.dino_min} if r.mode == "absolute" else {}},
         "counts": published["counts"],
         "dataset_hash": published["dataset_hash"],
@@ -311,7 +308,6 @@ def run_build(cfg: CafeConfig, out_dir: str | os.PathLike | None = None, address
                       "total_wall": round(time.perf_counter() - t_start, 3)},
         "num_chunks": len(chunk_ids),
     }
-    del apply_rules
     atomic_write_json(out / "manifest.json", manifest)
     try:
         from pipeline.report import write_report

@@ -50,6 +50,17 @@ class ChunkStage:
         self.store = ChunkStore(work_dir)
         self.plan = json.loads((Path(work_dir) / "plan.json").read_text())
         self._ready = False
+        if self.name and any(not self.store.done(self.name, c) for c in self.plan["chunks"]):
+            # load now, while the upstream stages are busy, rather than when the first chunk arrives;
+            # a stage whose chunks are all committed (resume) never loads its models
+            self._setup_once()
+
+    def _setup_once(self) -> None:
+        if not self._ready:
+            t0 = time.perf_counter()
+            self.setup()
+            self._ready = True
+            log.info("%s: setup took %.1f s", self.name, time.perf_counter() - t0)
 
     def setup(self) -> None:
         """Load models (called once, on the first chunk that is not committed yet)."""
@@ -62,11 +73,7 @@ class ChunkStage:
             chunk_id = str(chunk_id)
             if self.store.done(self.name, chunk_id):
                 continue
-            if not self._ready:
-                t_setup = time.perf_counter()
-                self.setup()
-                self._ready = True
-                log.info("%s: setup took %.1f s", self.name, time.perf_counter() - t_setup)
+            self._setup_once()
             t0 = time.perf_counter()
             rows = self.store.rows(self.input_stage, chunk_id) if self.input_stage else None
             out, quarantined, counts = self.process(self.plan["chunks"][chunk_id], rows)
@@ -248,10 +255,12 @@ class ScoreStage(ChunkStage):
                "clip_i": ("ClipIScorer", "clip_filter", "score_dino")}
 
     def __init__(self, config: dict, work_dir: str, score: str):
-        super().__init__(config, work_dir)
+        if score not in self.SCORERS:
+            raise ValueError(f"unknown score {score!r}; allowed: {', '.join(self.SCORERS)}")
         self.score = score
         self.name = f"score_{score}"
         self.input_stage = self.SCORERS[score][2]
+        super().__init__(config, work_dir)
 
     def setup(self) -> None:
         import filtering.scorers as scorers

@@ -109,27 +109,37 @@ def quarantine_table(records: Iterable[dict]) -> pa.Table:
     return pa.table(cols, schema=S.arrow_schema("quarantine"))
 
 
-def _to_dataset(table: pa.Table, with_decision: bool):
-    """Work table (PNG bytes) → ``datasets.Dataset`` with the ``Image`` feature, columns in schema order."""
+def _image_cell(png: bytes | None) -> dict | None:
+    return None if png is None else {"bytes": png, "path": None}
+
+
+def _published_rows(store: "ChunkStore", stage: str, chunk_ids: list[str], with_decision: bool):
+    """Yield published rows chunk by chunk (chunk order, then id order): memory holds one chunk at a time."""
+    cols = S.CANDIDATE_COLUMNS if with_decision else S.DATASET_COLUMNS
+    for cid in chunk_ids:
+        table = store.rows(stage, cid).sort_by(S.ID)
+        for r in table.to_pylist():
+            if not with_decision and not (r[S.KEEP] and r[S.USER_TEXT] is not None):
+                continue
+            r[S.INPUT_IMAGE], r[S.TARGET_IMAGE] = _image_cell(r[S.SOURCE_PNG]), _image_cell(r[S.TARGET_PNG])
+            yield {c: r[c] for c in cols}
+
+
+def _build_dataset(rows, features, kind: str, cache_dir: Path):
+    """Stream rows into a ``datasets.Dataset`` (written to an Arrow cache in batches, then memory-mapped)."""
     import datasets
 
-    def image_struct(col: pa.ChunkedArray) -> pa.Array:
-        col = col.combine_chunks()
-        return pa.StructArray.from_arrays([col, pa.nulls(len(col), pa.string())], ["bytes", "path"])
+    from datasets.arrow_writer import ArrowWriter
 
-    cols = S.CANDIDATE_COLUMNS if with_decision else S.DATASET_COLUMNS
-    arrays = []
-    for c in cols:
-        if c == S.INPUT_IMAGE:
-            arrays.append(image_struct(table[S.SOURCE_PNG]))
-        elif c == S.TARGET_IMAGE:
-            arrays.append(image_struct(table[S.TARGET_PNG]))
-        else:
-            arrays.append(table[c].combine_chunks())
-    features = S.dataset_features(with_decision)
-    out = pa.Table.from_arrays(arrays, names=list(cols)).cast(features.arrow_schema)
-    return datasets.Dataset(out, info=datasets.DatasetInfo(features=features, description=json.dumps(
-        {"schema_version": S.SCHEMA_VERSION, "kind": "candidates" if with_decision else "dataset"})))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"{kind}.arrow"
+    with ArrowWriter(features=features, path=str(path), writer_batch_size=256) as writer:
+        for row in rows:
+            writer.write(row)
+        writer.finalize()
+    info = datasets.DatasetInfo(features=features,
+                                description=json.dumps({"schema_version": S.SCHEMA_VERSION, "kind": kind}))
+    return datasets.Dataset.from_file(str(path), info=info)
 
 
 def _save(ds, path: Path) -> None:
@@ -143,9 +153,8 @@ def _save(ds, path: Path) -> None:
 
 
 def content_hash(table: pa.Table) -> str:
-    """sha256 of a table's content, row by row in id order (independent of file layout and chunking)."""
+    """sha256 of a table's content in its stored order (batch by batch, so a memory-mapped table stays mapped)."""
     h = hashlib.sha256()
-    table = table.sort_by(S.ID)
     for batch in table.to_batches(max_chunksize=256):
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, batch.schema) as w:
@@ -157,26 +166,25 @@ def content_hash(table: pa.Table) -> str:
 def publish(out_dir: Path, store: ChunkStore, final_stage: str, stages: Iterable[str], chunk_ids: list[str]) -> dict:
     """Assemble the committed chunks into ``OUT/dataset``, ``OUT/candidates`` and ``OUT/quarantine``.
 
-    Rows are published in id order. Returns counts and the dataset content hash.
+    Rows are published in chunk order, then id order, streamed one chunk at a time. Returns counts and the
+    dataset content hash.
     """
-    import pyarrow.compute as pc
-
-    candidates = pa.concat_tables([store.rows(final_stage, c) for c in chunk_ids]) if chunk_ids else \
-        empty_table("pairs")
-    candidates = candidates.sort_by(S.ID)
-    kept_mask = pc.and_(pc.fill_null(candidates[S.KEEP], False), pc.invert(pc.is_null(candidates[S.USER_TEXT])))
-    kept = candidates.filter(kept_mask)
-    quarantine = [store.quarantine(stage, c) for stage in stages for c in chunk_ids if store.done(stage, c)]
-    quarantine = pa.concat_tables(quarantine) if quarantine else empty_table("quarantine")
-    quarantine = quarantine.sort_by([(S.Q_STAGE, "ascending"), (S.Q_ID, "ascending")])
-
     import datasets
 
-    dataset = _to_dataset(kept, with_decision=False)
-    _save(dataset, out_dir / "dataset")
-    _save(_to_dataset(candidates, with_decision=True), out_dir / "candidates")
-    _save(datasets.Dataset(quarantine), out_dir / "quarantine")
-    return {
-        "counts": {"kept": kept.num_rows, "candidates": candidates.num_rows, "quarantined": quarantine.num_rows},
-        "dataset_hash": content_hash(dataset.data.table),
-    }
+    tmp = out_dir / f".publish-{uuid.uuid4().hex[:8]}"
+    try:
+        dataset = _build_dataset(_published_rows(store, final_stage, chunk_ids, False),
+                                 S.dataset_features(False), "dataset", tmp)
+        candidates = _build_dataset(_published_rows(store, final_stage, chunk_ids, True),
+                                    S.dataset_features(True), "candidates", tmp)
+        _save(dataset, out_dir / "dataset")
+        _save(candidates, out_dir / "candidates")
+        quarantine = [store.quarantine(stage, c) for stage in stages for c in chunk_ids if store.done(stage, c)]
+        quarantine = pa.concat_tables(quarantine) if quarantine else empty_table("quarantine")
+        _save(datasets.Dataset(quarantine), out_dir / "quarantine")
+        return {
+            "counts": {"kept": len(dataset), "candidates": len(candidates), "quarantined": quarantine.num_rows},
+            "dataset_hash": content_hash(dataset.data.table),
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

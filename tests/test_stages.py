@@ -45,8 +45,9 @@ def test_committed_stage_is_skipped(chain):
     store = ChunkStore(work)
     before = (work / "generate" / cid / "rows.arrow").stat().st_ino
     stage = GenerateStage(**kw)
+    assert not stage._ready  # every chunk committed: the models are never loaded
     stage({"chunk_id": np.array([cid])})
-    assert not stage._ready  # models never loaded: nothing to do
+    assert not stage._ready
     assert (work / "generate" / cid / "rows.arrow").stat().st_ino == before
     assert store.done("generate", cid)
 
