@@ -202,71 +202,57 @@ class ClipTScorer:
         return {**batch, CLIP_T: paired_cosine(images, texts)}
 
 
-class DinoScorer:
+class _ImagePairScorer:
+    """Cosine of two images' embeddings (target vs. source); subclasses name the embedder and the column."""
+
+    column: str
+    embedder_cls: type
+
+    def __init__(self, role_dir: str, dtype: str = "float32", device: str = "cpu") -> None:
+        self.embedder = self.embedder_cls(role_dir, dtype=dtype, device=device)
+
+    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """``(N, D)`` float32 normalised image embeddings of this scorer's model."""
+        return self.embedder.embed_images(images)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Score a batch; targets and sources go through the model together (one forward of 2N images).
+
+        Args:
+            batch: Columns ``target_png`` and ``source_png`` (PNG bytes), N rows each.
+
+        Returns:
+            The batch with this scorer's column added: ``(N,)`` float32 in ``[-1, 1]`` or NaN.
+        """
+        _require_columns(batch, TARGET_PNG, SOURCE_PNG)
+        return {**batch, self.column: _image_pair_cosine(self.embed_images, batch)}
+
+
+class DinoScorer(_ImagePairScorer):
     """Adds ``dino``: cosine of the DINO CLS embeddings of the target and the source image.
 
     Usage: ``batch = DinoScorer(role_dir)(batch)``
 
     The model is the ``dino_filter`` role (DINO ViT-S/16 in the paper, a transformers ``ViTModel`` without
-    pooler); the embedding is ``last_hidden_state[:, 0]``.
-
-    Args:
-        role_dir: The ``dino_filter`` directory.
-        dtype: Model dtype.
-        device: Model device.
+    pooler); the embedding is ``last_hidden_state[:, 0]``. Args: ``role_dir`` (the ``dino_filter``
+    directory), ``dtype``, ``device``.
     """
 
-    def __init__(self, role_dir: str, dtype: str = "float32", device: str = "cpu") -> None:
-        self.embedder = DinoEmbedder(role_dir, dtype=dtype, device=device)
-
-    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """``(N, D)`` float32 normalised DINO CLS embeddings (see :meth:`DinoEmbedder.embed_images`)."""
-        return self.embedder.embed_images(images)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Score a batch; targets and sources go through the model together (one forward of 2N images).
-
-        Args:
-            batch: Columns ``target_png`` and ``source_png`` (PNG bytes), N rows each.
-
-        Returns:
-            The batch with ``dino`` added: ``(N,)`` float32 in ``[-1, 1]`` or NaN.
-        """
-        _require_columns(batch, TARGET_PNG, SOURCE_PNG)
-        return {**batch, DINO: _image_pair_cosine(self.embed_images, batch)}
+    column = DINO
+    embedder_cls = DinoEmbedder
 
 
-class ClipIScorer:
+class ClipIScorer(_ImagePairScorer):
     """Adds ``clip_i``: cosine of the CLIP image embeddings of the target and the source image.
 
     Usage: ``batch = ClipIScorer(role_dir)(batch)``
 
     The model is the ``clip_filter`` role (CLIP ViT-B/32 in the paper), the same image tower as CLIP-T.
-
-    Args:
-        role_dir: The ``clip_filter`` directory.
-        dtype: Model dtype.
-        device: Model device.
+    Args: ``role_dir`` (the ``clip_filter`` directory), ``dtype``, ``device``.
     """
 
-    def __init__(self, role_dir: str, dtype: str = "float32", device: str = "cpu") -> None:
-        self.embedder = ClipEmbedder(role_dir, dtype=dtype, device=device)
-
-    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """``(N, D)`` float32 normalised CLIP image embeddings (see :meth:`ClipEmbedder.embed_images`)."""
-        return self.embedder.embed_images(images)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Score a batch; targets and sources go through the model together (one forward of 2N images).
-
-        Args:
-            batch: Columns ``target_png`` and ``source_png`` (PNG bytes), N rows each.
-
-        Returns:
-            The batch with ``clip_i`` added: ``(N,)`` float32 in ``[-1, 1]`` or NaN.
-        """
-        _require_columns(batch, TARGET_PNG, SOURCE_PNG)
-        return {**batch, CLIP_I: _image_pair_cosine(self.embed_images, batch)}
+    column = CLIP_I
+    embedder_cls = ClipEmbedder
 
 
 # --- helpers ---------------------------------------------------------------------------------------

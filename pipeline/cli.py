@@ -6,6 +6,7 @@ Usage::
     cafe config show configs/tiny.yaml --set build.profusion.num_inference_steps=10
     cafe models make-tiny models/tiny
     cafe models check models/tiny            # or a config file
+    cafe models convert-promptnet promptnet.bin --t2i DIR --image-encoder DIR --out DIR
     cafe build configs/tiny.yaml [--set ...] [--out DIR] [--address RAY_ADDRESS]
     cafe refilter DATASET_DIR --set build.rules.clip_t_min=0.25 --out DIR
     cafe report DATASET_DIR
@@ -81,6 +82,14 @@ def cmd_models_check(args) -> int:
     return EXIT_OK
 
 
+def cmd_models_convert_promptnet(args) -> int:
+    from training.models.promptnet import convert_authors_checkpoint
+
+    out = convert_authors_checkpoint(args.src, args.t2i, args.image_encoder, args.out)
+    print(f"promptnet written to {out}")
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------ build
 
 
@@ -142,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", action="append", help="check only this role; repeatable")
     _add_set(p)
     p.set_defaults(func=cmd_models_check)
+    p = models.add_parser("convert-promptnet",
+                          help="convert the authors' ProFusion PromptNet checkpoint into the promptnet role layout")
+    p.add_argument("src", help="the authors' PromptNet weights (.safetensors, or .bin read with weights_only=True)")
+    p.add_argument("--t2i", required=True, help="the t2i role directory (SD2 diffusers layout) it was trained on")
+    p.add_argument("--image-encoder", required=True, help="transformers CLIPVisionModel dir (CLIP ViT-H/14)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_models_convert_promptnet)
 
     p = nouns.add_parser("build", help="round-0 CAFE dataset construction on Ray Data")
     p.add_argument("config")

@@ -185,3 +185,35 @@ def test_cli_models_check_prints_table(tiny_models, capsys):
 def test_cli_models_check_bad_dir_exit_code(tmp_path, capsys):
     assert main(["models", "check", str(tmp_path), "--role", "llm"]) == EXIT_MODEL
     assert "model role 'llm'" in capsys.readouterr().err
+
+
+def test_convert_authors_promptnet_checkpoint(tiny_models, tmp_path):
+    """Our tiny PromptNet renamed into the authors' key layout (+ residual keys) converts back exactly."""
+    from training.models.promptnet import AUTHORS_KEY_MAP, PromptNet, convert_authors_checkpoint
+
+    ours = load_role("promptnet", tiny_models / "promptnet")
+    net = ours.components.promptnet
+    cfg = dict(net.config)
+    # the converter builds 128-channel projections (the authors'); make a source net of that shape
+    src_net = PromptNet(cfg["unet_config"], cfg["clip_vision_width"], cfg["text_width"], proj_channels=128)
+    torch.manual_seed(3)
+    for p in src_net.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    theirs = {}
+    for k, v in src_net.state_dict().items():
+        for their_prefix, our_prefix in AUTHORS_KEY_MAP:
+            if k.startswith(our_prefix):
+                theirs[their_prefix + k[len(our_prefix):]] = v
+                break
+    theirs["residual_projections.0.weight"] = torch.zeros(1)  # unused by the method: must be dropped
+    torch.save(theirs, tmp_path / "promptnet.bin")
+    out = convert_authors_checkpoint(tmp_path / "promptnet.bin", tiny_models / "t2i",
+                                     tiny_models / "promptnet" / "image_encoder", tmp_path / "converted")
+    loaded = load_role("promptnet", out)
+    for k, v in src_net.state_dict().items():
+        assert torch.equal(loaded.components.promptnet.state_dict()[k], v), k
+    theirs["surprise.weight"] = torch.zeros(1)
+    torch.save(theirs, tmp_path / "bad.bin")
+    with pytest.raises(ValueError, match="unknown PromptNet keys"):
+        convert_authors_checkpoint(tmp_path / "bad.bin", tiny_models / "t2i",
+                                   tiny_models / "promptnet" / "image_encoder", tmp_path / "bad")

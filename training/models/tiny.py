@@ -193,11 +193,14 @@ def _write_open_clip(out: Path, seed: int) -> None:
     save_file(state, str(out / "open_clip_model.safetensors"))
 
 
-def _image_processor_kwargs(mean, std) -> dict:
-    return dict(
-        do_resize=True, size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=False,
-        do_rescale=True, do_normalize=True, image_mean=list(mean), image_std=list(std), resample=3,
-    )
+def _image_processor_kwargs(mean, std, center_crop: bool = False) -> dict:
+    """Resize to IMAGE_SIZE² (or shortest side + centre crop, as CLIP/DINOv2 processors do), bicubic, normalise."""
+    kw = dict(do_resize=True, size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=False,
+              do_rescale=True, do_normalize=True, image_mean=list(mean), image_std=list(std), resample=3)
+    if center_crop:
+        kw.update(size={"shortest_edge": IMAGE_SIZE}, do_center_crop=True,
+                  crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    return kw
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -228,9 +231,7 @@ def _write_clip_cond(out: Path, seed: int) -> None:
                          num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
     )
     model.save_pretrained(out, safe_serialization=True)
-    kw = _image_processor_kwargs(OPENAI_MEAN, OPENAI_STD)
-    kw["size"] = {"shortest_edge": IMAGE_SIZE}
-    kw.update(do_center_crop=True, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    kw = _image_processor_kwargs(OPENAI_MEAN, OPENAI_STD, center_crop=True)
     CLIPImageProcessor(**kw).save_pretrained(out)
 
 
@@ -243,9 +244,7 @@ def _write_dino_cond(out: Path, seed: int) -> None:
                      num_attention_heads=2, intermediate_size=128)
     )
     model.save_pretrained(out, safe_serialization=True)
-    kw = _image_processor_kwargs(IMAGENET_MEAN, IMAGENET_STD)
-    kw["size"] = {"shortest_edge": IMAGE_SIZE}
-    kw.update(do_center_crop=True, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    kw = _image_processor_kwargs(IMAGENET_MEAN, IMAGENET_STD, center_crop=True)
     BitImageProcessor(**kw).save_pretrained(out)
 
 
