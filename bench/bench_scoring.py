@@ -55,26 +55,9 @@ PROMPT_PHRASES = ("on the beach", "in the snow", "wearing a red hat", "in comic 
 
 def write_clip_dir(d: Path, seed: int = 0) -> int:
     """Write BENCH_CLIP_CFG in the open_clip ``local-dir:`` layout; return its parameter count."""
-    import open_clip
-    import torch
-    from safetensors.torch import save_file
+    from training.models.tiny import write_open_clip_dir
 
-    torch.manual_seed(seed)
-    model = open_clip.CLIP(**BENCH_CLIP_CFG)
-    d.mkdir(parents=True, exist_ok=True)
-    cfg = {
-        "model_cfg": BENCH_CLIP_CFG,
-        "preprocess_cfg": {
-            "size": 224,
-            "mean": list(open_clip.OPENAI_DATASET_MEAN),
-            "std": list(open_clip.OPENAI_DATASET_STD),
-            "interpolation": "bicubic",
-            "resize_mode": "shortest",
-        },
-    }
-    (d / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "open_clip_model.safetensors"))
-    return sum(p.numel() for p in model.parameters())
+    return write_open_clip_dir(d, BENCH_CLIP_CFG, seed)
 
 
 def make_batch(start: int, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -171,17 +171,18 @@ def _write_t2i(out: Path, seed: int) -> None:
     )
 
 
-def _write_open_clip(out: Path, seed: int) -> None:
+def write_open_clip_dir(out: Path, model_cfg: dict, seed: int = 0) -> int:
+    """Write a seeded open_clip ``CLIP(**model_cfg)`` in the ``local-dir:`` layout; return its parameter count."""
     import open_clip
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
-    model = open_clip.CLIP(**TINY_OPEN_CLIP_CFG)
+    model = open_clip.CLIP(**model_cfg)
     out.mkdir(parents=True, exist_ok=True)
     cfg = {
-        "model_cfg": TINY_OPEN_CLIP_CFG,
+        "model_cfg": model_cfg,
         "preprocess_cfg": {
-            "size": IMAGE_SIZE,
+            "size": model_cfg["vision_cfg"]["image_size"],
             "mean": list(open_clip.OPENAI_DATASET_MEAN),
             "std": list(open_clip.OPENAI_DATASET_STD),
             "interpolation": "bicubic",
@@ -189,8 +190,12 @@ def _write_open_clip(out: Path, seed: int) -> None:
         },
     }
     (out / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "open_clip_model.safetensors"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+    return sum(p.numel() for p in model.parameters())
+
+
+def _write_open_clip(out: Path, seed: int) -> None:
+    write_open_clip_dir(out, TINY_OPEN_CLIP_CFG, seed)
 
 
 def _image_processor_kwargs(mean, std, center_crop: bool = False) -> dict:
