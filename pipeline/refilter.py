@@ -46,7 +46,7 @@ def refilter(dataset_dir: str | Path, overrides: list[str] | None, out_dir: str 
     import datasets
 
     from filtering.rules import apply_rules, count_reasons
-    from pipeline.store import _save
+    from pipeline.store import save_dataset
 
     src, out = Path(dataset_dir), Path(out_dir)
     if src.resolve() == out.resolve():
@@ -75,8 +75,8 @@ def refilter(dataset_dir: str | Path, overrides: list[str] | None, out_dir: str 
     kept = new_candidates.select(np.flatnonzero(keep)).select_columns(list(S.DATASET_COLUMNS))
     kept = kept.flatten_indices()
     out.mkdir(parents=True, exist_ok=True)
-    _save(kept, out / "dataset")
-    _save(new_candidates, out / "candidates")
+    save_dataset(kept, out / "dataset")
+    save_dataset(new_candidates, out / "candidates")
     if (src / "quarantine").is_dir():
         if (out / "quarantine").exists():
             shutil.rmtree(out / "quarantine")

@@ -142,7 +142,7 @@ def _build_dataset(rows, features, kind: str, cache_dir: Path):
     return datasets.Dataset.from_file(str(path), info=info)
 
 
-def _save(ds, path: Path) -> None:
+def save_dataset(ds, path: Path) -> None:
     """``save_to_disk`` into a temporary sibling, then swap it into place."""
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     # an empty dataset saved with the default sharding has zero shards, which load_from_disk cannot read
@@ -177,11 +177,11 @@ def publish(out_dir: Path, store: ChunkStore, final_stage: str, stages: Iterable
                                  S.dataset_features(False), "dataset", tmp)
         candidates = _build_dataset(_published_rows(store, final_stage, chunk_ids, True),
                                     S.dataset_features(True), "candidates", tmp)
-        _save(dataset, out_dir / "dataset")
-        _save(candidates, out_dir / "candidates")
+        save_dataset(dataset, out_dir / "dataset")
+        save_dataset(candidates, out_dir / "candidates")
         quarantine = [store.quarantine(stage, c) for stage in stages for c in chunk_ids if store.done(stage, c)]
         quarantine = pa.concat_tables(quarantine) if quarantine else empty_table("quarantine")
-        _save(datasets.Dataset(quarantine), out_dir / "quarantine")
+        save_dataset(datasets.Dataset(quarantine), out_dir / "quarantine")
         return {
             "counts": {"kept": len(dataset), "candidates": len(candidates), "quarantined": quarantine.num_rows},
             "dataset_hash": content_hash(dataset.data.table),

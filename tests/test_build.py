@@ -104,16 +104,18 @@ def test_other_config_into_same_dir_is_refused(build_a, tiny_models):
         run_build(other, out_dir=result.out_dir)
 
 
-def _address(ray):
-    return ray.get_runtime_context().gcs_address
+def _start(tmp_path, data: dict, name: str, ray):
+    """Start `cafe build` in its own session, connected to the module's Ray cluster; return (proc, out)."""
+    out = tmp_path / name
+    proc = start_build(write_yaml(tmp_path / "c.yaml", data), out, address=ray.get_runtime_context().gcs_address,
+                       log=tmp_path / "build.log")
+    return proc, out
 
 
 def test_driver_killed_during_generation_resumes_exactly(build_a, tiny_models, tmp_path, ray_local):
     _, reference = build_a
     data = tiny_build_config(tiny_models)
-    out = tmp_path / "killed"
-    proc = start_build(write_yaml(tmp_path / "c.yaml", data), out, address=_address(ray_local),
-                       log=tmp_path / "build.log")
+    proc, out = _start(tmp_path, data, "killed", ray_local)
     wait_for(lambda: len(committed(out, "generate")) >= 1, 300, proc, "a committed generate chunk")
     kill_session(proc)
     assert len(committed(out, "dialogue")) < 3, "the build finished before it could be killed"
@@ -125,9 +127,7 @@ def test_driver_killed_during_generation_resumes_exactly(build_a, tiny_models, t
 def test_worker_killed_during_generation_then_rerun(build_a, tiny_models, tmp_path, ray_local):
     _, reference = build_a
     data = tiny_build_config(tiny_models)
-    out = tmp_path / "worker-killed"
-    proc = start_build(write_yaml(tmp_path / "c.yaml", data), out, address=_address(ray_local),
-                       log=tmp_path / "build.log")
+    proc, out = _start(tmp_path, data, "worker-killed", ray_local)
     wait_for(lambda: len(committed(out, "generate")) >= 1 and find_actor_pids("GenerateStage"), 300, proc,
              "a running generate actor")
     for pid in find_actor_pids("GenerateStage"):
@@ -195,9 +195,7 @@ def test_openai_dialogue_killed_during_dialogue_resumes_without_redoing_generati
         data = tiny_build_config(tiny_models, dialogue={
             "backend": "openai", "openai": {"base_url": llm.url, "model": "fake", "max_concurrency": 1,
                                             "max_retries": 1, "backoff_s": 0.01, "timeout_s": 10}})
-        out = tmp_path / "dialogue-killed"
-        proc = start_build(write_yaml(tmp_path / "c.yaml", data), out, address=_address(ray_local),
-                           log=tmp_path / "build.log")
+        proc, out = _start(tmp_path, data, "dialogue-killed", ray_local)
         wait_for(lambda: len(committed(out, "dialogue")) >= 1, 300, proc, "a committed dialogue chunk")
         kill_session(proc)
         done_dialogue = committed(out, "dialogue")
