@@ -136,3 +136,75 @@ def quiet_libraries() -> None:
     except Exception:  # noqa: BLE001
         pass
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+class RssSampler:
+    """Peak resident set size of *this* process, sampled by a daemon thread, per named phase.
+
+    Usage::
+
+        with RssSampler() as rss:
+            rss.phase("plan"); plan()
+            rss.phase("run"); run()
+        rss.peak, rss.peaks["plan"], rss.hwm
+
+    ``hwm`` is the kernel's own high-water mark of the process (``VmHWM`` in ``/proc/self/status``), which no
+    sampling interval can miss; it covers the whole life of the process since its ``exec``, imports included.
+    (``getrusage``'s ``ru_maxrss`` is not used: Linux carries it over ``exec`` from the parent process.)
+    """
+
+    def __init__(self, interval_s: float = 0.01):
+        import threading
+
+        import psutil
+
+        self._proc = psutil.Process()
+        self.interval_s = interval_s
+        self.baseline = self._proc.memory_info().rss
+        self.peak = self.baseline
+        self.peaks: dict[str, int] = {}
+        self.current = "start"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _sample(self) -> None:
+        rss = self._proc.memory_info().rss
+        self.peak = max(self.peak, rss)
+        self.peaks[self.current] = max(self.peaks.get(self.current, 0), rss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def phase(self, name: str) -> None:
+        self._sample()  # closes the previous phase with a last sample
+        self.current = name
+        self._sample()
+
+    @property
+    def hwm(self) -> int | None:
+        try:
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+        except OSError:  # pragma: no cover - not Linux
+            pass
+        return None
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+

@@ -13,9 +13,11 @@ Every source image goes through the same steps, and any failure raises :class:`I
 dropped silently.
 
 1. **Read** (:func:`read_file_bytes`): the path must be a regular file (a directory, FIFO or device is
-   ``unreadable_file``; a FIFO is never opened, so it cannot block), non-empty (``empty_file``) and at most
-   ``max_file_bytes`` long (``file_too_large``, checked with ``os.stat`` before reading and again while
-   reading).
+   ``not_a_file``; a FIFO is never opened, so it cannot block; a missing file, a dangling symlink or a
+   permission error is ``unreadable_file``), non-empty (``empty_file``) and at most ``max_file_bytes`` long
+   (``file_too_large``, checked with ``os.stat`` before reading and again while reading). A table cell
+   (:func:`cell_bytes`) must hold bytes or an HF ``Image`` struct with bytes (anything else is ``bad_cell``)
+   and obeys the same size limit.
 2. **Header checks** (no pixels decoded yet): bytes PIL does not recognise are ``not_an_image``;
    ``width * height > max_pixels`` is ``decompression_bomb`` (our own limit, checked from the header; PIL's
    global ``MAX_IMAGE_PIXELS`` is neither relied on nor changed, but its ``DecompressionBombError`` is also
@@ -55,6 +57,9 @@ dropped silently.
    An image already ``size × size`` is not resampled.
 
 The stored form is :func:`encode_png`: deterministic PNG bytes (no metadata chunks, fixed compression).
+
+Details are reproducible: error texts never carry object addresses (``<_io.BytesIO object at 0x7f..>``), so
+two runs over the same inputs quarantine with identical details.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ import dataclasses
 import enum
 import io
 import os
+import re
 import stat
 import warnings
 from typing import Any, Literal
@@ -74,7 +80,11 @@ __all__ = [
     "ImagePolicy",
     "ImageRejected",
     "QuarantineReason",
+    "cell_bytes",
+    "check_size",
     "decode_image",
+    "error_text",
+    "file_kind",
     "decode_png_rgb",
     "encode_png",
     "load_source_image",
@@ -91,10 +101,15 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "PA"})
 _DIRECT_MODES = frozenset({"1", "L", "RGBX", "YCbCr", "CMYK"})
 _TIFF_BITS_PER_SAMPLE = 258
+_OBJECT_REPR = re.compile(r"\s*<[^<>]*? at 0x[0-9a-fA-F]+>")
 
 
 class QuarantineReason(str, enum.Enum):
-    """Why a source image was quarantined (stored as the ``.value`` string)."""
+    """Why a source was quarantined (stored as the ``.value`` string).
+
+    The first group is found while reading and decoding an image; the second while listing sources
+    (:mod:`pipeline.sources`), before anything is read.
+    """
 
     EMPTY_FILE = "empty_file"
     TRUNCATED = "truncated_image"
@@ -102,10 +117,21 @@ class QuarantineReason(str, enum.Enum):
     DECOMPRESSION_BOMB = "decompression_bomb"
     TOO_SMALL = "too_small"
     UNREADABLE = "unreadable_file"
+    NOT_A_FILE = "not_a_file"
     TOO_LARGE_FILE = "file_too_large"
     UNSUPPORTED_MODE = "unsupported_mode"
     BAD_FILENAME = "bad_filename"
     CORRUPT_METADATA = "corrupt_metadata"
+    BAD_CELL = "bad_cell"
+    # listing
+    HIDDEN_FILE = "hidden_file"
+    OUTSIDE_ROOT = "outside_root"
+    DUPLICATE = "duplicate"
+    IN_OUTPUT = "in_output"
+    BAD_MANIFEST_ENTRY = "bad_manifest_entry"
+    NO_CLASS = "no_class"
+    BAD_CLASS = "bad_class"
+    NUMERIC_CLASS = "numeric_class"
 
 
 class ImageRejected(Exception):
@@ -201,8 +227,9 @@ def read_file_bytes(path: str | bytes | os.PathLike[Any], policy: ImagePolicy) -
         The file's bytes.
 
     Raises:
-        ImageRejected: ``unreadable_file`` (missing, permission denied, directory, FIFO, ... — with the
-            errno text), ``empty_file`` or ``file_too_large``.
+        ImageRejected: ``unreadable_file`` (missing, dangling symlink, permission denied, ... — with the
+            errno text), ``not_a_file`` (directory, FIFO, socket, device), ``empty_file`` or
+            ``file_too_large``.
     """
     try:
         st = os.stat(path)
@@ -210,16 +237,48 @@ def read_file_bytes(path: str | bytes | os.PathLike[Any], policy: ImagePolicy) -
         raise ImageRejected(QuarantineReason.UNREADABLE, _os_error_text(err)) from err
     if not stat.S_ISREG(st.st_mode):
         # Opening a FIFO would block and a directory cannot be read; refuse before open().
-        raise ImageRejected(QuarantineReason.UNREADABLE, f"not a regular file ({_file_kind(st.st_mode)})")
-    _check_size(st.st_size, policy)
+        raise ImageRejected(QuarantineReason.NOT_A_FILE, f"not a regular file ({file_kind(st.st_mode)})")
+    check_size(st.st_size, policy)
     try:
         with open(path, "rb") as f:
             # Read one byte past the limit so a file that grew after stat() is still caught.
             data = f.read(policy.max_file_bytes + 1)
     except OSError as err:
         raise ImageRejected(QuarantineReason.UNREADABLE, _os_error_text(err)) from err
-    _check_size(len(data), policy)
+    check_size(len(data), policy)
     return data
+
+
+def cell_bytes(value: object, policy: ImagePolicy) -> bytes:
+    """The image bytes of a table cell: raw bytes or an HF ``Image`` struct ``{"bytes": ..., "path": ...}``.
+
+    Usage: ``data = cell_bytes(column[i].as_py(), policy)``
+
+    Args:
+        value: The cell as Python (``bytes``, ``dict``, ``None`` or anything a column may hold).
+        policy: Supplies ``max_file_bytes``.
+
+    Returns:
+        The bytes, not yet decoded.
+
+    Raises:
+        ImageRejected: ``empty_file`` (null, empty, or a struct without bytes), ``bad_cell`` (a cell that is
+            not bytes: a number, text, a list, ... — named by its type only) or ``file_too_large``.
+    """
+    if isinstance(value, dict):  # HF Image feature
+        if value.get("bytes") is None:
+            where = "a path only (not read: images must be inside the table)" if value.get("path") else "no bytes"
+            raise ImageRejected(QuarantineReason.EMPTY_FILE, f"image struct has {where}")
+        value = value["bytes"]
+    if value is None:
+        raise ImageRejected(QuarantineReason.EMPTY_FILE, "image cell is null")
+    if isinstance(value, (bytearray, memoryview)):
+        value = bytes(value)
+    if not isinstance(value, bytes):
+        raise ImageRejected(QuarantineReason.BAD_CELL,
+                            f"image cell holds {type(value).__name__}; expected bytes or an HF Image struct")
+    check_size(len(value), policy)
+    return value
 
 
 def decode_image(data: bytes, policy: ImagePolicy) -> Image.Image:
@@ -378,10 +437,10 @@ def _open_header(data: bytes) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as err:
-        raise ImageRejected(QuarantineReason.DECOMPRESSION_BOMB, str(err)) from err
+        raise ImageRejected(QuarantineReason.DECOMPRESSION_BOMB, error_text(err)) from err
     except (OSError, SyntaxError, ValueError, EOFError) as err:
-        # UnidentifiedImageError is an OSError.
-        raise ImageRejected(QuarantineReason.NOT_AN_IMAGE, f"not recognised as an image ({err})") from err
+        # UnidentifiedImageError is an OSError; its text names the BytesIO object (an address): scrubbed.
+        raise ImageRejected(QuarantineReason.NOT_AN_IMAGE, f"not recognised as an image ({error_text(err)})") from err
 
 
 def _check_header(img: Image.Image, policy: ImagePolicy) -> None:
@@ -401,16 +460,16 @@ def _load_pixels(img: Image.Image) -> None:
     try:
         img.load()
     except Image.DecompressionBombError as err:
-        raise ImageRejected(QuarantineReason.DECOMPRESSION_BOMB, str(err)) from err
+        raise ImageRejected(QuarantineReason.DECOMPRESSION_BOMB, error_text(err)) from err
     except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise ImageRejected(QuarantineReason.TRUNCATED, f"pixel data could not be decoded ({err})") from err
+        raise ImageRejected(QuarantineReason.TRUNCATED, f"pixel data could not be decoded ({error_text(err)})") from err
 
 
 def _exif_transpose(img: Image.Image) -> Image.Image:
     try:
         out = ImageOps.exif_transpose(img)
     except Exception as err:  # noqa: BLE001 - EXIF parsing raises many types on corrupt blocks
-        raise ImageRejected(QuarantineReason.CORRUPT_METADATA, f"EXIF could not be parsed ({err})") from err
+        raise ImageRejected(QuarantineReason.CORRUPT_METADATA, f"EXIF could not be parsed ({error_text(err)})") from err
     return img if out is None else out
 
 
@@ -462,7 +521,16 @@ def _declared_bits(img: Image.Image) -> int:
     return 16
 
 
-def _check_size(n_bytes: int, policy: ImagePolicy) -> None:
+def error_text(err: BaseException) -> str:
+    """``str(err)`` without object reprs that carry addresses (``<_io.BytesIO object at 0x7f..>``).
+
+    Usage: ``detail = f"decode failed ({error_text(err)})"`` — equal inputs give equal details across runs.
+    """
+    return _OBJECT_REPR.sub("", str(err)).strip() or type(err).__name__
+
+
+def check_size(n_bytes: int, policy: ImagePolicy) -> None:
+    """Refuse ``n_bytes`` of 0 (``empty_file``) or above ``policy.max_file_bytes`` (``file_too_large``)."""
     if n_bytes == 0:
         raise ImageRejected(QuarantineReason.EMPTY_FILE, "0 bytes")
     if n_bytes > policy.max_file_bytes:
@@ -473,10 +541,11 @@ def _check_size(n_bytes: int, policy: ImagePolicy) -> None:
 
 
 def _os_error_text(err: OSError) -> str:
-    return err.strerror or str(err)
+    return err.strerror or error_text(err)
 
 
-def _file_kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """``directory``, ``fifo``, ``socket``, ``device`` or ``special file`` for an ``st_mode``."""
     if stat.S_ISDIR(mode):
         return "directory"
     if stat.S_ISFIFO(mode):

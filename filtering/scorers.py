@@ -52,6 +52,7 @@ __all__ = [
     "ClipTScorer",
     "DinoEmbedder",
     "DinoScorer",
+    "FusedScorer",
     "decode_pngs",
     "paired_cosine",
 ]
@@ -253,6 +254,46 @@ class ClipIScorer(_ImagePairScorer):
 
     column = CLIP_I
     embedder_cls = ClipEmbedder
+
+
+class FusedScorer:
+    """Adds ``clip_t``, ``dino`` and ``clip_i`` in one pass: each PNG is decoded once per batch.
+
+    Usage: ``batch = FusedScorer(clip_dir, dino_dir)(batch)``
+
+    The build's single scoring stage. The CLIP image tower embeds targets and sources in one forward
+    (2N images) and serves both CLIP-T (targets vs. ``filled_prompt``) and CLIP-I (targets vs. sources);
+    DINO embeds the same decoded images. The values equal :class:`ClipTScorer`, :class:`DinoScorer` and
+    :class:`ClipIScorer` run separately (tested).
+
+    Args:
+        clip_dir: The ``clip_filter`` directory.
+        dino_dir: The ``dino_filter`` directory.
+        clip_dtype, dino_dtype: Model dtypes.
+        clip_device, dino_device: Model devices.
+    """
+
+    def __init__(self, clip_dir: str, dino_dir: str, clip_dtype: str = "float32", dino_dtype: str = "float32",
+                 clip_device: str = "cpu", dino_device: str = "cpu") -> None:
+        self.clip = ClipEmbedder(clip_dir, dtype=clip_dtype, device=clip_device)
+        self.dino = DinoEmbedder(dino_dir, dtype=dino_dtype, device=dino_device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Score a batch with columns ``target_png``, ``source_png`` (PNG bytes) and ``filled_prompt``."""
+        _require_columns(batch, TARGET_PNG, SOURCE_PNG, FILLED_PROMPT)
+        targets = decode_pngs(batch[TARGET_PNG])
+        sources = decode_pngs(batch[SOURCE_PNG])
+        if len(targets) != len(sources):
+            raise ValueError(f"{TARGET_PNG} has {len(targets)} rows, {SOURCE_PNG} has {len(sources)}")
+        n = len(targets)
+        if n == 0:
+            empty = np.zeros(0, np.float32)
+            return {**batch, CLIP_T: empty, DINO: empty.copy(), CLIP_I: empty.copy()}
+        clip_img = self.clip.embed_images(targets + sources)  # (2N, D)
+        texts = self.clip.embed_texts(list(batch[FILLED_PROMPT]))  # (N, D)
+        dino_img = self.dino.embed_images(targets + sources)  # (2N, D')
+        return {**batch, CLIP_T: paired_cosine(clip_img[:n], texts), DINO: paired_cosine(dino_img[:n], dino_img[n:]),
+                CLIP_I: paired_cosine(clip_img[:n], clip_img[n:])}
 
 
 # --- helpers ---------------------------------------------------------------------------------------

@@ -2,169 +2,118 @@
 
 Usage::
 
-    result = run_build(load_config("configs/tiny.yaml"), out_dir="outputs/tiny")
+    result = run_build(load_config("configs/tiny.yaml"), out_dir="outputs/tiny")   # or "s3://bucket/prefix"
     print(result.summary())
 
-Graph (every arrow a Ray Data ``map_batches`` over chunk ids, each stage its own actor pool)::
+Graph (:data:`STAGE_GRAPH`; rows travel in Ray Data blocks, one block per chunk)::
 
-    plan (driver) → sources → generate (ProFusion) → score_clip_t → score_dino → score_clip_i
-                  → rules + dialogue → publish (driver: HF datasets, manifest, report)
+    plan (driver, streamed into shards) → sources → generate (ProFusion) → score (CLIP-T, DINO, CLIP-I)
+        → rules + dialogue → sink (workers write Parquet shards) → publish (driver: card, manifest, report)
 
-The unit of streaming and of resume is a *chunk*: a fixed group of whole sources (all k rows of a source
-stay together, so ProFusion fine-tunes once per source) of about ``build.rows_per_chunk`` rows. Chunk
-composition, row ids and seeds are fixed by the plan, so a re-run after a kill recomputes exactly the
-uncommitted chunk/stages and produces the same bytes (see :mod:`pipeline.store`).
+A *chunk* is a fixed group of whole sources (``build.rows_per_chunk`` rows): the unit of resume and of the
+sink. What determines the data is apart from how it runs: each stage has a **key** = hash of its own
+semantic settings + its inputs' keys (:func:`stage_keys`); actor counts, GPUs, batch sizes, the endpoint URL,
+timeouts and report settings are in no key, so changing them resumes. A rules change gives new rules and
+dialogue keys only: generation and scores are reused, rules and dialogue recomputed.
+
+Exactly once: generation commits per chunk (parts + marker); the sink commits per chunk (shards + marker);
+a re-run skips sunk chunks and generated sources, so after any SIGKILL the result equals an uninterrupted
+run's (same dataset hash on CPU) and no sample is generated twice. One driver per output: a lease with a
+heartbeat (:class:`pipeline.store.Lease`).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 import subprocess
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import schema as S
-from pipeline.config import ROLE_NAMES, CafeConfig
-from pipeline.stages import DialogueStage, GenerateStage, ScoreStage, SourcesStage, stable_int
-from pipeline.store import ChunkStore, atomic_write_bytes, atomic_write_json, publish
+import pyarrow as pa
+
+from pipeline.config import CafeConfig
+from pipeline.stages import DialogueStage, GenerateStage, ScoreStage, SourcesStage, sink_batch
+from pipeline.store import Lease, Storage, is_uri
+from training.data import schema as S
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-PIPELINE_STAGES = ("sources", "generate", "score_clip_t", "score_dino", "score_clip_i", "dialogue")
-FUNNEL_ORDER = ("sources", "generate", "score_clip_t", "score_dino", "score_clip_i", "rules", "dialogue")
+FUNNEL_ORDER = ("sources", "generate", "score", "rules", "dialogue")
+
+#: fields that decide how a build runs, never what it produces: in no stage key
+OPERATIONAL_FIELDS = frozenset({
+    "num_actors", "max_actors", "num_gpus_per_actor", "num_cpus_per_actor", "batch_size", "base_url",
+    "timeout_s", "max_concurrency", "max_retries", "backoff_s", "api_key_env", "report_samples",
+    "max_chunk_attempts", "lease_ttl_s", "lease_wait_s", "device",
+})
 
 
 class BuildConflict(ValueError):
-    """The output directory holds a build of a different config."""
+    """The output holds a build of different sources (another plan)."""
 
 
 @dataclass
 class BuildResult:
-    out_dir: Path
+    out: str
     manifest: dict
+    pending: int = 0
+    pending_reasons: list[str] = field(default_factory=list)
+    computed: dict = field(default_factory=dict)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out)
 
     def summary(self) -> str:
         from pipeline.report import funnel_text
 
         c = self.manifest["counts"]
-        return "\n".join([
-            funnel_text(self.manifest),
-            f"kept {c['kept']} rows · candidates {c['candidates']} · quarantined {c['quarantined']}",
-            f"dataset:    {self.out_dir / 'dataset'}   (datasets.load_from_disk)",
-            f"quarantine: {self.out_dir / 'quarantine'}",
-            f"report:     {self.out_dir / 'report' / 'report.md'}",
-        ])
+        lines = [funnel_text(self.manifest),
+                 f"kept {c['kept']} rows · candidates {c['candidates']} · quarantined {c['quarantined']}",
+                 f"dataset:    {self.out}/dataset   (datasets.load_dataset / ray.data.read_parquet)",
+                 f"quarantine: {self.out}/quarantine",
+                 f"report:     {self.out}/report/report.md"]
+        if self.pending:
+            lines.append(f"PENDING: {self.pending} record(s) failed for a transient reason and were not published; "
+                         "re-run the same command to retry exactly those")
+            lines += [f"  {r}" for r in self.pending_reasons[:5]]
+        return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------------ plan
+# ------------------------------------------------------------------------------------------------ keys
 
 
-def _sid(*parts: object) -> str:
-    return hashlib.sha256("|".join(map(str, parts)).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+def _semantic(model, extra_exclude: frozenset = frozenset()) -> dict:
+    """A config section without its operational fields (recursively)."""
+    def strip(d):
+        if isinstance(d, dict):
+            return {k: strip(v) for k, v in d.items() if k not in OPERATIONAL_FIELDS | extra_exclude}
+        return d
+    return strip(model.model_dump(mode="json"))
 
 
-def enumerate_sources(cfg: CafeConfig) -> list[dict]:
-    """Every source as a dict with a deterministic ``source_id``; sorted by id. Nothing is decoded here."""
-    from filtering.images import safe_path_text
-
-    src = cfg.build.sources
-    sources: list[dict] = []
-    if src.kind == "generate":
-        for cls in src.classes:
-            for i in range(src.num_per_class):
-                sid = _sid("generate", cls, i, cfg.run.seed)
-                sources.append({"source_id": sid, "kind": "generate", "class_name": cls,
-                                "uri": f"generate://{cls}/{i}"})
-    elif src.kind == "folder":
-        root = Path(src.path)
-        if not root.is_dir():
-            raise FileNotFoundError(f"build.sources.path = {src.path}: not a directory")
-        entries = _manifest_entries(root, src.manifest) if src.manifest else _folder_entries(root)
-        for rel, cls in entries:
-            path = os.path.join(os.fsdecode(root), rel)
-            source = {"source_id": _sid("file", rel), "kind": "file", "class_name": cls or "",
-                      "path": path, "uri": safe_path_text(path)}
-            if not cls:
-                source["reject"] = ("no_class", "file is not in a class sub-folder and not in a manifest")
-            sources.append(source)
-    else:  # table
-        sources = _table_entries(Path(src.path), src.class_column, src.image_column)
-    ids = [s["source_id"] for s in sources]
-    if len(set(ids)) != len(ids):
-        raise ValueError("build.sources: duplicate source ids (the same file or row listed twice)")
-    return sorted(sources, key=lambda s: s["source_id"])
+def _h(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _folder_entries(root: Path) -> list[tuple[str, str | None]]:
-    out = []
-    broot = os.fsencode(root)
-    for dirpath, dirnames, filenames in os.walk(broot):
-        dirnames.sort()
-        for name in sorted(filenames):
-            rel = os.path.relpath(os.path.join(dirpath, name), broot)
-            parts = rel.split(b"/")
-            if name.startswith(b"."):
-                continue
-            cls = os.fsdecode(parts[0]) if len(parts) > 1 else None
-            out.append((os.fsdecode(rel), cls))
-    return out
-
-
-def _manifest_entries(root: Path, manifest: str) -> list[tuple[str, str | None]]:
-    import csv
-
-    mpath = Path(manifest) if Path(manifest).is_absolute() else root / manifest
-    if mpath.suffix == ".json":
-        items = json.loads(mpath.read_text())
-    else:
-        with open(mpath, newline="", encoding="utf-8") as f:
-            items = list(csv.DictReader(f))
-    out = []
-    for i, item in enumerate(items):
-        if "file" not in item or "class" not in item:
-            raise ValueError(f"build.sources.manifest {mpath}: entry {i} needs 'file' and 'class' fields")
-        out.append((item["file"], item["class"] or None))
-    return out
-
-
-def _table_entries(path: Path, class_column: str, image_column: str) -> list[dict]:
-    import pyarrow.parquet as pq
-
-    from pipeline.store import read_arrow
-
-    files = sorted(p for p in (path.iterdir() if path.is_dir() else [path]) if p.suffix in (".parquet", ".arrow"))
-    if not files:
-        raise FileNotFoundError(f"build.sources.path = {path}: no .parquet or .arrow files")
-    out = []
-    for f in files:
-        table = pq.read_table(f, columns=[class_column]) if f.suffix == ".parquet" else read_arrow(f)
-        if class_column not in table.column_names:
-            raise ValueError(f"build.sources: {f} has no column {class_column!r}")
-        for row, cls in enumerate(table[class_column].to_pylist()):
-            out.append({"source_id": _sid("table", f.name, row), "kind": "table", "class_name": cls or "",
-                        "path": str(f), "row": row, "uri": f"{f}#{row}"})
-            if not cls:
-                out[-1]["reject"] = ("no_class", f"empty {class_column!r}")
-    return out
-
-
-def make_plan(cfg: CafeConfig, fingerprints: dict[str, str]) -> dict:
-    """Chunks of whole sources (≈ ``rows_per_chunk`` rows each) + the hash that identifies this build."""
-    sources = enumerate_sources(cfg)
-    k = cfg.build.instructions.per_source
-    per_chunk = max(1, cfg.build.rows_per_chunk // k)
-    chunks = {}
-    for i in range(0, len(sources), per_chunk):
-        members = sources[i : i + per_chunk]
-        cid = f"{i // per_chunk:06d}-{_sid(*[s['source_id'] for s in members])[:8]}"
-        chunks[cid] = {"chunk_id": cid, "sources": members}
-    identity = {"build": cfg.build.model_dump(mode="json"), "seed": cfg.run.seed, "models": fingerprints}
-    build_hash = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    return {"build_hash": build_hash, "num_sources": len(sources), "chunks": chunks}
+def stage_keys(cfg: CafeConfig, fingerprints: dict[str, str]) -> dict[str, str]:
+    """Each stage's key: its semantic slice of the config + model fingerprints + its input's key."""
+    b, m = cfg.build, cfg.models
+    role = lambda r: {"fingerprint": fingerprints.get(r), "dtype": m.role_spec(r).dtype}  # noqa: E731
+    plan = _h("plan", S.SCHEMA_VERSION, cfg.run.seed, b.round, b.rows_per_chunk, _semantic(b.sources),
+              _semantic(b.instructions), role("t2i") if b.sources.kind == "generate" else None)
+    generate = _h("generate", plan, _semantic(b.profusion), role("t2i"), role("promptnet"))
+    score = _h("score", generate, role("clip_filter"), role("dino_filter"))
+    rules = _h("rules", score, _semantic(b.rules))
+    dialogue = _h("dialogue", rules, _semantic(b.dialogue, frozenset({"transformers"} if b.dialogue.backend != "transformers"
+                                                                     else set())),
+                  role("dialogue_llm") if b.dialogue.backend == "transformers" else None)
+    return {"plan": plan, "generate": generate, "score": score, "rules": rules, "dialogue": dialogue}
 
 
 def used_roles(cfg: CafeConfig) -> list[str]:
@@ -176,10 +125,11 @@ def used_roles(cfg: CafeConfig) -> list[str]:
 
 def code_version() -> str:
     try:
+        cwd = Path(__file__).resolve().parent
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent).stdout.strip()
+                             cwd=cwd).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip()
+                               text=True, timeout=5, cwd=cwd).stdout.strip()
         if rev:
             return rev + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -192,128 +142,298 @@ def code_version() -> str:
         return "unknown"
 
 
+# ------------------------------------------------------------------------------------------------ plan
+
+
+def write_plan(cfg: CafeConfig, out: Storage, plan_key: str, exclude_uris: list[str]) -> list[str]:
+    """Stream the sources into one small Parquet shard per chunk; the ``_PLAN.json`` marker is written last.
+
+    No process ever holds the whole plan: each actor reads only its chunk's shard.
+    """
+    from pipeline.sources import iter_sources
+
+    marker = f"_work/plan/{plan_key}/_PLAN.json"
+    existing = out.read_json(marker)
+    if existing is not None:
+        return existing["chunks"]
+    k = cfg.build.instructions.per_source
+    per_chunk = max(1, cfg.build.rows_per_chunk // k)
+    chunks: list[str] = []
+    buf: list[str] = []
+    n = 0
+
+    def flush():
+        cid = f"{len(chunks):06d}"
+        out.write_parquet(f"_work/plan/{plan_key}/{cid}.parquet", pa.table({"source": pa.array(buf, pa.string())}))
+        chunks.append(cid)
+        buf.clear()
+
+    seen: set[str] = set()
+    for source in iter_sources(cfg, exclude_uris=exclude_uris):
+        if source["source_id"] in seen:
+            raise ValueError(f"build.sources: duplicate source id {source['source_id']} ({source['uri']})")
+        seen.add(source["source_id"])
+        buf.append(json.dumps(source, sort_keys=True))
+        n += 1
+        if len(buf) == per_chunk:
+            flush()
+            if len(chunks) % 1000 == 0:
+                log.info("plan: %d sources in %d chunks so far", n, len(chunks))
+    if buf:
+        flush()
+    out.write_json(marker, {"chunks": chunks, "num_sources": n})
+    return chunks
+
+
 # ------------------------------------------------------------------------------------------------ run
 
 
-def _stage_graph(ds, cfg: CafeConfig, kw: dict):
+def _looks_secret(name: str) -> bool:
+    return any(w in name.upper() for w in ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL"))
+
+
+def _restart_args(n: int) -> dict:
+    return {"max_restarts": n, "max_task_retries": n}
+
+
+def _pool(section, default_min: int = 1):
+    """An autoscaling actor pool from a config section's ``num_actors`` (min) and ``max_actors`` (max)."""
     from ray.data import ActorPoolStrategy
 
+    min_size = getattr(section, "num_actors", default_min)
+    max_size = max(min_size, getattr(section, "max_actors", None) or min_size)
+    return ActorPoolStrategy(min_size=min_size, max_size=max_size)
+
+
+def stage_graph(ds, cfg: CafeConfig, kw: dict, env: dict[str, str] | None = None):
+    """The build's Ray Data graph, declared once: (stage, callable, pool, resources).
+
+    ``env``: non-secret variables every stage's workers get through a per-operator runtime env (offline
+    switches, a storage endpoint), so they arrive also when Ray was initialised by the caller before the build
+    (a notebook, a test harness). Secrets (keys, tokens) travel only in the job's runtime env set by
+    :func:`pipeline.local_ray.start_ray`: Ray Data logs operator arguments, so they never go here.
+    """
     b = cfg.build
+    env = {k: v for k, v in (env or {}).items() if not _looks_secret(k)}
+    env_kw = {"runtime_env": {"env_vars": env}} if env else {}
     gen_gpus = b.sources.num_gpus_per_actor if b.sources.kind == "generate" else 0
-    ds = ds.map_batches(SourcesStage, batch_size=1, compute=ActorPoolStrategy(size=1),
-                        num_cpus=b.sources.num_cpus_per_actor, num_gpus=gen_gpus or None, fn_constructor_kwargs=kw)
-    ds = ds.map_batches(GenerateStage, batch_size=1, compute=ActorPoolStrategy(size=b.profusion.num_actors),
+    llm = b.dialogue.backend == "transformers"
+    # bounded actor restarts and task retries (Ray Data's pools default to unlimited)
+    restarts = {"ray_remote_args_fn": functools.partial(_restart_args, b.max_chunk_attempts)}
+    res = b.resources or {}
+    ds = ds.map_batches(SourcesStage, batch_size=1, batch_format="pyarrow",
+                        compute=_pool(b.sources),
+                        num_cpus=b.sources.num_cpus_per_actor, num_gpus=gen_gpus or None,
+                        resources=res.get("sources"), fn_constructor_kwargs=kw, **restarts, **env_kw)
+    ds = ds.map_batches(GenerateStage, batch_size=None, batch_format="pyarrow",
+                        compute=_pool(b.profusion),
                         num_cpus=b.profusion.num_cpus_per_actor, num_gpus=b.profusion.num_gpus_per_actor or None,
-                        fn_constructor_kwargs=kw)
-    for score in ("clip_t", "dino", "clip_i"):
-        ds = ds.map_batches(ScoreStage, batch_size=1, compute=ActorPoolStrategy(size=b.scoring.num_actors),
-                            num_cpus=b.scoring.num_cpus_per_actor, num_gpus=b.scoring.num_gpus_per_actor or None,
-                            fn_constructor_kwargs={**kw, "score": score})
+                        resources=res.get("generate"), fn_constructor_kwargs=kw, **restarts, **env_kw)
+    ds = ds.map_batches(ScoreStage, batch_size=None, batch_format="pyarrow",
+                        compute=_pool(b.scoring),
+                        num_cpus=b.scoring.num_cpus_per_actor, num_gpus=b.scoring.num_gpus_per_actor or None,
+                        resources=res.get("score"), fn_constructor_kwargs=kw, **restarts, **env_kw)
     d = b.dialogue
-    llm = d.backend == "transformers"
-    ds = ds.map_batches(DialogueStage, batch_size=1,
-                        compute=ActorPoolStrategy(size=d.transformers.num_actors if llm else 1),
+    ds = ds.map_batches(DialogueStage, batch_size=None, batch_format="pyarrow",
+                        compute=_pool(d.transformers if llm else d),
                         num_cpus=d.num_cpus_per_actor,
                         num_gpus=(d.transformers.num_gpus_per_actor or None) if llm else None,
-                        fn_constructor_kwargs=kw)
+                        resources=res.get("dialogue"), fn_constructor_kwargs=kw, **restarts, **env_kw)
+    ds = ds.map_batches(sink_batch, batch_size=None, batch_format="pyarrow", num_cpus=b.sink_num_cpus,
+                        resources=res.get("sink"), fn_kwargs=kw, **env_kw)
     return ds
 
 
-def _aggregate_funnel(store: ChunkStore, chunk_ids: list[str]) -> tuple[list[dict], dict[str, float]]:
+def _aggregate(out: Storage, dialogue_key: str, chunks: list[str]) -> tuple[list[dict], dict, str]:
     totals: dict[str, dict] = {}
-    seconds: dict[str, float] = {}
-    stage_of = {"rules": "dialogue"}
-    for stage in FUNNEL_ORDER:
-        source_stage = stage_of.get(stage, stage)
-        for cid in chunk_ids:
-            rec = store.counts(source_stage, cid)[stage]
-            t = totals.setdefault(stage, {"stage": stage, "unit": rec["unit"], "in": 0, "out": 0, "removed": {}})
-            t["in"] += rec["in"]
-            t["out"] += rec["out"]
-            for reason, n in rec["removed"].items():
+    counts = {"kept": 0, "candidates": 0, "quarantined": 0, "dataset_bytes": 0}
+    h = hashlib.sha256()
+    for cid in chunks:
+        rec = out.read_json(f"_work/sink/{dialogue_key}/{cid}.json")
+        for stage in FUNNEL_ORDER:
+            r = rec["funnel"][stage]
+            t = totals.setdefault(stage, {"stage": stage, "unit": r["unit"], "in": 0, "out": 0, "removed": {}})
+            t["in"] += r["in"]
+            t["out"] += r["out"]
+            for reason, n in r["removed"].items():
                 t["removed"][reason] = t["removed"].get(reason, 0) + n
-            if stage == source_stage:
-                seconds[stage] = seconds.get(stage, 0.0) + rec.get("seconds", 0.0)
-    return [totals[s] for s in FUNNEL_ORDER if s in totals], seconds
+        for c in ("kept", "candidates", "quarantined", "dataset_bytes"):
+            counts[c] += rec[c]
+        h.update(f"{cid}:{rec['dataset_hash']}\n".encode())
+    return [totals[s] for s in FUNNEL_ORDER if s in totals], counts, h.hexdigest()
+
+
+def _remove_stale_shards(out: Storage, chunks: list[str]) -> None:
+    live = {f"train-{c}.parquet" for c in chunks}
+    for sub, name in (("dataset/data", lambda c: f"train-{c}.parquet"), ("candidates/data", lambda c: f"{c}.parquet"),
+                      ("quarantine/data", lambda c: f"{c}.parquet")):
+        live = {name(c) for c in chunks}
+        for f in out.list(sub):
+            if f not in live:
+                out.delete(f"{sub}/{f}")
+
+
+def write_dataset_card(out: Storage, manifest: dict) -> None:
+    """``OUT/dataset/README.md``: an HF dataset card (YAML header: features, files, license; provenance)."""
+    import yaml
+
+    features = S.dataset_features(False)
+    header = {
+        "license": manifest.get("license") or "other",
+        "pretty_name": f"CAFE round-{manifest['config']['build']['round']} customization dataset",
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}],
+        "dataset_info": {"features": features._to_yaml_list(),
+                         "splits": [{"name": "train", "num_examples": manifest["counts"]["kept"]}]},
+    }
+    funnel = "\n".join(f"| {f['stage']} | {f['in']} | {f['out']} | "
+                       f"{', '.join(f'{k}: {v}' for k, v in sorted(f['removed'].items())) or '–'} |"
+                       for f in manifest["funnel"])
+    body = f"""# {header['pretty_name']}
+
+Built by `cafe build` (CAFE dataset construction: ProFusion generation, CLIP/DINO filtering, LLM dialogue).
+Each row pairs a source image (`input_image`) and a user request (`user_text`) with a generated target
+(`target_image`) and the assistant's answer (`assistant_text`); `clip_t`, `dino`, `clip_i` are the filter scores.
+
+- rows: {manifest['counts']['kept']} (candidates scored: {manifest['counts']['candidates']}, quarantined: {manifest['counts']['quarantined']})
+- schema version: {manifest['schema_version']} · code: {manifest['code_version']} · dataset hash: `{manifest['dataset_hash']}`
+- keys: `{json.dumps(manifest['keys'], sort_keys=True)}`
+- model fingerprints: `{json.dumps(manifest['model_fingerprints'], sort_keys=True)}`
+- license: `{header['license']}` — the license of the generated data follows the source images' and the models'
+  licenses; set `build.license` to record it.
+
+| stage | in | out | removed |
+| --- | --- | --- | --- |
+{funnel}
+
+Read it with `datasets.load_dataset("<this directory>", split="train")` or `ray.data.read_parquet("<this directory>/data")`.
+"""
+    out.write_bytes("dataset/README.md", ("---\n" + yaml.safe_dump(header, sort_keys=False) + "---\n\n" + body).encode())
+
+
+def check_out_location(cfg: CafeConfig, out_uri: str) -> None:
+    """Refuse an output that is a file; refuse an output inside a local source folder (it would ingest itself)."""
+    if not is_uri(out_uri):
+        p = Path(out_uri)
+        if p.exists() and not p.is_dir():
+            raise NotADirectoryError(f"--out {out_uri}: exists and is not a directory")
 
 
 def run_build(cfg: CafeConfig, out_dir: str | os.PathLike | None = None, address: str | None = None,
-              config_path: str | None = None) -> BuildResult:
-    """Run (or resume) the round-0 build; return the manifest. See the module docstring."""
+              config_path: str | None = None, lease_wait_s: float | None = None) -> BuildResult:
+    """Run (or resume) the round-0 build; return the manifest and the pending count. See the module docstring."""
     import ray
 
-    from pipeline.local_ray import ray_session
+    from pipeline.local_ray import forwarded_env, ray_session
     from pipeline.models import ensure_models
     from training.models.kit import fingerprint
 
     t_start = time.perf_counter()
-    out = Path(out_dir) if out_dir else Path(cfg.run.output_dir) / cfg.run.name
+    out_uri = str(out_dir) if out_dir else str(Path(cfg.run.output_dir) / cfg.run.name)
+    check_out_location(cfg, out_uri)
     ensure_models(cfg)
     for role in used_roles(cfg):
         if not cfg.models.role_dir(role).is_dir():
             raise FileNotFoundError(f"models.{role}: {cfg.models.role_dir(role)} does not exist "
                                     "(run `cafe models make-tiny DIR` or point models.root at real weights)")
     fingerprints = {r: fingerprint(cfg.models.role_dir(r)) for r in used_roles(cfg)}
-    plan = make_plan(cfg, fingerprints)
-    work = out / "_work"
-    plan_path = work / "plan.json"
-    if plan_path.is_file():
-        previous = json.loads(plan_path.read_text())
-        if previous["build_hash"] != plan["build_hash"]:
-            raise BuildConflict(f"{out} holds a build of another config or other weights "
-                                f"(hash {previous['build_hash'][:12]} ≠ {plan['build_hash'][:12]}); "
-                                "use another --out or delete it")
-        log.info("resuming the build in %s", out)
-    atomic_write_json(plan_path, plan)
-    (out / "_SUCCESS").unlink(missing_ok=True)
-    store = ChunkStore(work)
-    store.clean_tmp()
-    chunk_ids = sorted(plan["chunks"])
-    todo = [c for c in chunk_ids if not store.done("dialogue", c)]
-    log.info("build: %d sources in %d chunks; %d chunks to do", plan["num_sources"], len(chunk_ids), len(todo))
-    t_pipeline = time.perf_counter()
-    if todo:
-        with ray_session(cfg.ray, address):
-            kw = {"config": cfg.model_dump(mode="json"), "work_dir": str(work.resolve())}
-            ds = ray.data.from_items([{"chunk_id": c} for c in todo], override_num_blocks=len(todo))
-            done = 0
-            for batch in _stage_graph(ds, cfg, kw).iter_batches(batch_size=1, batch_format="numpy"):
-                done += len(batch["chunk_id"])
-                log.info("build: chunk %s committed (%d/%d)", batch["chunk_id"][0], done, len(todo))
-    pipeline_seconds = time.perf_counter() - t_pipeline
-    missing = [c for c in chunk_ids if not store.done("dialogue", c)]
-    if missing:
-        raise RuntimeError(f"build incomplete: {len(missing)} chunk(s) not committed, e.g. {missing[0]}; re-run")
-
-    published = publish(out, store, "dialogue", PIPELINE_STAGES, chunk_ids)
-    funnel, stage_seconds = _aggregate_funnel(store, chunk_ids)
-    r = cfg.build.rules
-    manifest = {
-        "schema_version": S.SCHEMA_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "config_path": config_path,
-        "config": cfg.model_dump(mode="json"),
-        "config_hash": plan["build_hash"],
-        "model_fingerprints": fingerprints,
-        "code_version": code_version(),
-        "funnel": funnel,
-        "rules": {"mode": r.mode, "clip_t_min": r.clip_t_min, "dino_min": r.dino_min,
-                  "clip_t_quantile": r.clip_t_quantile, "dino_quantile": r.dino_quantile,
-                  # quantile thresholds are computed per chunk during a build; `cafe refilter` records global ones
-                  "thresholds": {"clip_t": r.clip_t_min, "dino": r.dino_min} if r.mode == "absolute" else {}},
-        "counts": published["counts"],
-        "dataset_hash": published["dataset_hash"],
-        "timings_s": {**{f"stage_{k}": round(v, 3) for k, v in stage_seconds.items()},
-                      "pipeline_wall": round(pipeline_seconds, 3),
-                      "total_wall": round(time.perf_counter() - t_start, 3)},
-        "num_chunks": len(chunk_ids),
-    }
-    atomic_write_json(out / "manifest.json", manifest)
+    keys = stage_keys(cfg, fingerprints)
+    owner = uuid.uuid4().hex[:12]
+    out = Storage(out_uri, owner=owner)
+    lease = Lease(out, ttl_s=cfg.build.lease_ttl_s, heartbeat_s=cfg.build.lease_ttl_s / 6)
+    lease.acquire(wait_s=cfg.build.lease_wait_s if lease_wait_s is None else lease_wait_s)
     try:
-        from pipeline.report import write_report
+        removed = out.clean_dead_tmp(owner)
+        if removed:
+            log.info("removed %d temporary file(s) left by a dead run", removed)
+        identity = out.read_json("_work/identity.json")
+        if identity is not None and identity["plan"] != keys["plan"]:
+            raise BuildConflict(f"{out_uri} holds a build of other sources or instructions (plan "
+                                f"{identity['plan']} ≠ {keys['plan']}); use another --out or delete it")
+        if identity is not None:
+            log.info("resuming the build in %s", out_uri)
+        out.write_json("_work/identity.json", {"plan": keys["plan"]})
+        out.delete("_SUCCESS")
+        chunks = write_plan(cfg, out, keys["plan"], exclude_uris=[out.uri])
+        sunk = set(c.removesuffix(".json") for c in out.list(f"_work/sink/{keys['dialogue']}"))
+        todo = [c for c in chunks if c not in sunk]
+        log.info("build: %d chunks; %d to do (keys %s)", len(chunks), len(todo), keys)
+        t_pipeline = time.perf_counter()
+        pending, reasons = 0, []
+        if todo:
+            with ray_session(cfg, address, extra_env=_forward_names(cfg, out.uri)):
+                kw = {"config": cfg.model_dump(mode="json"), "out": out.uri, "keys": keys, "owner": owner}
+                ds = ray.data.from_items([{"chunk": c} for c in todo], override_num_blocks=len(todo))
+                done = 0
+                env = forwarded_env(cfg, extra_env=_forward_names(cfg, out.uri))
+                for batch in stage_graph(ds, cfg, kw, env).iter_batches(batch_size=None, batch_format="pyarrow"):
+                    lease.check()
+                    for row in batch.to_pylist():
+                        done += 1
+                        if row["committed"]:
+                            log.info("build: chunk %s committed, %d kept (%d/%d)", row["chunk"], row["kept"], done,
+                                     len(todo))
+                        else:
+                            pending += row["pending"]
+                            reasons += json.loads(row["reasons"])
+                            log.warning("build: chunk %s has %d pending record(s) (%d/%d)", row["chunk"],
+                                        row["pending"], done, len(todo))
+        pipeline_seconds = time.perf_counter() - t_pipeline
+        lease.check()
+        sunk = set(c.removesuffix(".json") for c in out.list(f"_work/sink/{keys['dialogue']}"))
+        done_chunks = [c for c in chunks if c in sunk]
+        _remove_stale_shards(out, chunks)
+        funnel, counts, dataset_hash = _aggregate(out, keys["dialogue"], done_chunks)
+        r = cfg.build.rules
+        manifest = {
+            "schema_version": S.SCHEMA_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "status": "complete" if len(done_chunks) == len(chunks) else "incomplete",
+            "config_path": config_path,
+            "config": cfg.model_dump(mode="json"),
+            "keys": keys,
+            "config_hash": keys["dialogue"],
+            "model_fingerprints": fingerprints,
+            "code_version": code_version(),
+            "license": cfg.build.license,
+            "funnel": funnel,
+            "rules": {"mode": r.mode, "clip_t_min": r.clip_t_min, "dino_min": r.dino_min,
+                      "clip_t_quantile": r.clip_t_quantile, "dino_quantile": r.dino_quantile,
+                      "thresholds": {"clip_t": r.clip_t_min, "dino": r.dino_min} if r.mode == "absolute" else {}},
+            "counts": counts,
+            "pending": pending,
+            "dataset_hash": dataset_hash,
+            "timings_s": {"pipeline_wall": round(pipeline_seconds, 3),
+                          "total_wall": round(time.perf_counter() - t_start, 3)},
+            "num_chunks": len(chunks),
+        }
+        from pipeline.redact import redact_obj
 
-        write_report(out, max_samples=cfg.build.report_samples)
-    except Exception as exc:  # noqa: BLE001 - the dataset is valid without its report; say so loudly
-        log.error("report failed (the dataset is complete; re-run `cafe report %s`): %s", out, exc)
-    atomic_write_bytes(out / "_SUCCESS", b"")
-    return BuildResult(out, manifest)
+        manifest = redact_obj(manifest)
+        write_dataset_card(out, manifest)
+        out.write_json("manifest.json", manifest)
+        if len(done_chunks) == len(chunks):
+            if out.is_local:
+                try:
+                    from pipeline.report import write_report
+
+                    write_report(Path(out.root), max_samples=cfg.build.report_samples)
+                except Exception as exc:  # noqa: BLE001 - the dataset is valid without its report; say so loudly
+                    log.error("report failed (the dataset is complete; re-run `cafe report %s`): %s", out_uri, exc)
+            out.write_bytes("_SUCCESS", b"")
+        return BuildResult(out_uri, manifest, pending=pending, pending_reasons=sorted(set(reasons)),
+                           computed={"chunks_run": len(todo)})
+    finally:
+        lease.release()
+
+
+def _forward_names(cfg: CafeConfig, out_uri: str) -> list[str]:
+    """Environment variable *names* the workers need (values never logged or stored)."""
+    names = []
+    d = cfg.build.dialogue
+    if d.backend == "openai" and d.openai.api_key_env:
+        names.append(d.openai.api_key_env)
+    uris = [out_uri, cfg.build.sources.path or ""]
+    if any(u.startswith("s3://") for u in uris):
+        names += ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+                  "AWS_DEFAULT_REGION", "AWS_REGION"]
+    return names

@@ -12,15 +12,19 @@ Usage::
     cafe report DATASET_DIR
 
 Exit codes (stable, for scripts): 0 success · 1 runtime failure · 2 usage error · 3 invalid config ·
-4 unusable model directory · 130 interrupted.
+4 unusable model directory · 130 interrupted. A file-system failure (read-only or full disk, a path that is
+a file where a directory is needed, ...) prints one line, ``cafe: error: PATH: REASON``, and exits 1
+(2 when it is found while checking the arguments, before any work).
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
+import re
 import sys
-
-import pipeline  # noqa: F401  (loopback env before anything imports ray)
+from pathlib import Path
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -68,7 +72,13 @@ def cmd_config_show(args) -> int:
 def cmd_models_make_tiny(args) -> int:
     from pipeline.models import make_tiny_models
 
-    written = make_tiny_models(args.dir, seed=args.seed, overwrite=args.overwrite)
+    try:
+        written = make_tiny_models(args.dir, seed=args.seed, overwrite=args.overwrite)
+    except Exception as exc:  # a full disk surfaces from safetensors without a path: name the target
+        inner = _os_error_in(exc)
+        if inner is None or inner.filename is not None:
+            raise
+        raise OSError(inner.errno, inner.strerror, args.dir) from exc
     for role, path in written.items():
         print(f"{role:13s} {path}")
     return EXIT_OK
@@ -93,13 +103,52 @@ def cmd_models_convert_promptnet(args) -> int:
 # ------------------------------------------------------------------------------------------ build
 
 
+def check_output_dir(path: str | os.PathLike) -> None:
+    """Raise an :class:`OSError` naming ``path`` unless it is, or can be created as, a writable directory.
+
+    A ``scheme://`` URI is left to the storage layer.
+    """
+    if "://" in str(path):
+        return
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(path))
+    existing = path
+    while not existing.exists():  # nearest existing ancestor: where the directory would be created
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        code = errno.EROFS if read_only else errno.EACCES
+        raise PermissionError(code, os.strerror(code), str(existing))
+
+
 def cmd_build(args) -> int:
-    from pipeline.build import run_build
     from pipeline.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # validated before Ray starts
-    result = run_build(cfg, out_dir=args.out, address=args.address, config_path=args.config)
+    out = args.out or str(Path(cfg.run.output_dir) / cfg.run.name)
+    try:
+        check_output_dir(out)
+    except OSError as exc:
+        _print_os_error(exc)
+        return EXIT_USAGE
+    from pipeline.build import run_build
+
+    from pipeline.build import BuildConflict
+    from pipeline.store import OutputBusy
+
+    try:
+        result = run_build(cfg, out_dir=out, address=args.address, config_path=args.config)
+    except (OutputBusy, BuildConflict) as exc:
+        print(f"cafe: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     print(result.summary())
+    if result.pending:
+        print(f"cafe: {result.pending} record(s) pending after transient failures; re-run the same command",
+              file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK
 
 
@@ -178,6 +227,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# how libraries written in Rust (safetensors, tokenizers) report an I/O error: "... (os error 28)"
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc`` (itself, a cause, or a Ray task error's cause), preferring one with a path;
+    else one rebuilt from a Rust library's ``(os error N)`` message (no path known)."""
+    seen, found, rust = set(), None, None
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and (found is None or (found.filename is None and exc.filename is not None)):
+            found = exc
+        m = _RUST_OS_ERROR.search(str(exc))
+        if rust is None and m:
+            code = int(m.group(1))
+            rust = OSError(code, os.strerror(code))
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return found or rust
+
+
+def _print_os_error(exc: OSError) -> None:
+    """One line: ``cafe: error: PATH: REASON`` (no traceback)."""
+    inner = _os_error_in(exc) or exc
+    if inner.filename is not None and inner.strerror:
+        where = inner.filename if inner.filename2 is None else f"{inner.filename} -> {inner.filename2}"
+        print(f"cafe: error: {where}: {inner.strerror}", file=sys.stderr)
+    else:
+        print(f"cafe: error: {str(inner).splitlines()[0] if str(inner) else type(inner).__name__}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cafe`` console script; returns the exit code."""
     parser = build_parser()
@@ -196,16 +275,23 @@ def main(argv: list[str] | None = None) -> int:
         print(str(exc), file=sys.stderr)
         return EXIT_CONFIG
     except ModelLoadError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"cafe: error: {exc}", file=sys.stderr)
         return EXIT_MODEL
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except OSError as exc:  # read-only or full disk, a file where a directory belongs, a missing input ...
+        _print_os_error(exc)
         return EXIT_USAGE if isinstance(exc, FileNotFoundError) else EXIT_FAILURE
+    except ValueError as exc:
+        print(f"cafe: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except Exception as exc:  # noqa: BLE001 - top level: report and exit non-zero
-        log.exception("failed: %s", exc)
+        inner = _os_error_in(exc)  # e.g. a full disk inside a Ray worker, wrapped by Ray
+        if inner is not None:
+            _print_os_error(inner)
+        else:
+            log.exception("failed: %s", exc)
         return EXIT_FAILURE
 
 

@@ -6,9 +6,13 @@ Usage::
 
 Every section is a pydantic model with ``extra="forbid"``: an unknown key, a wrong type or an
 out-of-range value is an error, and *all* errors of a file are reported at once as
-``FILE: key.path = value: what is allowed``. String values may reference environment variables as
-``${VAR}`` or ``${VAR:-default}`` (used for the models root and secrets' *names*, never secret values).
-Relative paths are resolved against the current working directory when used.
+``FILE: key.path = value: what is allowed``. Types are strict (``true`` is not a number, ``"3"`` is not an
+int, ``.inf``/``.nan`` are refused; an int is fine where a float is expected), resources have upper bounds
+(``MAX_*`` in :mod:`pipeline.build_config`), and a mapping given for a section — in YAML or through
+``--set`` — is merged into that section's defaults. String values may reference environment variables as
+``${VAR}`` or ``${VAR:-default}`` (used for the models root and secrets' *names*, never secret values); the
+result is a string, so numeric keys take literal numbers. Relative paths are resolved against the current
+working directory when used.
 """
 from __future__ import annotations
 
@@ -20,12 +24,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from pipeline.build_config import BuildConfig, _Strict
+
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 __all__ = [
     "ConfigError",
     "CafeConfig",
     "ModelsConfig",
+    "RayConfig",
     "RoleSpec",
     "ROLE_NAMES",
     "load_config",
@@ -44,10 +53,6 @@ class ConfigError(ValueError):
         super().__init__(f"{source}: {len(errors)} error(s)\n" + "\n".join(f"  {e}" for e in errors))
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # run / ray
 # ---------------------------------------------------------------------------------------------
@@ -60,16 +65,41 @@ class RunConfig(_Strict):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+#: environment variables forwarded to Ray workers by default: the offline switches and the HF cache location.
+#: Tokens (``HF_TOKEN``, ...) are *not* forwarded unless named: runtime_env values show in the cluster's job info.
+DEFAULT_FORWARD_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "DIFFUSERS_OFFLINE", "HF_HOME")
+
+#: bounds for a local cluster started by ``ray.init`` (one machine)
+MAX_LOCAL_CPUS = 4096
+MAX_LOCAL_GPUS = 64
+
+
 class RayConfig(_Strict):
-    """Where Ray runs. ``address: null`` starts a local, loopback-only cluster."""
+    """Where Ray runs (see :mod:`pipeline.local_ray`).
+
+    ``address: null`` starts a local cluster sized by ``num_cpus``/``num_gpus``/``object_store_memory_mb``;
+    ``loopback_only`` keeps that cluster on 127.0.0.1. An address (``auto``, ``host:port``, ``ray://…``)
+    connects to an existing cluster, and those keys do not apply. ``forward_env`` names the driver's
+    environment variables that workers receive (plus the ones the config itself needs, e.g. the dialogue key).
+    """
 
     address: str | None = None
-    num_cpus: int | None = Field(2, ge=1)
-    num_gpus: int | None = Field(None, ge=0)
-    object_store_memory_mb: int | None = Field(None, ge=64)
+    num_cpus: int | None = Field(2, ge=1, le=MAX_LOCAL_CPUS)
+    num_gpus: int | None = Field(None, ge=0, le=MAX_LOCAL_GPUS)
+    object_store_memory_mb: int | None = Field(None, ge=64, le=1 << 24)  # 16 TiB
     loopback_only: bool = True
     include_dashboard: bool = False
     log_to_driver: bool = False
+    forward_env: list[str] = Field(default_factory=lambda: list(DEFAULT_FORWARD_ENV), max_length=256)
+
+    @field_validator("forward_env")
+    @classmethod
+    def _env_names(cls, names: list[str]) -> list[str]:
+        for i, name in enumerate(names):
+            if not _ENV_NAME_RE.fullmatch(name):
+                raise ValueError(f"forward_env[{i}] = {name!r} is not an environment variable name "
+                                 "([A-Za-z_][A-Za-z0-9_]*); list variable names, never values")
+        return names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +120,11 @@ ROLE_NAMES = (
 
 
 class RoleSpec(_Strict):
-    """One model role: a local directory in its library's standard layout."""
+    """One model role: a local directory in its library's standard layout.
+
+    In :class:`ModelsConfig` each role defaults to ``path: <role name>``; a mapping that leaves ``path`` out
+    (``--set models.t2i.dtype=float16``) keeps that default.
+    """
 
     path: str = Field(..., min_length=1, description="directory, absolute or relative to models.root")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -135,17 +169,11 @@ class CafeConfig(_Strict):
     run: RunConfig = RunConfig()
     ray: RayConfig = RayConfig()
     models: ModelsConfig = ModelsConfig()
-    build: "BuildConfig" = Field(default_factory=lambda: BuildConfig())
+    build: BuildConfig = BuildConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "CafeConfig":
         return self
-
-
-# The build section lives in its own module to keep this one about mechanics.
-from pipeline.build_config import BuildConfig  # noqa: E402
-
-CafeConfig.model_rebuild()
 
 
 # ---------------------------------------------------------------------------------------------

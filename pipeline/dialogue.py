@@ -4,7 +4,8 @@ Usage::
 
     backend = make_backend(cfg.build.dialogue, components=None)
     requests = [DialogueRequest(rid, cls, phrase, choose_style(rid, cfg.build.dialogue.styles)) for ...]
-    results = backend.generate(requests)  # same order; ``result.reason`` set => quarantine the row
+    results = backend.generate(requests)  # same order
+    # result.ok: store user/assistant; result.reason: quarantine the row; result.pending: keep it pending
 
 Every row gets one JSON object ``{"user": ..., "assistant": ...}``: the user's input text (a clear
 instruction, an ambiguous request or a question about "this {class}") and the assistant's response
@@ -13,31 +14,52 @@ is ours. Whatever the backend, its text goes through :func:`parse_dialogue`, so 
 decides what is accepted and every rejection carries a reason code.
 
 Backends share one interface (:class:`DialogueBackend`): :class:`TemplateBackend` (rule-based,
-deterministic, no model), :class:`OpenAIBackend` (any OpenAI-compatible chat-completions server,
-standard library only) and :class:`TransformersBackend` (a local causal LM with a chat template).
+deterministic, no model), :class:`OpenAIBackend` (any OpenAI-compatible chat-completions server through
+the ``openai`` SDK) and :class:`TransformersBackend` (a local causal LM with a chat template).
 This module does not import Ray; a Ray Data stage wraps a backend elsewhere.
+
+Every result is one of three outcomes:
+
+- **ok** (``result.ok``): ``user``/``assistant`` hold the parsed dialogue.
+- **quarantine** (``result.reason`` set): the *row* caused it, so asking again next run would not help.
+  Reasons are the parser's (:data:`REASON_CODES`) after the content retries, ``malformed_response``
+  (a 200 JSON body without ``choices[0].message``), ``secret_in_output`` (the answer contains a secret's
+  value) and ``http_4xx:<code>`` for request errors the row causes (400, 413, 422 and other 4xx not
+  listed below; not retried).
+- **pending** (``result.pending``, ``reason`` is ``None``, ``result.error`` says why): the *endpoint or
+  the operator* caused it; the caller keeps the row pending, so the next run asks again, and the build
+  exits non-zero. Retried with back-off first: ``connection_error`` (refused, reset, DNS),
+  ``timeout``, ``http_<code>`` for 5xx, 408, 409, 425 and 429, and ``unexpected_content_type`` (a 200
+  that is not JSON, e.g. a proxy's HTML page). Not retried: ``http_401``, ``http_403`` (credentials),
+  ``http_404``, ``http_405``, ``http_407`` (URL, model name or proxy). Once one row of a batch ends
+  pending, rows of that batch not yet started are left pending without a call (``attempts == 0``).
+
+Each row gets at most ``max_retries`` retries: a bad answer (parser, ``malformed_response``) is asked
+again at once, an endpoint failure after ``backoff_s * 2**attempt`` (+ up to 10 % jitter, or the
+server's ``Retry-After`` when longer). When a row's attempts mix outcomes, the last attempt decides. Texts kept on a result (``raw``) are
+redacted (:mod:`pipeline.redact`); error texts are also made run-independent (``stable_detail``).
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import os
 import re
-import socket
-import time
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from http.client import HTTPException
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from pipeline.build_config import DialogueConfig, OpenAIBackendConfig, TransformersBackendConfig
+from pipeline.redact import redact, secret_values_from_env, stable_detail
 
 __all__ = [
     "STYLES",
     "DIALOGUE_PROMPT",
+    "DIALOGUE_JSON_SCHEMA",
     "STYLE_INSTRUCTIONS",
     "REASON_CODES",
     "DialogueRequest",
@@ -160,8 +182,8 @@ def choose_style(row_id: str, styles: list[str]) -> str:
 #: - ``missing_class:user``: the user text does not mention the class noun (it must ask about
 #:   "this {class}"; checked case-insensitively).
 #:
-#: Backends add their own: ``http_<code>`` (429/5xx after retries), ``http_4xx:<code>`` (not retried),
-#: ``timeout``, ``connection_error``, ``malformed_response`` (:class:`OpenAIBackend`).
+#: :class:`OpenAIBackend` adds ``malformed_response``, ``secret_in_output`` and ``http_4xx:<code>``
+#: (see the module docstring). Endpoint failures are not reasons: they leave the row pending.
 REASON_CODES: tuple[str, ...] = (
     "empty_output",
     "not_json",
@@ -174,11 +196,9 @@ REASON_CODES: tuple[str, ...] = (
     "too_long:<field>",
     "template_leftover",
     "missing_class:user",
-    "http_<code>",
-    "http_4xx:<code>",
-    "timeout",
-    "connection_error",
     "malformed_response",
+    "secret_in_output",
+    "http_4xx:<code>",
 )
 
 _FENCE = re.compile(r"\A```(?:json)?(?P<body>.*?)```\Z", re.DOTALL | re.IGNORECASE)
@@ -297,9 +317,13 @@ class DialogueResult:
         row_id: the request's row id.
         user: the user's text, or ``None`` when rejected.
         assistant: the assistant's text, or ``None`` when rejected.
-        reason: ``None`` on success; otherwise the quarantine reason (see :data:`REASON_CODES`).
-        attempts: how many generations/HTTP calls were made for this row.
-        raw: the last raw model text (or response body on HTTP/format errors, truncated), for audit.
+        reason: the quarantine reason (see :data:`REASON_CODES`); ``None`` when ok or pending.
+        attempts: how many generations/HTTP calls were made for this row (0: not attempted).
+        raw: the last raw model text, or the error text (response body, transport error) of the last
+            attempt, redacted and truncated; for audit and the quarantine detail.
+        pending: the endpoint or the operator's setup failed, not the row: keep the row pending (ask
+            again next run) instead of quarantining it.
+        error: why the row is pending (``connection_error``, ``timeout``, ``http_503`` ...), else ``None``.
     """
 
     row_id: str
@@ -308,11 +332,13 @@ class DialogueResult:
     reason: str | None
     attempts: int
     raw: str | None
+    pending: bool = False
+    error: str | None = None
 
     @property
     def ok(self) -> bool:
         """Whether the row has a valid dialogue."""
-        return self.reason is None
+        return self.reason is None and not self.pending
 
 
 def _result(req: DialogueRequest, raw: str | None, parsed: dict[str, str] | None, reason: str | None,
@@ -398,35 +424,101 @@ class TemplateBackend:
 # OpenAI-compatible backend
 # ---------------------------------------------------------------------------------------------------
 
-_RAW_LIMIT = 4000  # characters of a response body kept on a failed result
+_RAW_LIMIT = 4000  # characters of a response body kept on a result
+_RETRY_AFTER_CAP_S = 60.0  # the longest server-requested wait (Retry-After) honoured between attempts
+
+#: JSON schema of the answer, sent as ``response_format`` when ``OpenAIBackendConfig.json_schema`` is set
+#: (servers with guided decoding, e.g. vLLM, then cannot produce anything else). The strict parser still
+#: runs: the schema cannot express the length limit, the class-noun rule or template leftovers.
+DIALOGUE_JSON_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"user": {"type": "string"}, "assistant": {"type": "string"}},
+    "required": ["user", "assistant"],
+    "additionalProperties": False,
+}
+
+#: HTTP statuses that say the endpoint, not the row, is at fault right now; retried with back-off.
+_TRANSIENT_STATUS = frozenset({408, 409, 425, 429})
+#: HTTP statuses that say the operator's setup is wrong (credentials, URL, model name); not retried.
+_OPERATOR_STATUS = frozenset({401, 403, 404, 405, 407})
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """One call's outcome. ``kind``: ``ok``, ``content`` (row-caused, retried), ``row`` (row-caused, not
+    retried), ``transient`` (endpoint, retried) or ``operator`` (setup, not retried)."""
+
+    kind: str
+    code: str | None
+    raw: str | None
+    parsed: dict[str, str] | None = None
+    retry_after: float | None = None
 
 
 class OpenAIBackend:
-    """Any OpenAI-compatible ``/chat/completions`` endpoint (vLLM, TGI, ...), standard library only.
+    """Any OpenAI-compatible ``/chat/completions`` endpoint (vLLM, TGI, OpenAI, ...) through the
+    ``openai`` SDK's :class:`openai.AsyncOpenAI` client.
 
-    Requests run on a thread pool of ``max_concurrency`` workers. Each row is retried up to
-    ``max_retries`` times with back-off ``backoff_s * 2**attempt`` (+ up to 10 % deterministic jitter)
-    on connection errors, timeouts, HTTP 429/5xx, malformed response bodies and content that fails
-    :func:`parse_dialogue`; other HTTP 4xx are not retried (reason ``http_4xx:<code>``). The API key is
-    read once from the environment variable named by ``api_key_env`` and sent as a bearer token (no
-    header when unset); it is never logged. ``timeout_s`` bounds each blocking socket operation
-    (connect, and each read), as urllib does.
+    Each :meth:`generate` call runs its requests concurrently on the backend's own event loop (a daemon
+    thread started in ``__init__``), at most ``max_concurrency`` in flight. The SDK's own retries are
+    off (``max_retries=0``): this class retries, so that bad answers and endpoint failures share one
+    attempt budget (``max_retries`` retries per row) and one deterministic schedule. See the module
+    docstring for which outcomes retry, quarantine or leave the row pending.
+
+    The API key is read once, here, from the variable named by ``api_key_env``; no key (and no
+    ``Authorization`` header, whatever ``OPENAI_API_KEY`` says) when ``api_key_env`` is null. Every
+    stored or logged text goes through :func:`pipeline.redact.redact` with the key and the values of
+    secret-looking environment variables; ``repr()`` shows neither.
 
     Args:
         cfg: endpoint, model and retry settings.
         max_chars: per-field length limit passed to :func:`parse_dialogue`.
-        sleep: the function used to wait between attempts (``time.sleep``).
+        sleep: awaited to wait between attempts (``asyncio.sleep``).
+
+    Raises:
+        ValueError: ``api_key_env`` names a variable that is unset or empty.
     """
 
-    def __init__(self, cfg: OpenAIBackendConfig, max_chars: int, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, cfg: OpenAIBackendConfig, max_chars: int,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        import openai
+
         self.cfg = cfg
         self.max_chars = max_chars
-        self.url = cfg.base_url.rstrip("/") + "/chat/completions"
         self._sleep = sleep
-        self._api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+        api_key = _read_api_key(cfg.api_key_env)
+        self._secrets = tuple(s for s in (api_key,) if s) + tuple(secret_values_from_env())
+        if cfg.json_schema:
+            self._response_format: dict[str, Any] = {
+                "type": "json_schema",
+                "json_schema": {"name": "dialogue", "strict": True, "schema": DIALOGUE_JSON_SCHEMA},
+            }
+        else:
+            self._response_format = {"type": "json_object"}
+        # No key: the SDK insists on one, so it gets a placeholder and each request drops the header.
+        self._extra_headers: dict[str, Any] = {} if api_key else {"Authorization": _omit()}
+        self._client = openai.AsyncOpenAI(
+            api_key=api_key or "unused",
+            base_url=cfg.base_url,
+            timeout=cfg.timeout_s,  # each of connect / read / write / pool
+            max_retries=0,
+        )
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=_run_loop, args=(self._loop,), name="dialogue-openai-loop", daemon=True)
+        self._thread.start()
+        # a backend dropped without close() still stops its loop thread
+        weakref.finalize(self, _stop_loop, self._loop)
 
     def __repr__(self) -> str:
-        return f"OpenAIBackend(url={self.url!r}, model={self.cfg.model!r})"
+        return f"OpenAIBackend(base_url={redact(self.cfg.base_url, self._secrets)!r}, model={self.cfg.model!r})"
+
+    def close(self) -> None:
+        """Close the HTTP client and stop the event loop. The backend cannot be used afterwards."""
+        if self._loop.is_closed():
+            return
+        asyncio.run_coroutine_threadsafe(self._client.close(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()  # the thread closes the loop
 
     def generate(self, requests: list[DialogueRequest]) -> list[DialogueResult]:
         """Dialogue for each request, in request order; at most ``max_concurrency`` calls in flight.
@@ -438,77 +530,187 @@ class OpenAIBackend:
             _check_style(req.style)
         if not requests:
             return []
-        workers = min(self.cfg.max_concurrency, len(requests))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dialogue-openai") as pool:
-            return list(pool.map(self._generate_one, requests))
+        future = asyncio.run_coroutine_threadsafe(self._generate_all(requests), self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
 
-    def _generate_one(self, req: DialogueRequest) -> DialogueResult:
-        reason: str | None = None
-        raw: str | None = None
+    async def _generate_all(self, requests: list[DialogueRequest]) -> list[DialogueResult]:
+        semaphore = asyncio.Semaphore(self.cfg.max_concurrency)
+        halted: list[str] = []  # the error code of the first row left pending, if any
+
+        async def one(req: DialogueRequest) -> DialogueResult:
+            async with semaphore:
+                if halted:  # the endpoint is down or refuses us: do not start more rows
+                    detail = f"not attempted: an earlier row of the batch ended with {halted[0]}"
+                    return DialogueResult(req.row_id, None, None, None, 0, detail, pending=True, error=halted[0])
+                result = await self._generate_one(req)
+                if result.pending and not halted:
+                    halted.append(result.error or "pending")
+                return result
+
+        tasks = [asyncio.ensure_future(one(req)) for req in requests]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    async def _generate_one(self, req: DialogueRequest) -> DialogueResult:
+        out = _Attempt("transient", "not_attempted", None)
         attempts = 0
         for attempt in range(self.cfg.max_retries + 1):
             attempts = attempt + 1
-            raw, parsed, reason, retryable = self._attempt(req)
-            if reason is None:
-                return _result(req, raw, parsed, None, attempts)
-            if not retryable or attempt == self.cfg.max_retries:
+            out = await self._attempt(req)
+            if out.kind == "ok":
+                return _result(req, out.raw, out.parsed, None, attempts)
+            if out.kind in ("row", "operator") or attempt == self.cfg.max_retries:
                 break
-            jitter = 0.1 * (_stable_int("jitter", req.row_id, str(attempt)) % 1000) / 1000.0
-            delay = self.cfg.backoff_s * (2**attempt) * (1.0 + jitter)
-            logger.debug("dialogue row %s attempt %d failed (%s); retrying in %.3fs", req.row_id, attempts, reason, delay)
-            self._sleep(delay)
-        return _result(req, raw, None, reason, attempts)
+            if out.kind == "transient":  # a bad answer from a healthy endpoint is asked again at once
+                await self._sleep(self._delay(req, attempt, out.retry_after))
+            logger.debug("dialogue row %s attempt %d failed (%s); retrying", req.row_id, attempts, out.code)
+        if out.kind in ("transient", "operator"):
+            logger.warning("dialogue row %s left pending after %d attempt(s): %s", req.row_id, attempts, out.code)
+            return DialogueResult(req.row_id, None, None, None, attempts, out.raw, pending=True, error=out.code)
+        return _result(req, out.raw, None, out.code, attempts)
 
-    def _attempt(self, req: DialogueRequest) -> tuple[str | None, dict[str, str] | None, str | None, bool]:
-        """One HTTP call. Returns ``(raw, parsed, reason, retryable)``."""
-        payload = {
-            "model": self.cfg.model,
-            "messages": build_messages(req.class_name, req.phrase, req.style),
-            "temperature": self.cfg.temperature,
-            "max_tokens": self.cfg.max_tokens,
-            "response_format": {"type": "json_object"},
-        }
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        http_req = urllib.request.Request(self.url, data=json.dumps(payload).encode("utf-8"), headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(http_req, timeout=self.cfg.timeout_s) as resp:
-                body = resp.read().decode("utf-8", errors="replace")
-        except urllib.error.HTTPError as err:
-            code = err.code
-            body = _read_error_body(err)
-            if code == 429 or code >= 500:
-                return body, None, f"http_{code}", True
-            if 400 <= code < 500:
-                return body, None, f"http_4xx:{code}", False
-            return body, None, f"http_{code}", False
-        except urllib.error.URLError as err:
-            if isinstance(err.reason, (TimeoutError, socket.timeout)):
-                return None, None, "timeout", True
-            return None, None, "connection_error", True
-        except (TimeoutError, socket.timeout):
-            return None, None, "timeout", True
-        except (OSError, HTTPException):  # resets, refused, truncated/invalid HTTP
-            return None, None, "connection_error", True
+    def _delay(self, req: DialogueRequest, attempt: int, retry_after: float | None) -> float:
+        """``backoff_s * 2**attempt`` plus up to 10 % jitter (a hash of row id and attempt), or the
+        server's ``Retry-After`` (capped) when that is longer."""
+        jitter = 0.1 * (_stable_int("jitter", req.row_id, str(attempt)) % 1000) / 1000.0
+        delay = self.cfg.backoff_s * (2**attempt) * (1.0 + jitter)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, _RETRY_AFTER_CAP_S))
+        return delay
+
+    async def _attempt(self, req: DialogueRequest) -> _Attempt:
+        """One HTTP call, classified."""
+        import openai
 
         try:
-            content = json.loads(body)["choices"][0]["message"]["content"]
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-            return body[:_RAW_LIMIT], None, "malformed_response", True
-        if not isinstance(content, str):
-            return body[:_RAW_LIMIT], None, "malformed_response", True
+            response = await self._client.chat.completions.with_raw_response.create(
+                model=self.cfg.model,
+                messages=build_messages(req.class_name, req.phrase, req.style),
+                temperature=self.cfg.temperature,
+                max_tokens=self.cfg.max_tokens,
+                response_format=self._response_format,
+                extra_headers=self._extra_headers,
+            )
+        except openai.APITimeoutError as err:
+            return _Attempt("transient", "timeout", self._detail(_describe(err)))
+        except openai.APIConnectionError as err:
+            return _Attempt("transient", "connection_error", self._detail(_describe(err)))
+        except openai.APIStatusError as err:
+            code, body = err.status_code, self._detail(f"HTTP {err.status_code}: {_body_text(err.response)}")
+            if code in _TRANSIENT_STATUS or code >= 500:
+                return _Attempt("transient", f"http_{code}", body, retry_after=_retry_after(err.response))
+            if code in _OPERATOR_STATUS:
+                return _Attempt("operator", f"http_{code}", body)
+            return _Attempt("row", f"http_4xx:{code}", body)
+
+        http = response.http_response
+        body = _body_text(http)
+        content_type = http.headers.get("content-type", "")
+        if content_type and "json" not in content_type.lower():  # e.g. a proxy's HTML page: not the row's fault
+            return _Attempt("transient", "unexpected_content_type", self._detail(f"{content_type}: {body}"))
+        content = _message_content(body)
+        if content is _MALFORMED:
+            return _Attempt("content", "malformed_response", self._detail(body))
+        content = content or ""  # null content (e.g. a refusal): the model wrote no text
+        if redact(content, self._secrets, shapes=False) != content:
+            # the answer contains a secret's value: never stored, not even redacted in the dataset
+            return _Attempt("content", "secret_in_output", redact(content, self._secrets))
         parsed, reason = parse_dialogue(content, req.class_name, req.phrase, self.max_chars)
-        return content, parsed, reason, reason is not None
+        return _Attempt("ok" if parsed is not None else "content", reason, redact(content, self._secrets), parsed)
+
+    def _detail(self, text: str) -> str:
+        """Error text made safe to store: secrets redacted (before truncation, so no partial key
+        survives), then run-dependent parts removed, then truncated."""
+        return stable_detail(redact(text, self._secrets))[:_RAW_LIMIT]
 
 
-def _read_error_body(err: urllib.error.HTTPError) -> str | None:
+_MALFORMED = object()
+
+
+def _omit() -> Any:
+    """The SDK's marker that drops a default header (public as ``openai.Omit`` in newer releases)."""
+    import openai
+
+    omit_cls = getattr(openai, "Omit", None)
+    if omit_cls is None:
+        from openai._types import Omit as omit_cls  # older releases export it only here
+    return omit_cls()
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
     try:
-        return err.read().decode("utf-8", errors="replace")[:_RAW_LIMIT]
-    except Exception:  # the body of an error response is best-effort audit data only
-        return None
+        loop.run_forever()
     finally:
-        err.close()
+        loop.close()
+
+
+def _stop_loop(loop: asyncio.AbstractEventLoop) -> None:
+    if not loop.is_closed():
+        loop.call_soon_threadsafe(loop.stop)
+
+
+def _message_content(body: str) -> Any:
+    """``choices[0].message.content`` (``None`` when the model returned no text), or ``_MALFORMED``."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return _MALFORMED
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return _MALFORMED
+    message = choices[0].get("message")
+    if not isinstance(message, dict):
+        return _MALFORMED
+    content = message.get("content")
+    if content is not None and not isinstance(content, str):
+        return _MALFORMED
+    return content
+
+
+def _read_api_key(env_name: str | None) -> str | None:
+    if env_name is None:
+        return None
+    value = os.environ.get(env_name, "")
+    if not value.strip():
+        raise ValueError(
+            f"dialogue.openai.api_key_env={env_name!r}, but the environment variable {env_name} is unset or empty; "
+            "export it, or set api_key_env to null for an endpoint without a key"
+        )
+    return value.strip()
+
+
+def _body_text(response: Any) -> str:
+    try:
+        return response.text
+    except Exception:  # the body is best-effort audit data only (e.g. undecodable bytes)
+        return ""
+
+
+def _retry_after(response: Any) -> float | None:
+    """The ``Retry-After`` header in seconds (the HTTP-date form is ignored)."""
+    try:
+        value = float(response.headers.get("retry-after", ""))
+    except (TypeError, ValueError):
+        return None
+    return value if value >= 0 else None
+
+
+def _describe(err: BaseException) -> str:
+    """``Type: message`` of an exception and of its cause (the transport error under the SDK's)."""
+    text = f"{type(err).__name__}: {err}"
+    cause = err.__cause__
+    if cause is not None:
+        text += f" ({type(cause).__name__}: {cause})"
+    return text
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -605,7 +807,8 @@ def make_backend(cfg: DialogueConfig, components: Any = None) -> DialogueBackend
         A :class:`DialogueBackend`.
 
     Raises:
-        ValueError: ``transformers`` without components.
+        ValueError: ``transformers`` without components; ``openai`` whose ``api_key_env`` names an
+            unset or empty variable.
     """
     if cfg.backend == "template":
         return TemplateBackend(cfg)

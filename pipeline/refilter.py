@@ -3,28 +3,61 @@
 Usage::
 
     result = refilter("outputs/tiny", ["build.rules.clip_t_min=0.25"], out_dir="outputs/tiny-ct025")
+    print(result.summary())
 
-Reads ``DATASET/candidates`` (every scored row with its scores and dialogue), applies ``build.rules`` from the
-source build's config plus the overrides, and writes a new build directory (dataset, candidates with the new
-decisions, quarantine copied, manifest, report). Quantile thresholds are computed over all candidates.
+Reads the scores of ``SRC/candidates`` (every scored row), applies ``build.rules`` from the source build's config
+plus the overrides (only ``build.rules.*`` and ``build.report_samples`` may change: anything else would change
+the data), and writes a new output directory in the build's layout (:mod:`training.data.schema`):
 
-Dialogue is written only for rows that passed the rules at build time, so a *looser* rule can admit rows
-that have no dialogue: they are counted as ``pending_dialogue`` in the funnel and left out of the dataset
-(re-run ``cafe build`` with the looser rules into a new directory to complete them).
+* ``NEW/candidates/data/<chunk>.parquet`` — SRC's candidate shards with the new ``keep`` / ``filter_reason``;
+* ``NEW/dataset/data/train-<chunk>.parquet`` — the rows of SRC's dataset shards that pass the new rules, copied
+  (images byte-identical), plus the dataset card (:func:`pipeline.build.write_dataset_card`);
+* ``NEW/quarantine/`` — SRC's quarantine shards, copied;
+* ``NEW/manifest.json`` (with ``refiltered_from``), ``NEW/report/``, ``NEW/_SUCCESS`` (last).
+
+Quantile thresholds are computed over all candidates. Dialogue and images exist only for rows that passed the
+rules at build time, so a *looser* rule can admit rows that have neither: they are counted as
+``pending_dialogue`` in the funnel (a row whose dialogue was rejected at build time keeps its quarantine reason
+instead) and left out; the summary gives the ``cafe build`` command that completes them on the ORIGINAL output
+(a rules change there recomputes only rules + dialogue). A quantile rule is given to that build as the absolute
+thresholds it resolved to here, since a build applies quantiles per chunk.
+
+Memory: the two score columns of all candidates (for the quantiles), then one chunk's shards at a time — the
+same per-chunk footprint as the build's sink. The dataset hash is computed as the build computes it, so a
+refilter without pending rows has the hash of a build with the same rules.
+
+Safety: ``--out`` must lie outside SRC (and not contain it); an existing non-empty ``--out`` is refused unless it
+is an earlier refilter of the same SRC (its manifest's ``refiltered_from``), which is then replaced. The new
+output is written to a hidden sibling directory and renamed into place, so a failed refilter leaves an earlier
+output as it was. Local directories only.
 """
 from __future__ import annotations
 
-import json
+import hashlib
+import logging
+import os
+import shlex
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from pipeline import schema as S
-from pipeline.config import load_config_dict
-from pipeline.store import atomic_write_bytes, atomic_write_json, content_hash
+from pipeline.config import CafeConfig, load_config_dict
+from pipeline.store import Storage, open_parquet, parquet_shards, table_hash
+from training.data import schema as S
+
+log = logging.getLogger(__name__)
+
+#: ``--set`` keys a refilter accepts (a key equal to one of these or below it)
+ALLOWED_OVERRIDES = ("build.rules", "build.report_samples")
+#: funnel stages copied from the source build (their inputs are not re-examined)
+_UPSTREAM_STAGES = ("sources", "generate", "score")
+PENDING_DIALOGUE = "pending_dialogue"
 
 
 @dataclass
@@ -35,79 +68,297 @@ class RefilterResult:
     def summary(self) -> str:
         from pipeline.report import funnel_text
 
-        c = self.manifest["counts"]
-        return (f"{funnel_text(self.manifest)}\nkept {c['kept']} of {c['candidates']} candidates "
-                f"({c['pending_dialogue']} pass the rules but have no dialogue)\n"
-                f"dataset: {self.out_dir / 'dataset'}")
+        m, c = self.manifest, self.manifest["counts"]
+        lines = [funnel_text(m),
+                 f"kept {c['kept']} of {c['candidates']} candidates ({c[PENDING_DIALOGUE]} pass the rules but have "
+                 "no dialogue)",
+                 f"dataset: {self.out_dir / 'dataset'}   (datasets.load_dataset / ray.data.read_parquet)",
+                 f"report:  {self.out_dir / 'report' / 'report.md'}"]
+        if c[PENDING_DIALOGUE]:
+            lines += [f"PENDING DIALOGUE: {c[PENDING_DIALOGUE]} row(s) pass the new rules but were filtered out at "
+                      f"build time, so {m['refiltered_from']} has no images or dialogue for them; they are not in "
+                      "this dataset. To complete them, re-run the build on the original output with these rules "
+                      "(only rules + dialogue are recomputed):",
+                      f"  {m['rebuild_command']}"]
+        return "\n".join(lines)
 
 
-def refilter(dataset_dir: str | Path, overrides: list[str] | None, out_dir: str | Path) -> RefilterResult:
-    """Apply (overridden) rules to stored scores of ``dataset_dir``; write the result to ``out_dir``."""
-    import datasets
+def refilter(dataset_dir: str | os.PathLike, overrides: list[str] | None,
+             out_dir: str | os.PathLike) -> RefilterResult:
+    """Apply (overridden) rules to the stored scores of ``dataset_dir``; write the result to ``out_dir``.
 
+    Usage: ``refilter("outputs/tiny", ["build.rules.mode=quantile"], "outputs/tiny-q")``
+
+    Args:
+        dataset_dir: output directory of a complete ``cafe build`` (or of an earlier refilter).
+        overrides: ``build.rules.<key>=<value>`` items (YAML values), as ``cafe refilter --set``.
+        out_dir: new output directory: absent, empty, or an earlier refilter of ``dataset_dir`` (replaced).
+
+    Returns:
+        The output directory and its manifest.
+
+    Raises:
+        FileNotFoundError: ``dataset_dir`` is not a build output.
+        ValueError: ``out_dir`` is refused (see the module docstring), an override is outside
+            :data:`ALLOWED_OVERRIDES`, the source build is incomplete, or a dataset shard has no candidates.
+        pipeline.config.ConfigError: the overridden config is invalid.
+    """
+    from pipeline.report import load_manifest, write_report
+
+    t0 = time.perf_counter()
+    src, out = _check_locations(Path(dataset_dir), Path(out_dir))
+    old = load_manifest(src)
+    if old.get("status") == "incomplete":
+        raise ValueError(f"refilter: {src} is an incomplete build (manifest status 'incomplete'); re-run its "
+                         "`cafe build` until it completes, then refilter (quantiles need every candidate)")
+    _check_overrides(overrides)
+    cfg = load_config_dict(old["config"], f"{src / 'manifest.json'}#config", overrides)  # before any work
+
+    owner = uuid.uuid4().hex[:12]
+    tmp = out.parent / f".{out.name}.refilter-{owner}"
+    try:
+        manifest = _write(Storage(src), Storage(tmp, owner=owner), old, cfg, list(overrides or []), src)
+        manifest["timings_s"] = {"refilter_wall": round(time.perf_counter() - t0, 3)}
+        Storage(tmp, owner=owner).write_json("manifest.json", manifest)
+        _move_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # only left on failure: the success path renamed it
+    write_report(out, max_samples=cfg.build.report_samples)
+    Storage(out, owner=owner).write_bytes("_SUCCESS", b"")
+    log.info("refilter: %s -> %s: kept %d of %d candidates, %d pending dialogue", src, out,
+             manifest["counts"]["kept"], manifest["counts"]["candidates"], manifest["counts"][PENDING_DIALOGUE])
+    return RefilterResult(out, manifest)
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def _check_locations(src: Path, out: Path) -> tuple[Path, Path]:
+    """Both directories, resolved; refuse an ``out`` that would overwrite SRC or another build."""
+    if not (src / "manifest.json").is_file() or not (src / "candidates").is_dir():
+        raise FileNotFoundError(f"refilter: {src} is not a build output (needs manifest.json and candidates/)")
+    s, o = src.resolve(), out.resolve()
+    if o == s or s in o.parents:
+        raise ValueError(f"refilter --out {out}: is the dataset directory {src} or inside it; choose a directory "
+                         "outside it")
+    if o in s.parents:
+        raise ValueError(f"refilter --out {out}: contains the dataset directory {src}; choose another directory")
+    if o.exists() and not o.is_dir():
+        raise ValueError(f"refilter --out {out}: exists and is not a directory")
+    if o.is_dir() and any(o.iterdir()):
+        origin = _refiltered_from(o)
+        if origin is None or Path(origin).resolve() != s:
+            what = (f"a refilter of {origin}" if origin is not None
+                    else "not a refilter output (its manifest.json records no refiltered_from)")
+            raise ValueError(f"refilter --out {out}: exists, is not empty and is {what}; refusing to overwrite it. "
+                             f"Choose another --out, or delete it first (only an earlier refilter of {src} is "
+                             "replaced)")
+    return s, o
+
+
+def _refiltered_from(out: Path) -> str | None:
+    import json
+
+    try:
+        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    origin = manifest.get("refiltered_from") if isinstance(manifest, dict) else None
+    return origin if isinstance(origin, str) else None
+
+
+def _check_overrides(overrides: list[str] | None) -> None:
+    for item in overrides or []:
+        key = str(item).split("=", 1)[0].strip()
+        if not any(key == a or key.startswith(a + ".") for a in ALLOWED_OVERRIDES):
+            raise ValueError(f"refilter --set {item!r}: only {', '.join(k + '.*' for k in ALLOWED_OVERRIDES)} can "
+                             "change in a refilter (other settings change the data: run `cafe build` for them)")
+
+
+# ------------------------------------------------------------------------------------------------ work
+
+
+def _chunk_of(key: str, prefix: str = "") -> str:
+    """``dataset/data/train-000003.parquet`` → ``000003`` (``prefix`` = ``train-``)."""
+    return key.rsplit("/", 1)[-1].removesuffix(".parquet").removeprefix(prefix)
+
+
+def _write(src: Storage, new: Storage, old: dict, cfg: CafeConfig, overrides: list[str], src_dir: Path) -> dict:
+    """Write every table and the dataset card into ``new``; return the manifest (not yet written)."""
     from filtering.rules import apply_rules, count_reasons
-    from pipeline.store import save_dataset
+    from pipeline.build import write_dataset_card
 
-    src, out = Path(dataset_dir), Path(out_dir)
-    if src.resolve() == out.resolve():
-        raise ValueError("refilter: --out must differ from the dataset directory")
-    manifest_path = src / "manifest.json"
-    if not manifest_path.is_file() or not (src / "candidates").is_dir():
-        raise FileNotFoundError(f"{src}: not a build output (needs manifest.json and candidates/)")
-    old = json.loads(manifest_path.read_text())
-    cfg = load_config_dict(old["config"], f"{manifest_path}#config", overrides)  # validated before any work
-    rules = cfg.build.rules
+    cand_keys = parquet_shards(src, "candidates")
+    chunks = [_chunk_of(k) for k in cand_keys]
+    data_keys = {_chunk_of(k, "train-"): k for k in parquet_shards(src, "dataset")}
+    orphans = sorted(set(data_keys) - set(chunks))
+    if orphans:
+        raise ValueError(f"refilter: {src.uri}/dataset has shards of chunk(s) {orphans[:5]} but candidates/ has none "
+                         "(not a complete build output)")
 
-    candidates = datasets.load_from_disk(str(src / "candidates"))
-    table = candidates.data.table
-    scores = {c: np.asarray(table[c].to_numpy(zero_copy_only=False), dtype=np.float32) for c in (S.CLIP_T, S.DINO)}
-    decision = apply_rules(scores, rules)
-    has_dialogue = np.asarray(table[S.USER_TEXT].is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-    keep = decision.keep & has_dialogue
-    pending = int(np.count_nonzero(decision.keep & ~has_dialogue))
+    # pass 1: the two score columns of every candidate, for the rule (quantiles over all candidates)
+    sizes, clip_t, dino = [], [], []
+    for key in cand_keys:
+        t = src.read_parquet(key, columns=[S.CLIP_T, S.DINO])
+        sizes.append(t.num_rows)
+        clip_t.append(np.asarray(t.column(S.CLIP_T).to_numpy(), dtype=np.float64))  # nulls -> NaN
+        dino.append(np.asarray(t.column(S.DINO).to_numpy(), dtype=np.float64))
+    empty = np.zeros(0, dtype=np.float64)
+    decision = apply_rules({S.CLIP_T: np.concatenate(clip_t) if clip_t else empty,
+                            S.DINO: np.concatenate(dino) if dino else empty}, cfg.build.rules)
 
-    import pyarrow as pa
+    # pass 2, chunk by chunk: candidates with the new decision, dataset rows that pass, dialogue outcomes
+    for table in ("candidates", "dataset", "quarantine"):
+        os.makedirs(new.path(f"{table}/data"), exist_ok=True)  # zero shards is still a table
+    h = hashlib.sha256()
+    kept = dataset_bytes = pending = 0
+    dialogue_removed: dict[str, int] = {}
+    offset = 0
+    for chunk, key, n in zip(chunks, cand_keys, sizes):
+        keep = np.asarray(decision.keep[offset:offset + n], dtype=bool)
+        reason = decision.reason[offset:offset + n]
+        offset += n
+        cand = src.read_parquet(key)
+        cand = cand.set_column(cand.schema.get_field_index(S.KEEP), cand.schema.field(S.KEEP), pa.array(keep))
+        cand = cand.set_column(cand.schema.get_field_index(S.FILTER_REASON), cand.schema.field(S.FILTER_REASON),
+                               pa.array(list(reason), pa.string()))
+        new.write_parquet(f"candidates/data/{chunk}.parquet", cand)
+        passing = cand.column(S.ID).filter(pa.array(keep))
 
-    new_table = table.set_column(table.schema.get_field_index(S.KEEP), S.KEEP, pa.array(decision.keep))
-    new_table = new_table.set_column(new_table.schema.get_field_index(S.FILTER_REASON), S.FILTER_REASON,
-                                     pa.array(list(decision.reason), pa.string()))
-    new_candidates = datasets.Dataset(new_table, info=candidates.info)
-    kept = new_candidates.select(np.flatnonzero(keep)).select_columns(list(S.DATASET_COLUMNS))
-    kept = kept.flatten_indices()
-    out.mkdir(parents=True, exist_ok=True)
-    save_dataset(kept, out / "dataset")
-    save_dataset(new_candidates, out / "candidates")
-    if (src / "quarantine").is_dir():
-        if (out / "quarantine").exists():
-            shutil.rmtree(out / "quarantine")
-        shutil.copytree(src / "quarantine", out / "quarantine")
-    n = len(table)
-    reasons = {k: v for k, v in count_reasons(decision).items() if k != "kept" and v}
+        present = pa.array([], pa.string())
+        if chunk in data_keys:
+            rows = _filtered_rows(src, data_keys[chunk], passing)
+            dataset_bytes += new.write_parquet(f"dataset/data/train-{chunk}.parquet", rows)
+            h.update(f"{chunk}:{table_hash(rows)}\n".encode())  # as pipeline.build._aggregate
+            kept += rows.num_rows
+            present = rows.column(S.ID)
+        missing = pc.filter(passing, pc.invert(pc.is_in(passing, value_set=present))).to_pylist()
+        rejected = _dialogue_rejections(src, f"quarantine/data/{chunk}.parquet")
+        for row_id in missing:
+            if row_id in rejected:  # its dialogue was rejected at build time: keeps that reason
+                dialogue_removed[rejected[row_id]] = dialogue_removed.get(rejected[row_id], 0) + 1
+            else:
+                pending += 1
+
+    quarantined = 0
+    for key in parquet_shards(src, "quarantine"):
+        data = src.read_bytes(key)
+        new.write_bytes(key, data)
+        with open_parquet(src, key) as f:
+            quarantined += f.metadata.num_rows
+
     n_pass = int(np.count_nonzero(decision.keep))
-    funnel = [{"stage": "rules", "unit": "rows", "in": n, "out": n_pass, "removed": reasons},
-              {"stage": "dialogue", "unit": "rows", "in": n_pass, "out": n_pass - pending,
-               "removed": {"pending_dialogue": pending} if pending else {}}]
+    if pending:
+        dialogue_removed[PENDING_DIALOGUE] = pending
+    upstream = [rec for rec in old.get("funnel", []) if rec["stage"] in _UPSTREAM_STAGES]
+    funnel = upstream + [
+        {"stage": "rules", "unit": "rows", "in": int(decision.keep.size), "out": n_pass,
+         "removed": {r: c for r, c in count_reasons(decision).items() if r != "kept" and c}},
+        {"stage": "dialogue", "unit": "rows", "in": n_pass, "out": kept, "removed": dialogue_removed},
+    ]
+    manifest = _manifest(old, cfg, overrides, src_dir, decision.thresholds, funnel, {
+        "kept": kept, "candidates": int(decision.keep.size), "quarantined": quarantined,
+        "dataset_bytes": dataset_bytes, PENDING_DIALOGUE: pending}, h.hexdigest(), len(chunks))
+    write_dataset_card(new, manifest)
+    return manifest
+
+
+def _filtered_rows(src: Storage, key: str, passing: pa.Array) -> pa.Table:
+    """The rows of one dataset shard whose id is in ``passing``, as one contiguous table (its schema kept)."""
+    ids = src.read_parquet(key, columns=[S.ID]).column(S.ID)
+    mask = pc.is_in(ids, value_set=passing)
+    if not pc.any(mask).as_py():  # nothing passes: do not read the images at all
+        with open_parquet(src, key) as f:
+            return f.schema_arrow.empty_table()
+    table = src.read_parquet(key)
+    if not pc.all(mask).as_py():
+        table = table.filter(mask)
+    return table.combine_chunks()  # one chunk, as the sink's table: the same table_hash
+
+
+def _dialogue_rejections(src: Storage, key: str) -> dict[str, str]:
+    """``{row id: reason}`` of the rows one quarantine shard records as rejected by the dialogue stage."""
+    if not src.is_file(key):
+        return {}
+    q = src.read_parquet(key, columns=[S.Q_ID, S.Q_STAGE, S.Q_REASON])
+    q = q.filter(pc.equal(q.column(S.Q_STAGE), "dialogue"))
+    return dict(zip(q.column(S.Q_ID).to_pylist(), q.column(S.Q_REASON).to_pylist()))
+
+
+def _manifest(old: dict, cfg: CafeConfig, overrides: list[str], src_dir: Path, thresholds: dict, funnel: list,
+              counts: dict, dataset_hash: str, num_chunks: int) -> dict:
+    from pipeline.build import code_version, stage_keys
+    from pipeline.redact import redact_obj
+
+    rules = cfg.build.rules
+    applied = {S.CLIP_T: _finite(thresholds["clip_t_min"]), S.DINO: _finite(thresholds["dino_min"])}
+    fingerprints = old.get("model_fingerprints") or {}
+    keys = stage_keys(cfg, fingerprints)  # rules + dialogue keys of a build with these rules
+    changed = [k for k in _UPSTREAM_STAGES if k in (old.get("keys") or {}) and old["keys"][k] != keys.get(k)]
+    if changed:
+        log.warning("refilter: the %s key(s) computed now differ from the source build's (code or schema changed "
+                    "since); the manifest records both (keys, source_keys)", changed)
+    original = old.get("original_build") or str(src_dir)
+    original_rules = old.get("original_rules") or old["config"]["build"]["rules"]
     manifest = {
-        **{k: old[k] for k in ("schema_version", "model_fingerprints", "code_version") if k in old},
+        "schema_version": S.SCHEMA_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "refiltered_from": str(src),
-        "source_dataset_hash": old.get("dataset_hash"),
+        "status": "complete" if counts[PENDING_DIALOGUE] == 0 else PENDING_DIALOGUE,
+        "config_path": old.get("config_path"),
         "config": cfg.model_dump(mode="json"),
-        "config_hash": old.get("config_hash"),
-        "overrides": list(overrides or []),
+        "keys": keys,
+        "config_hash": keys["dialogue"],
+        "model_fingerprints": fingerprints,
+        "code_version": old.get("code_version"),
+        "refilter_code_version": code_version(),
+        "license": old.get("license"),
         "funnel": funnel,
         "rules": {"mode": rules.mode, "clip_t_min": rules.clip_t_min, "dino_min": rules.dino_min,
                   "clip_t_quantile": rules.clip_t_quantile, "dino_quantile": rules.dino_quantile,
-                  "thresholds": {"clip_t": decision.thresholds["clip_t_min"],
-                                 "dino": decision.thresholds["dino_min"]}},
-        "counts": {"kept": len(kept), "candidates": n, "pending_dialogue": pending,
-                   "quarantined": old.get("counts", {}).get("quarantined", 0)},
-        "dataset_hash": content_hash(kept.data.table),
+                  "thresholds": {k: v for k, v in applied.items() if v is not None}},
+        "counts": counts,
+        "pending": old.get("pending", 0),
+        "dataset_hash": dataset_hash,
         "timings_s": {},
+        "num_chunks": old.get("num_chunks", num_chunks),
+        "refiltered_from": str(src_dir),
+        "source_dataset_hash": old.get("dataset_hash"),
+        "source_keys": old.get("keys"),
+        "overrides": overrides,
+        "original_build": original,
+        "original_rules": original_rules,
+        "rebuild_command": _rebuild_command(old.get("config_path"), original, original_rules, rules, applied),
     }
-    atomic_write_json(out / "manifest.json", manifest)
-    from pipeline.report import write_report
+    return redact_obj(manifest)
 
-    write_report(out)
-    atomic_write_bytes(out / "_SUCCESS", b"")
-    return RefilterResult(out, manifest)
+
+def _rebuild_command(config_path: str | None, original: str, original_rules: dict, rules, applied: dict) -> str:
+    """The ``cafe build`` that completes pending rows: the original output, these rules as ``--set`` items.
+
+    A quantile rule becomes the absolute thresholds it resolved to over all candidates (a build would apply
+    quantiles per chunk).
+    """
+    if rules.mode == "quantile":
+        target = {"mode": "absolute", "clip_t_min": applied[S.CLIP_T], "dino_min": applied[S.DINO]}
+    else:
+        target = {k: getattr(rules, k) for k in ("mode", "clip_t_min", "dino_min", "clip_t_quantile", "dino_quantile")}
+    sets = [f"build.rules.{k}={v!r}" if isinstance(v, float) else f"build.rules.{k}={v}"
+            for k, v in target.items() if v is not None and original_rules.get(k) != v]
+    config = shlex.quote(config_path) if config_path else "CONFIG.yaml"
+    return " ".join(["cafe", "build", config, "--out", shlex.quote(original),
+                     *(f"--set {shlex.quote(s)}" for s in sets)])
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` (already checked: empty or ours) is moved aside, then removed."""
+    aside = None
+    if out.exists():
+        aside = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
+        os.replace(out, aside)
+    os.replace(tmp, out)
+    if aside is not None:
+        shutil.rmtree(aside)

@@ -5,9 +5,14 @@ Usage::
     path = write_report("runs/tiny")          # -> runs/tiny/report/report.md (``cafe report OUT``)
     print(funnel_text(json.loads(Path("runs/tiny/manifest.json").read_text())))  # end of ``cafe build``
 
-Inputs (layout in :mod:`pipeline.schema`): ``OUT/manifest.json`` (funnel, rules, counts, hashes, timings),
-``OUT/candidates/`` (score columns of every scored row), ``OUT/dataset/`` (kept rows) and
-``OUT/quarantine/``. Outputs, all rewritten on every call and written to a temp name then renamed:
+Inputs (layout in :mod:`training.data.schema`; a local output directory): ``OUT/manifest.json`` (funnel,
+rules, counts, hashes, timings) and the Parquet shards of ``OUT/candidates/data/``, ``OUT/dataset/data/``
+and ``OUT/quarantine/data/``. The shards are read lazily, batch by batch, and only the columns a section
+needs: ``clip_t`` and ``dino`` of the candidates (histograms), ``stage`` and ``reason`` of the quarantine
+(reason counts), ``id`` of the dataset (to find the first rows by id) and then all columns of only those
+``max_samples`` rows. Row counts come from the Parquet footers. Memory is the score arrays (8 bytes per
+candidate per score) plus one batch, never a whole image column. Outputs, all rewritten on every call and
+written to a temp name then renamed:
 
 * ``report.md`` — funnel table, counts, quarantine reasons by stage, thresholds, hashes, timings, figure
   links and the text of the sample rows;
@@ -17,25 +22,32 @@ Inputs (layout in :mod:`pipeline.schema`): ``OUT/manifest.json`` (funnel, rules,
 * ``samples.png`` — one row per sample (source, target, instruction + dialogue): the first ``max_samples``
   kept rows by id.
 
-A figure whose input is absent (no ``candidates``, no kept rows) is not drawn, the report says why, and a
-stale copy from an earlier run is removed. A funnel record whose ``in`` is not ``out + sum(removed)`` is
-reported with a warning line, never corrected. Matplotlib is used through its object API on the Agg
-canvas (no pyplot state, no display). This module does not import Ray.
+A table directory that is absent is reported as such; one with zero shards (or only empty shards) is an
+empty table. A figure whose input is absent or empty (no ``candidates``, no kept rows) is not drawn, the
+report says why, and a stale copy from an earlier run is removed. A funnel record whose ``in`` is not
+``out + sum(removed)`` is reported with a warning line, never corrected; so is a manifest count that
+differs from the rows on disk. Matplotlib is used through its object API on the Agg canvas (no pyplot
+state, no display). This module does not import Ray.
 """
 from __future__ import annotations
 
+import heapq
 import io
 import json
 import math
 import os
 import textwrap
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
-from pipeline import schema
+from pipeline.store import Storage, open_parquet, parquet_shards
+from training.data import schema
 
 __all__ = ["write_report", "funnel_text", "funnel_warnings", "load_manifest", "REPORT_DIR", "FIGURES"]
 
@@ -52,6 +64,8 @@ _DPI = 100
 _THUMB = 192  # px, longer side of the sample images in samples.png
 _WRAP = 64  # characters per line of the dialogue text in samples.png
 _MAX_TEXT_LINES = 6  # per dialogue turn in samples.png (report.md carries the full text)
+_BATCH = 65_536  # rows per batch when streaming narrow columns (ids, scores, reasons)
+_SAMPLE_BATCH = 16  # rows per batch when reading the sample rows' image columns
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -213,15 +227,15 @@ def write_report(out_dir: str | os.PathLike[str], max_samples: int = 8) -> Path:
     else:
         md += ["The manifest has no funnel records.", ""]
 
-    kept_ds = _load(out / "dataset")
-    quarantine = _load(out / "quarantine")
-    md += _counts_section(manifest, kept_ds, quarantine)
-    md += _quarantine_section(quarantine)
+    storage = Storage(out)
+    tables = {name: _Shards.open(storage, name) for name in ("candidates", "dataset", "quarantine")}
+    md += _counts_section(manifest, tables)
+    md += _quarantine_section(tables["quarantine"])
 
     rules = manifest.get("rules", {})
     md += _thresholds_section(rules)
-    md += _score_sections(out, rules, save)
-    md += _samples_section(kept_ds, max_samples, save)
+    md += _score_sections(tables["candidates"], rules, save)
+    md += _samples_section(tables["dataset"], max_samples, save)
     md += _timings_section(manifest)
 
     for role, name in FIGURES.items():  # a figure not drawn this time must not be left from a previous run
@@ -239,6 +253,7 @@ def write_report(out_dir: str | os.PathLike[str], max_samples: int = 8) -> Path:
 
 def _identity_section(manifest: dict[str, Any]) -> list[str]:
     rows = [(k, manifest.get(k)) for k in ("created", "dataset_hash", "config_hash")]
+    rows += [(k, manifest[k]) for k in ("refiltered_from", "source_dataset_hash") if k in manifest]
     lines = ["| field | value |", "|---|---|"]
     lines += [f"| {k} | {_cell('`' + str(v) + '`' if v is not None else 'not recorded')} |" for k, v in rows]
     return lines + [""]
@@ -256,7 +271,7 @@ def _funnel_table(funnel: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _counts_section(manifest: dict[str, Any], kept_ds: Any, quarantine: Any) -> list[str]:
+def _counts_section(manifest: dict[str, Any], tables: dict[str, "_Shards | None"]) -> list[str]:
     counts = manifest.get("counts", {})
     lines = ["## Counts", "", "| count | value |", "|---|---:|"]
     for key in ("candidates", "kept", "quarantined"):
@@ -264,22 +279,27 @@ def _counts_section(manifest: dict[str, Any], kept_ds: Any, quarantine: Any) -> 
     kept, candidates = counts.get("kept"), counts.get("candidates")
     if _is_count(kept) and _is_count(candidates) and candidates > 0:
         lines.append(f"| kept / candidates | {kept / candidates:.1%} |")
+    if "pending_dialogue" in counts:  # a refilter: rows that pass its rules but have no dialogue yet
+        lines.append(f"| pending_dialogue | {counts['pending_dialogue']} |")
     lines.append("")
-    # the manifest is what the build claims, the tables are what it wrote: say so when they disagree
-    for key, ds, where in (("kept", kept_ds, "dataset"), ("quarantined", quarantine, "quarantine")):
-        if ds is not None and counts.get(key) is not None and counts[key] != ds.num_rows:
-            lines += [f"> **Warning:** manifest counts.{key} = {counts[key]} but `{where}/` has {ds.num_rows} rows", ""]
+    # the manifest is what the build claims, the shards are what it wrote: say so when they disagree
+    for key, where in (("candidates", "candidates"), ("kept", "dataset"), ("quarantined", "quarantine")):
+        table = tables[where]
+        if table is not None and counts.get(key) is not None and counts[key] != table.num_rows:
+            lines += [f"> **Warning:** manifest counts.{key} = {counts[key]} but `{where}/` has {table.num_rows} rows",
+                      ""]
     return lines
 
 
-def _quarantine_section(quarantine: Any) -> list[str]:
+def _quarantine_section(quarantine: "_Shards | None") -> list[str]:
     lines = ["## Quarantine", ""]
     if quarantine is None:
         return lines + ["No `quarantine/` table in this output directory.", ""]
     if quarantine.num_rows == 0:
         return lines + ["No rows or inputs were quarantined.", ""]
-    table = _arrow(quarantine, [schema.Q_STAGE, schema.Q_REASON])
-    pairs = Counter(zip(table.column(schema.Q_STAGE).to_pylist(), table.column(schema.Q_REASON).to_pylist()))
+    pairs: Counter[tuple[Any, Any]] = Counter()
+    for batch in quarantine.batches([schema.Q_STAGE, schema.Q_REASON]):
+        pairs.update(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()))
     order = {s: i for i, s in enumerate(schema.STAGES)}
     lines += ["| stage | reason | count |", "|---|---|---:|"]
     for (stage, reason), n in sorted(
@@ -304,20 +324,21 @@ def _thresholds_section(rules: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def _score_sections(out: Path, rules: dict[str, Any], save: Any) -> list[str]:
+def _score_sections(candidates: "_Shards | None", rules: dict[str, Any], save: Any) -> list[str]:
     lines = ["## Score distributions", ""]
-    candidates = _load(out / "candidates")
     if candidates is None:
         return lines + ["No `candidates/` table in this output directory: score histograms not drawn.", ""]
-    present = [c for c in (schema.CLIP_T, schema.DINO) if c in candidates.column_names]
-    table = _arrow(candidates, present)
+    present = [c for c in (schema.CLIP_T, schema.DINO) if c in candidates.schema.names]
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in present}
+    for batch in candidates.batches(present):
+        for c in present:  # nulls become NaN in the float conversion; both count as "no score"
+            parts[c].append(np.asarray(batch.column(c).to_numpy(zero_copy_only=False), dtype=np.float64))
     thresholds = rules.get("thresholds", {})
     for score in (schema.CLIP_T, schema.DINO):
         if score not in present:
             lines += [f"`candidates/` has no `{score}` column: histogram not drawn.", ""]
             continue
-        # nulls become NaN in the float conversion; both count as "no score"
-        values = np.asarray(table.column(score).to_numpy(), dtype=np.float64)
+        values = np.concatenate(parts[score]) if parts[score] else np.zeros(0, dtype=np.float64)
         finite = values[np.isfinite(values)]
         n_nan = int(values.size - finite.size)
         threshold = _finite(thresholds.get(score))
@@ -333,17 +354,17 @@ def _score_sections(out: Path, rules: dict[str, Any], save: Any) -> list[str]:
     return lines
 
 
-def _samples_section(kept_ds: Any, max_samples: int, save: Any) -> list[str]:
+def _samples_section(kept: "_Shards | None", max_samples: int, save: Any) -> list[str]:
     lines = ["## Samples", ""]
-    if kept_ds is None:
+    if kept is None:
         return lines + ["No `dataset/` table in this output directory: no samples.", ""]
-    if kept_ds.num_rows == 0:
+    if kept.num_rows == 0:
         return lines + ["No rows were kept (the dataset is empty): no samples figure.", ""]
     if max_samples == 0:
         return lines + ["`max_samples` is 0: no samples figure.", ""]
-    rows = _first_by_id(kept_ds, max_samples)
+    rows = _first_by_id(kept, max_samples)
     save("samples", _samples_figure(rows))
-    lines += [f"The first {len(rows)} of {kept_ds.num_rows} kept rows by id.", "",
+    lines += [f"The first {len(rows)} of {kept.num_rows} kept rows by id.", "",
               f"![samples]({FIGURES['samples']})", ""]
     for i, row in enumerate(rows, 1):
         scores = ", ".join(
@@ -471,7 +492,7 @@ def _samples_figure(rows: list[dict[str, Any]]) -> Any:
                 thumb = image.convert("RGB")
                 thumb.thumbnail((_THUMB, _THUMB))
                 ax.imshow(np.asarray(thumb))
-            ax.set_title(f"{title} · {row[schema.ID]}" if j == 0 else title, fontsize=8)
+            ax.set_title(f"{title} · {_short_id(row[schema.ID])}" if j == 0 else title, fontsize=8)
         ax = fig.add_subplot(grid[i, 2])
         ax.set_axis_off()
         text = "\n".join([
@@ -481,6 +502,12 @@ def _samples_figure(rows: list[dict[str, Any]]) -> Any:
         ])
         ax.text(0.0, 1.0, text, ha="left", va="top", fontsize=8, family="monospace", transform=ax.transAxes)
     return fig
+
+
+def _short_id(row_id: Any) -> str:
+    """A row id short enough for a figure title (report.md carries the full id)."""
+    text = str(row_id)
+    return text if len(text) <= 16 else text[:12] + "…"
 
 
 def _wrap(prefix: str, text: Any) -> list[str]:
@@ -502,34 +529,114 @@ def _save_figure(fig: Any, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _load(path: Path) -> Any:
-    """``datasets.load_from_disk(path)``, or ``None`` when the table is absent.
+@dataclass
+class _Shards:
+    """One table of a build output (``OUT/<name>/data/*.parquet``), read lazily through its shards."""
 
-    ``Dataset.save_to_disk`` writes an empty table as zero shards, which ``load_from_disk`` cannot read
-    back (datasets 5.x); such a table is returned as an empty dataset with its recorded features.
+    storage: Storage
+    keys: list[str]
+    schema: pa.Schema
+    num_rows: int
+
+    @classmethod
+    def open(cls, storage: Storage, name: str) -> "_Shards | None":
+        """The table ``name``, or ``None`` when ``OUT/<name>/`` is absent; zero shards are an empty table.
+
+        Only the footers are read: the schema (of the first shard; the table's schema when there are no
+        shards) and the row counts.
+        """
+        if not storage.exists(name):
+            return None
+        keys = parquet_shards(storage, name)
+        num_rows, arrow_schema = 0, _DEFAULT_SCHEMAS[name]()
+        for i, key in enumerate(keys):
+            with open_parquet(storage, key) as f:
+                num_rows += f.metadata.num_rows
+                if i == 0:
+                    arrow_schema = f.schema_arrow
+        return cls(storage, keys, arrow_schema, num_rows)
+
+    def batches(self, columns: list[str], batch_size: int = _BATCH) -> Iterator[pa.RecordBatch]:
+        """Record batches of ``columns`` over every shard in order (a shard lacking a column is an error)."""
+        for key in self.keys:
+            with open_parquet(self.storage, key) as f:
+                yield from f.iter_batches(batch_size=batch_size, columns=columns)
+
+
+_DEFAULT_SCHEMAS = {
+    "candidates": lambda: schema.arrow_schema("candidates"),
+    "quarantine": lambda: schema.arrow_schema("quarantine"),
+    "dataset": lambda: schema.dataset_features(False).arrow_schema,
+}
+
+
+def _first_by_id(kept: _Shards, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` rows of ``kept`` by id, decoded (PIL images).
+
+    Two passes: the id column, streamed, keeps the ``n`` smallest (id, shard, row); then only those rows are
+    read, ``_SAMPLE_BATCH`` rows at a time from the row groups that hold them.
     """
-    if not path.is_dir():
-        return None
-    import datasets
-
-    state = path / "state.json"
-    if state.is_file() and json.loads(state.read_text(encoding="utf-8")).get("_data_files") == []:
-        features = datasets.DatasetInfo.from_directory(str(path)).features
-        return datasets.Dataset.from_dict({name: [] for name in features or {}}, features=features)
-    return datasets.load_from_disk(str(path))
-
-
-def _first_by_id(ds: Any, n: int) -> list[dict[str, Any]]:
-    """The first ``n`` rows of ``ds`` by id (decoded; only the id column is sorted, only ``n`` rows read)."""
     import pyarrow.compute as pc
 
-    order = pc.sort_indices(_arrow(ds, [schema.ID]), sort_keys=[(schema.ID, "ascending")])
-    return list(ds.select(order[:n].to_pylist()))
+    best: list[tuple[str, int, int]] = []
+    for shard, key in enumerate(kept.keys):
+        offset = 0
+        with open_parquet(kept.storage, key) as f:
+            for batch in f.iter_batches(batch_size=_BATCH, columns=[schema.ID]):
+                k = min(n, batch.num_rows)
+                if k:
+                    idx = pc.select_k_unstable(batch, k, sort_keys=[(schema.ID, "ascending")]).to_pylist()
+                    ids = batch.column(0)
+                    best = heapq.nsmallest(n, best + [(ids[j].as_py(), shard, offset + j) for j in idx
+                                                      if ids[j].is_valid])
+                offset += batch.num_rows
+    wanted = [c for c in schema.DATASET_COLUMNS if c in kept.schema.names]
+    found: dict[tuple[int, int], dict[str, Any]] = {}
+    for shard in sorted({s for _, s, _ in best}):
+        rows = sorted(r for _, s, r in best if s == shard)
+        found.update({(shard, r): row for r, row in _read_rows(kept.storage, kept.keys[shard], rows, wanted).items()})
+    return [_decode_images(found[(shard, row)]) for _, shard, row in best]
 
 
-def _arrow(ds: Any, columns: list[str]) -> Any:
-    """The ``columns`` of a ``datasets.Dataset`` as a ``pyarrow.Table`` (no image decoding)."""
-    return ds.select_columns(columns).with_format("arrow")[:]
+def _read_rows(storage: Storage, key: str, rows: list[int], columns: list[str]) -> dict[int, dict[str, Any]]:
+    """Rows ``rows`` (sorted indices into the shard) of ``columns``, reading only the row groups holding them."""
+    out: dict[int, dict[str, Any]] = {}
+    with open_parquet(storage, key) as f:
+        start = 0
+        for rg in range(f.metadata.num_row_groups):
+            stop = start + f.metadata.row_group(rg).num_rows
+            here = [r for r in rows if start <= r < stop]
+            if here:
+                pos = start
+                for batch in f.iter_batches(batch_size=_SAMPLE_BATCH, row_groups=[rg], columns=columns):
+                    for r in here:
+                        if pos <= r < pos + batch.num_rows:
+                            out[r] = batch.slice(r - pos, 1).to_pylist()[0]
+                    pos += batch.num_rows
+                    if pos > here[-1]:
+                        break
+            start = stop
+    return out
+
+
+def _decode_images(row: dict[str, Any]) -> dict[str, Any]:
+    """Replace the HF ``Image`` cells (``{"bytes", "path"}``) of a row with PIL images."""
+    from PIL import Image
+
+    for key in (schema.INPUT_IMAGE, schema.TARGET_IMAGE):
+        cell = row.get(key)
+        if cell is None:
+            continue
+        if cell.get("bytes") is not None:
+            image = Image.open(io.BytesIO(cell["bytes"]))
+        elif cell.get("path"):
+            image = Image.open(cell["path"])
+        else:
+            row[key] = None
+            continue
+        image.load()
+        row[key] = image
+    return row
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -1,36 +1,46 @@
-"""The build's Ray Data stages: callable classes over batches of chunk ids, wrapping filtering/training code.
+"""The build's Ray Data stages: callable classes over blocks of rows, wrapping filtering/training code.
 
-Each stage reads its input chunk from the previous stage's committed output in the :class:`ChunkStore`,
-computes, and commits its own output — or skips a chunk it already committed (resume). Models are loaded
-once per actor, lazily, on the first chunk that needs them. Stages never import Ray: Ray Data wraps them
-(``map_batches(Stage, compute=ActorPoolStrategy(...), fn_constructor_kwargs=...)``) in :mod:`pipeline.build`.
+Rows travel in Ray Data blocks with the ``flight`` schema (:func:`training.data.schema.arrow_schema`): a
+pair row, or a quarantined or pending record, each tagged with its chunk (``_chunk``) and status
+(``_status``). The sources stage emits one block per chunk; later stages take whole blocks
+(``batch_size=None``), group them by chunk and batch their models internally (``profusion.batch_size``,
+``scoring.batch_size``), so a chunk's rows stay together: ProFusion fine-tunes once per source, and the sink
+commits a chunk all at once.
+
+Durable writes only where they pay (all through :class:`pipeline.store.Storage`, so ``s3://`` works):
+
+- ``_work/generate/<generate key>/<chunk>/part-N.parquet`` + ``commit.json``: generated rows and
+  every quarantine record so far (a sample costs ~12 GPU-s at paper scale; never generated twice);
+- ``_work/score/<score key>/<chunk>.parquet``: ids and three scores (a few bytes per row; lets a rules
+  change skip re-scoring);
+- the sink: dataset / candidates / quarantine shards, then ``_work/sink/<dialogue key>/<chunk>.json``.
+
+Everything else (decoding, rules, dialogue) is recomputed for a chunk that was not sunk. Failures are
+split in two: input-caused ones are quarantined with a reason; transient ones (device out of memory, a
+storage or LLM endpoint that is down) leave the record *pending*: its chunk is not sunk, the build exits
+non-zero saying how many, and the next run retries exactly those. Stages never import Ray.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
-from pathlib import Path
+import uuid
+from collections import OrderedDict
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline import schema as S
 from pipeline.config import CafeConfig
-from pipeline.store import ChunkStore, quarantine_table
+from pipeline.store import Storage, table_hash
+from training.data import schema as S
+from training.data.ids import row_id, stable_int
 
 log = logging.getLogger(__name__)
 
-
-def stable_int(*parts: object, bits: int = 31) -> int:
-    """Deterministic non-negative int from ``parts`` (sha256, never Python's ``hash``)."""
-    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "big") & ((1 << bits) - 1)
-
-
-def row_id(round_: int, source_id: str, phrase: str) -> str:
-    return hashlib.sha256(f"{round_}|{source_id}|{phrase}".encode()).hexdigest()[:16]
+FLIGHT = S.arrow_schema("flight")
+NEW = "_new"  # not a schema column: set on records the generation ledger has not committed yet
+Q_COLS = {S.Q_STAGE: "q_stage", S.Q_REASON: "q_reason", S.Q_DETAIL: "q_detail", S.Q_INPUT: "q_input"}
 
 
 def choose_phrases(source_id: str, phrases: list[str], k: int, seed: int) -> list[str]:
@@ -39,21 +49,43 @@ def choose_phrases(source_id: str, phrases: list[str], k: int, seed: int) -> lis
     return [phrases[i] for i in sorted(rng.choice(len(phrases), size=k, replace=False))]
 
 
-class ChunkStage:
-    """Base of every stage: skip committed chunks, otherwise ``process`` and commit."""
+def flight_table(records: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist([{f: r.get(f) for f in FLIGHT.names} for r in records], schema=FLIGHT)
+
+
+def quarantine_record(chunk: str, ident: str, source: dict | None, stage: str, reason: str, detail: str | None,
+                      source_uri: str, status: str = S.STATUS_QUARANTINED, row: dict | None = None) -> dict:
+    from pipeline.redact import redact, stable_detail
+
+    rec = dict(row or {})
+    rec.update({S.CHUNK: chunk, S.STATUS: status, S.ID: ident, S.SOURCE_URI: source_uri,
+                "q_stage": stage, "q_reason": reason,
+                "q_detail": None if detail is None else stable_detail(redact(str(detail)))[:500],
+                "q_input": source_uri})
+    if source is not None:
+        rec.setdefault(S.SOURCE_ID, source["source_id"])
+        rec.setdefault(S.CLASS, source.get("class_name"))
+    return rec
+
+
+def split_chunks(table: pa.Table) -> "OrderedDict[str, list[dict]]":
+    """Group a block's records by chunk (input order kept)."""
+    out: OrderedDict[str, list[dict]] = OrderedDict()
+    for r in table.to_pylist():
+        out.setdefault(r[S.CHUNK], []).append(r)
+    return out
+
+
+class _Stage:
+    """Base: parse the config once per actor; ``__call__`` splits a block into chunks for ``process``."""
 
     name = ""
-    input_stage: str | None = None
 
-    def __init__(self, config: dict, work_dir: str):
+    def __init__(self, config: dict, out: str, keys: dict, owner: str):
         self.cfg = CafeConfig.model_validate(config)
-        self.store = ChunkStore(work_dir)
-        self.plan = json.loads((Path(work_dir) / "plan.json").read_text())
+        self.out = Storage(out, owner=owner)
+        self.keys = keys
         self._ready = False
-        if self.name and any(not self.store.done(self.name, c) for c in self.plan["chunks"]):
-            # load now, while the upstream stages are busy, rather than when the first chunk arrives;
-            # a stage whose chunks are all committed (resume) never loads its models
-            self._setup_once()
 
     def _setup_once(self) -> None:
         if not self._ready:
@@ -63,47 +95,77 @@ class ChunkStage:
             log.info("%s: setup took %.1f s", self.name, time.perf_counter() - t0)
 
     def setup(self) -> None:
-        """Load models (called once, on the first chunk that is not committed yet)."""
+        """Load models (once per actor, on the first chunk that needs them)."""
 
-    def process(self, chunk: dict, rows: pa.Table | None) -> tuple[pa.Table, list[dict], dict]:
+    def process(self, chunk: str, records: list[dict]) -> list[dict]:
         raise NotImplementedError
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        for chunk_id in batch["chunk_id"]:
-            chunk_id = str(chunk_id)
-            if self.store.done(self.name, chunk_id):
-                continue
-            self._setup_once()
-            t0 = time.perf_counter()
-            rows = self.store.rows(self.input_stage, chunk_id) if self.input_stage else None
-            out, quarantined, counts = self.process(self.plan["chunks"][chunk_id], rows)
-            for record in counts.values():
-                record["seconds"] = time.perf_counter() - t0
-            self.store.commit(self.name, chunk_id, out, quarantine_table(quarantined), counts)
-        return {"chunk_id": batch["chunk_id"]}
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        extra = [NEW] if NEW in batch.column_names else []
+        outs = []
+        for chunk, records in split_chunks(batch).items():
+            outs.extend(self.process(chunk, records))
+        table = flight_table(outs)
+        if extra or any(NEW in r for r in outs):
+            table = table.append_column(NEW, pa.array([bool(r.get(NEW)) for r in outs], pa.bool_()))
+        return table
 
 
-def _funnel(unit: str, n_in: int, n_out: int, removed: dict[str, int]) -> dict:
-    return {"unit": unit, "in": n_in, "out": n_out, "removed": {k: v for k, v in removed.items() if v}}
+def plan_sources(out: Storage, plan_key: str, chunk: str) -> list[dict]:
+    table = out.read_parquet(f"_work/plan/{plan_key}/{chunk}.parquet")
+    return [json.loads(s) for s in table["source"].to_pylist()]
 
 
-def _pairs_table(rows: list[dict]) -> pa.Table:
-    schema = S.arrow_schema("pairs")
-    return pa.table({f.name: [r.get(f.name) for r in rows] for f in schema}, schema=schema)
+# ------------------------------------------------------------------------------------------------ ledger
+
+
+class GenerationLedger:
+    """``_work/generate/<key>/<chunk>/``: parts + ``commit.json`` (parts, pending sources), marker last."""
+
+    def __init__(self, out: Storage, key: str, chunk: str):
+        self.out, self.dir = out, f"_work/generate/{key}/{chunk}"
+
+    def commit_info(self) -> dict | None:
+        return self.out.read_json(f"{self.dir}/commit.json")
+
+    def records(self, info: dict | None = None) -> list[dict]:
+        info = info if info is not None else self.commit_info()
+        recs: list[dict] = []
+        for part in (info or {}).get("parts", []):
+            recs.extend(self.out.read_parquet(f"{self.dir}/{part}").to_pylist())
+        return recs
+
+    def commit(self, records: list[dict], pending_sources: list[str]) -> None:
+        info = self.commit_info() or {"parts": []}
+        if records:
+            part = f"part-{len(info['parts']):03d}-{uuid.uuid4().hex[:6]}.parquet"
+            self.out.write_parquet(f"{self.dir}/{part}", flight_table(records))
+            info["parts"].append(part)
+        info["pending_sources"] = sorted(pending_sources)
+        self.out.write_json(f"{self.dir}/commit.json", info)  # the marker: written last
+        self.out.delete_dir(f"{self.dir}/attempts")  # finished normally: only deaths mid-chunk accumulate
+
+    def attempt(self) -> int:
+        """Record one more attempt at this chunk; return how many were made before it."""
+        n = len(self.out.list(f"{self.dir}/attempts"))
+        self.out.write_bytes(f"{self.dir}/attempts/{uuid.uuid4().hex}", b"")
+        return n
 
 
 # ----------------------------------------------------------------------------------------------- sources
 
 
-class SourcesStage(ChunkStage):
-    """Decode (or generate) each source once, then expand it into k (source, instruction) rows."""
+class SourcesStage(_Stage):
+    """Chunk id → the chunk's records: committed generation output, plus decoded sources still to generate."""
 
     name = "sources"
 
     def setup(self) -> None:
         from filtering.images import ImagePolicy
+        from pipeline.sources import SourceReader
 
         self.policy = ImagePolicy.from_sources_config(self.cfg.build.sources)
+        self.reader = SourceReader()
         self.pipe = None
         if self.cfg.build.sources.kind == "generate":
             from diffusers import StableDiffusionPipeline
@@ -118,11 +180,11 @@ class SourcesStage(ChunkStage):
             self.pipe.set_progress_bar_config(disable=True)
 
     def _load(self, source: dict) -> bytes:
-        from filtering.images import ImageRejected, QuarantineReason, decode_image, encode_png, read_file_bytes
+        from filtering.images import decode_image, encode_png
+        from pipeline.sources import read_source
 
         src_cfg = self.cfg.build.sources
-        kind = source["kind"]
-        if kind == "generate":
+        if source["kind"] == "generate":
             import torch
 
             prompt = src_cfg.prompt_template.replace("{class}", source["class_name"])
@@ -131,72 +193,77 @@ class SourcesStage(ChunkStage):
                               num_inference_steps=src_cfg.generation_steps, guidance_scale=src_cfg.guidance_scale,
                               generator=gen, output_type="pil").images[0]
             return encode_png(image)
-        if kind == "file":
-            data = read_file_bytes(source["path"], self.policy)
-        elif kind == "table":
-            data = _read_table_image(source["path"], source["row"], src_cfg.image_column)
-            if data is None:
-                raise ImageRejected(QuarantineReason.EMPTY_FILE, "image cell is null or empty")
-        else:
-            raise ImageRejected(QuarantineReason.UNREADABLE, f"unknown source kind {kind!r}")
-        return encode_png(decode_image(data, self.policy))
+        return encode_png(decode_image(read_source(source, self.cfg, self.policy, self.reader), self.policy))
 
-    def process(self, chunk: dict, rows: pa.Table | None):
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        outs: list[dict] = []
+        for chunk in batch["chunk"].to_pylist():
+            outs.extend(self.process(chunk, []))
+        table = flight_table(outs)
+        return table.append_column(NEW, pa.array([bool(r.get(NEW)) for r in outs], pa.bool_()))
+
+    def process(self, chunk: str, records: list[dict]) -> list[dict]:
         from filtering.images import ImageRejected
+        from training.errors import is_transient
 
+        ledger = GenerationLedger(self.out, self.keys["generate"], chunk)
+        info = ledger.commit_info()
+        committed = ledger.records(info)
+        done = {r[S.SOURCE_ID] for r in committed}
+        out = [{**r, NEW: False} for r in committed]
+        todo = [s for s in plan_sources(self.out, self.keys["plan"], chunk) if s["source_id"] not in done]
+        if todo:
+            self._setup_once()
         b = self.cfg.build
-        out, quarantined, removed = [], [], {}
-        for source in chunk["sources"]:
-            if source.get("reject"):  # planning already found it unusable (e.g. no class)
+        for source in todo:
+            if source.get("reject"):  # planning already found it unusable (e.g. no class, outside the root)
                 reason, detail = source["reject"]
-                png = None
-            else:
-                try:
-                    png, reason, detail = self._load(source), None, None
-                except ImageRejected as exc:
-                    png, reason, detail = None, exc.reason.value, exc.detail
-            if png is None:
-                quarantined.append({S.Q_ID: source["source_id"], S.Q_STAGE: self.name, S.Q_REASON: reason,
-                                    S.Q_DETAIL: detail, S.Q_INPUT: source["uri"]})
-                removed[reason] = removed.get(reason, 0) + 1
+                out.append({**quarantine_record(chunk, source["source_id"], source, self.name, reason, detail,
+                                                source["uri"]), NEW: True})
                 continue
-            for phrase in choose_phrases(source["source_id"], b.instructions.phrases,
-                                         b.instructions.per_source, self.cfg.run.seed):
+            try:
+                png = self._load(source)
+            except ImageRejected as exc:
+                out.append({**quarantine_record(chunk, source["source_id"], source, self.name, exc.reason.value,
+                                                exc.detail, source["uri"]), NEW: True})
+                continue
+            except Exception as exc:  # noqa: BLE001 - not the input's fault: keep it pending, retry next run
+                if isinstance(exc, (ValueError, TypeError)) and not is_transient(exc):
+                    out.append({**quarantine_record(chunk, source["source_id"], source, self.name, "unreadable",
+                                                    f"{type(exc).__name__}: {exc}", source["uri"]), NEW: True})
+                    continue
+                log.warning("source %s pending (transient): %s: %s", source["uri"], type(exc).__name__, exc)
+                out.append({**quarantine_record(chunk, source["source_id"], source, self.name, "transient",
+                                                f"{type(exc).__name__}: {exc}", source["uri"],
+                                                status=S.STATUS_PENDING), NEW: True})
+                continue
+            for phrase in choose_phrases(source["source_id"], b.instructions.phrases, b.instructions.per_source,
+                                         self.cfg.run.seed):
                 rid = row_id(b.round, source["source_id"], phrase)
                 out.append({
+                    S.CHUNK: chunk, S.STATUS: S.STATUS_ROW, NEW: True,
                     S.ID: rid, S.ROUND: b.round, S.SOURCE_ID: source["source_id"], S.SOURCE_URI: source["uri"],
                     S.CLASS: source["class_name"], S.INSTRUCTION: phrase,
                     S.FILLED_PROMPT: b.instructions.filled_prompt.format(**{"class": source["class_name"],
                                                                           "phrase": phrase}),
                     S.SEED: stable_int("row", self.cfg.run.seed, rid), S.SOURCE_PNG: png,
                 })
-        n = len(chunk["sources"])
-        return _pairs_table(out), quarantined, {"sources": _funnel("sources", n, n - len(quarantined), removed)}
-
-
-def _read_table_image(path: str, row: int, column: str) -> bytes | None:
-    import pyarrow.parquet as pq
-
-    if path.endswith(".parquet"):
-        table = pq.read_table(path, columns=[column])
-    else:
-        from pipeline.store import read_arrow
-
-        table = read_arrow(Path(path)).select([column])
-    value = table[column][row].as_py()
-    if isinstance(value, dict):  # HF Image feature: {"bytes": ..., "path": ...}
-        value = value.get("bytes")
-    return value or None
+        return out
 
 
 # ----------------------------------------------------------------------------------------------- generate
 
 
-class GenerateStage(ChunkStage):
-    """ProFusion (SPEC §4.5): fine-tune once per source (if configured), then sample each of its rows."""
+def generator_params(p) -> str:
+    return json.dumps({k: getattr(p, k) for k in (
+        "num_inference_steps", "s1", "s2", "refine_step", "gamma", "w_r", "refine_eta", "finetune",
+        "finetune_steps", "finetune_precision")}, sort_keys=True)
+
+
+class GenerateStage(_Stage):
+    """ProFusion (SPEC §4.5): fine-tune once per source (if configured), sample its rows, commit the chunk."""
 
     name = "generate"
-    input_stage = "sources"
 
     def setup(self) -> None:
         from training.methods.profusion import ProFusionGenerator
@@ -207,89 +274,141 @@ class GenerateStage(ChunkStage):
         self.generator = ProFusionGenerator(t2i.components, promptnet.components, self.cfg.build.profusion,
                                             device=resolve_device(self.cfg.models.t2i.device))
 
-    def process(self, chunk: dict, rows: pa.Table):
-        from filtering.images import decode_png_rgb, encode_png
+    def _generate_source(self, source_id: str, group: list[dict]) -> list[np.ndarray]:
+        from filtering.images import decode_png_rgb
+
+        p, ins = self.cfg.build.profusion, self.cfg.build.instructions
+        source = decode_png_rgb(group[0][S.SOURCE_PNG])
+        fill = lambda tpl, r: tpl.format(**{"class": r[S.CLASS], "phrase": r[S.INSTRUCTION]})  # noqa: E731
+        images: list[np.ndarray] = []
+        with self.generator.finetuned(source, seed=stable_int("finetune", self.cfg.run.seed, source_id)):
+            for i in range(0, len(group), p.batch_size):
+                part = group[i : i + p.batch_size]
+                images += self.generator.sample([source] * len(part), [fill(ins.sstar_prompt, r) for r in part],
+                                                [fill(ins.reference_prompt, r) for r in part],
+                                                [r[S.SEED] for r in part])
+        return images
+
+    def process(self, chunk: str, records: list[dict]) -> list[dict]:
         from PIL import Image
 
-        p = self.cfg.build.profusion
-        ins = self.cfg.build.instructions
-        params = json.dumps({k: getattr(p, k) for k in (
-            "num_inference_steps", "s1", "s2", "refine_step", "gamma", "w_r", "refine_eta", "finetune",
-            "finetune_steps")}, sort_keys=True)
-        records = rows.to_pylist()
-        by_source: dict[str, list[dict]] = {}
-        for r in records:
+        from filtering.images import encode_png
+        from training.errors import is_transient
+
+        need = [r for r in records if r[S.STATUS] == S.STATUS_ROW and r.get(NEW)]
+        new_other = [r for r in records if r.get(NEW) and r[S.STATUS] == S.STATUS_QUARANTINED]
+        pending_src = sorted({r[S.SOURCE_ID] for r in records if r[S.STATUS] == S.STATUS_PENDING})
+        if not need and not new_other and not any(r.get(NEW) for r in records):
+            return records  # the chunk's generation is committed: pass through
+        ledger = GenerationLedger(self.out, self.keys["generate"], chunk)
+        by_source: OrderedDict[str, list[dict]] = OrderedDict()
+        for r in need:
             by_source.setdefault(r[S.SOURCE_ID], []).append(r)
-        out, quarantined, removed = [], [], {}
-        for source_id, group in by_source.items():
-            source = decode_png_rgb(group[0][S.SOURCE_PNG])
-            try:
-                with self.generator.finetuned(source, seed=stable_int("finetune", self.cfg.run.seed, source_id)):
-                    for i in range(0, len(group), p.batch_size):
-                        part = group[i : i + p.batch_size]
-                        fill = lambda tpl, r: tpl.format(**{"class": r[S.CLASS], "phrase": r[S.INSTRUCTION]})  # noqa: E731
-                        images = self.generator.sample(
-                            [source] * len(part), [fill(ins.sstar_prompt, r) for r in part],
-                            [fill(ins.reference_prompt, r) for r in part], [r[S.SEED] for r in part])
-                        for r, img in zip(part, images):
-                            r.update({S.TARGET_PNG: encode_png(Image.fromarray(img)), S.GENERATOR: "profusion",
-                                      S.GENERATOR_PARAMS: params})
-                            out.append(r)
-            except (RuntimeError, ValueError) as exc:  # a failing source loses its rows to quarantine, with why
-                for r in group:  # the whole source goes: its rows share one fine-tuned model
-                    quarantined.append({S.Q_ID: r[S.ID], S.Q_STAGE: self.name, S.Q_REASON: "generation_failed",
-                                        S.Q_DETAIL: f"{type(exc).__name__}: {exc}"[:500], S.Q_INPUT: r[S.SOURCE_URI]})
-                removed["generation_failed"] = removed.get("generation_failed", 0) + len(group)
-                out = [r for r in out if r[S.SOURCE_ID] != source_id]
-        return _pairs_table(out), quarantined, {"generate": _funnel("rows", len(records), len(out), removed)}
+        decided: list[dict] = list(new_other)
+        pending: list[dict] = []
+        if by_source:
+            before = ledger.attempt()
+            crashed = before >= self.cfg.build.max_chunk_attempts
+            if not crashed:
+                self._setup_once()
+            params = generator_params(self.cfg.build.profusion)
+            for source_id, group in by_source.items():
+                if crashed:  # this chunk killed its worker max_chunk_attempts times: stop retrying it
+                    decided += [quarantine_record(chunk, r[S.ID], None, self.name, "worker_crashed",
+                                                  f"the chunk's generation was attempted {before} times without "
+                                                  "finishing (worker killed each time)", r[S.SOURCE_URI], row=r)
+                                for r in group]
+                    continue
+                images, error = None, None
+                for attempt in range(2):  # one in-process retry for transient device errors
+                    try:
+                        images = self._generate_source(source_id, group)
+                        break
+                    except Exception as exc:  # noqa: BLE001 - classified below
+                        error = exc
+                        if not is_transient(exc):
+                            break
+                        _free_device_memory()
+                if images is not None:
+                    for r, img in zip(group, images):
+                        decided.append({**r, S.TARGET_PNG: encode_png(Image.fromarray(img)),
+                                        S.GENERATOR: "profusion", S.GENERATOR_PARAMS: params})
+                elif is_transient(error):
+                    log.warning("source %s pending (transient): %s", source_id, error)
+                    pending += [quarantine_record(chunk, r[S.ID], None, self.name, "transient",
+                                                  f"{type(error).__name__}: {error}", r[S.SOURCE_URI],
+                                                  status=S.STATUS_PENDING, row=r) for r in group]
+                    pending_src.append(source_id)
+                else:  # the input's fault (e.g. latent-size guard): the whole source goes, with why
+                    decided += [quarantine_record(chunk, r[S.ID], None, self.name, "generation_failed",
+                                                  f"{type(error).__name__}: {error}", r[S.SOURCE_URI], row=r)
+                                for r in group]
+        ledger.commit([{**r, NEW: False} for r in decided], sorted(set(pending_src)))
+        committed = [r for r in records if not r.get(NEW)]
+        old_pending = [r for r in records if r[S.STATUS] == S.STATUS_PENDING]
+        return [{**r, NEW: False} for r in committed + decided + pending + old_pending]
+
+
+def _free_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------- scoring
 
 
-class ScoreStage(ChunkStage):
-    """One scorer (``clip_t`` | ``dino`` | ``clip_i``) as its own actor pool; the score is stored on every row."""
+class ScoreStage(_Stage):
+    """CLIP-T, DINO and CLIP-I in one pass (each PNG decoded once); scores kept in a small file per chunk."""
 
-    SCORERS = {"clip_t": ("ClipTScorer", "clip_filter", "generate"),
-               "dino": ("DinoScorer", "dino_filter", "score_clip_t"),
-               "clip_i": ("ClipIScorer", "clip_filter", "score_dino")}
-
-    def __init__(self, config: dict, work_dir: str, score: str):
-        if score not in self.SCORERS:
-            raise ValueError(f"unknown score {score!r}; allowed: {', '.join(self.SCORERS)}")
-        self.score = score
-        self.name = f"score_{score}"
-        self.input_stage = self.SCORERS[score][2]
-        super().__init__(config, work_dir)
+    name = "score"
 
     def setup(self) -> None:
-        import filtering.scorers as scorers
+        from filtering.scorers import FusedScorer
 
-        cls_name, role, _ = self.SCORERS[self.score]
-        spec = self.cfg.models.role_spec(role)
-        self.scorer = getattr(scorers, cls_name)(str(self.cfg.models.role_dir(role)), spec.dtype, spec.device)
+        m = self.cfg.models
+        self.scorer = FusedScorer(str(m.role_dir("clip_filter")), str(m.role_dir("dino_filter")),
+                                  m.clip_filter.dtype, m.dino_filter.dtype, m.clip_filter.device, m.dino_filter.device)
 
-    def process(self, chunk: dict, rows: pa.Table):
-        bs = self.cfg.build.scoring.batch_size
-        scores = []
-        for start in range(0, rows.num_rows, bs):
-            part = rows.slice(start, bs)
-            batch = {c: np.array(part[c].to_pylist(), dtype=object)
-                     for c in (S.SOURCE_PNG, S.TARGET_PNG, S.FILLED_PROMPT)}
-            scores.append(np.asarray(self.scorer(batch)[self.score], dtype=np.float32))
-        values = np.concatenate(scores) if scores else np.zeros(0, np.float32)
-        rows = rows.set_column(rows.schema.get_field_index(self.score), self.score, pa.array(values, pa.float32()))
-        return rows, [], {self.name: _funnel("rows", rows.num_rows, rows.num_rows, {})}
+    def process(self, chunk: str, records: list[dict]) -> list[dict]:
+        rows = [r for r in records if r[S.STATUS] == S.STATUS_ROW]
+        complete = not any(r[S.STATUS] == S.STATUS_PENDING for r in records)
+        key = f"_work/score/{self.keys['score']}/{chunk}.parquet"
+        stored = self.out.read_parquet(key).to_pylist() if complete and self.out.is_file(key) else None
+        if stored is not None and {s[S.ID] for s in stored} == {r[S.ID] for r in rows}:
+            by_id = {s[S.ID]: s for s in stored}
+        else:
+            self._setup_once()
+            bs = self.cfg.build.scoring.batch_size
+            by_id = {}
+            for i in range(0, len(rows), bs):
+                part = rows[i : i + bs]
+                batch = {c: np.array([r[c] for r in part], dtype=object)
+                         for c in (S.SOURCE_PNG, S.TARGET_PNG, S.FILLED_PROMPT)}
+                scores = self.scorer(batch)
+                for j, r in enumerate(part):
+                    by_id[r[S.ID]] = {c: float(scores[c][j]) for c in (S.CLIP_T, S.DINO, S.CLIP_I)}
+            if complete:
+                ids = sorted(by_id)
+                self.out.write_parquet(key, pa.table({
+                    S.ID: pa.array(ids, pa.string()),
+                    **{c: pa.array([by_id[i][c] for i in ids], pa.float32()) for c in (S.CLIP_T, S.DINO, S.CLIP_I)}}))
+        for r in rows:
+            r.update({c: by_id[r[S.ID]][c] for c in (S.CLIP_T, S.DINO, S.CLIP_I)})
+        return records
 
 
 # ----------------------------------------------------------------------------------------------- rules + dialogue
 
 
-class DialogueStage(ChunkStage):
+class DialogueStage(_Stage):
     """Apply the rules to the stored scores, then write dialogue for the kept rows (D4)."""
 
     name = "dialogue"
-    input_stage = "score_clip_i"
 
     def setup(self) -> None:
         from pipeline.dialogue import make_backend
@@ -302,36 +421,123 @@ class DialogueStage(ChunkStage):
             components = load_from_config(self.cfg.models, "dialogue_llm").components
         self.backend = make_backend(d, components)
 
-    def process(self, chunk: dict, rows: pa.Table):
-        from filtering.rules import apply_rules, count_reasons
+    def process(self, chunk: str, records: list[dict]) -> list[dict]:
+        from filtering.rules import apply_rules
         from pipeline.dialogue import DialogueRequest, choose_style
 
-        d = self.cfg.build.dialogue
-        decision = apply_rules({S.CLIP_T: rows[S.CLIP_T].to_numpy(zero_copy_only=False).astype(np.float32),
-                                S.DINO: rows[S.DINO].to_numpy(zero_copy_only=False).astype(np.float32)},
-                               self.cfg.build.rules)
-        records = rows.to_pylist()
+        rows = [r for r in records if r[S.STATUS] == S.STATUS_ROW]
+        if not rows:
+            return records
+        decision = apply_rules({S.CLIP_T: np.array([r[S.CLIP_T] for r in rows], np.float32),
+                                S.DINO: np.array([r[S.DINO] for r in rows], np.float32)}, self.cfg.build.rules)
         kept = []
-        for r, keep, reason in zip(records, decision.keep, decision.reason):
+        for r, keep, reason in zip(rows, decision.keep, decision.reason):
             r[S.KEEP], r[S.FILTER_REASON] = bool(keep), reason
             if keep:
                 kept.append(r)
-        requests = [DialogueRequest(r[S.ID], r[S.CLASS], r[S.INSTRUCTION], choose_style(r[S.ID], list(d.styles)))
+        if not kept:
+            return records
+        self._setup_once()
+        styles = list(self.cfg.build.dialogue.styles)
+        requests = [DialogueRequest(r[S.ID], r[S.CLASS], r[S.INSTRUCTION], choose_style(r[S.ID], styles))
                     for r in kept]
-        results = self.backend.generate(requests) if requests else []
-        quarantined, removed = [], {}
-        for r, req, res in zip(kept, requests, results):
+        for r, req, res in zip(kept, requests, self.backend.generate(requests)):
             r[S.DIALOGUE_STYLE] = req.style
-            if res.reason is None:
+            if getattr(res, "pending", False):
+                r.update(quarantine_record(chunk, r[S.ID], None, self.name, "transient", res.raw or res.reason,
+                                           r[S.SOURCE_URI], status=S.STATUS_PENDING, row=r))
+            elif res.reason is None:
                 r[S.USER_TEXT], r[S.ASSISTANT_TEXT] = res.user, res.assistant
             else:
-                quarantined.append({S.Q_ID: r[S.ID], S.Q_STAGE: self.name, S.Q_REASON: res.reason,
-                                    S.Q_DETAIL: (res.raw or "")[:500], S.Q_INPUT: r[S.SOURCE_URI]})
-                removed[res.reason] = removed.get(res.reason, 0) + 1
-        n_kept = len(kept)
-        counts = {
-            "rules": _funnel("rows", len(records), n_kept, {k: v for k, v in count_reasons(decision).items()
-                                                             if k not in (None, "kept")}),
-            "dialogue": _funnel("rows", n_kept, n_kept - len(quarantined), removed),
-        }
-        return _pairs_table(records), quarantined, counts
+                r.update(quarantine_record(chunk, r[S.ID], None, self.name, res.reason, res.raw, r[S.SOURCE_URI],
+                                           row=r))
+        return records
+
+
+# ----------------------------------------------------------------------------------------------- sink
+
+
+def _image_cell(png: bytes | None) -> dict | None:
+    return None if png is None else {"bytes": png, "path": None}
+
+
+def dataset_table(rows: list[dict]) -> pa.Table:
+    """Kept rows → an Arrow table with the HF features (``Image`` columns, schema metadata for ``datasets``)."""
+    features = S.dataset_features(False)
+    data = []
+    for r in rows:
+        r = dict(r)
+        r[S.INPUT_IMAGE], r[S.TARGET_IMAGE] = _image_cell(r[S.SOURCE_PNG]), _image_cell(r[S.TARGET_PNG])
+        data.append({c: r.get(c) for c in S.DATASET_COLUMNS})
+    return pa.Table.from_pylist(data, schema=features.arrow_schema)
+
+
+def chunk_funnel(n_sources: int, records: list[dict]) -> dict:
+    """Per-stage in/out/removed counts of one chunk, from its final records (every record says where it left)."""
+    def removed(stage: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in records:
+            if r[S.STATUS] == S.STATUS_QUARANTINED and r["q_stage"] == stage:
+                out[r["q_reason"]] = out.get(r["q_reason"], 0) + 1
+        return out
+
+    src_removed = removed("sources")
+    rows_in = sum(1 for r in records if not (r[S.STATUS] == S.STATUS_QUARANTINED and r["q_stage"] == "sources"))
+    gen_removed = removed("generate")
+    rows = [r for r in records if r[S.STATUS] == S.STATUS_ROW or r["q_stage"] == "dialogue"]
+    kept = [r for r in rows if r.get(S.KEEP)]
+    rule_removed: dict[str, int] = {}
+    for r in rows:
+        if not r.get(S.KEEP):
+            rule_removed[r[S.FILTER_REASON]] = rule_removed.get(r[S.FILTER_REASON], 0) + 1
+    dia_removed = removed("dialogue")
+    f = lambda stage, unit, i, o, rm: {"stage": stage, "unit": unit, "in": i, "out": o, "removed": rm}  # noqa: E731
+    return {
+        "sources": f("sources", "sources", n_sources, n_sources - sum(src_removed.values()), src_removed),
+        "generate": f("generate", "rows", rows_in, len(rows), gen_removed),
+        "score": f("score", "rows", len(rows), len(rows), {}),
+        "rules": f("rules", "rows", len(rows), len(kept), rule_removed),
+        "dialogue": f("dialogue", "rows", len(kept), len(kept) - sum(dia_removed.values()), dia_removed),
+    }
+
+
+def sink_batch(batch: pa.Table, config: dict, out: str, keys: dict, owner: str) -> pa.Table:
+    """Commit every complete chunk of a block: dataset, candidates and quarantine shards, then the marker.
+
+    Returns one summary row per chunk (committed or not, pending count, kept rows).
+    """
+    storage = Storage(out, owner=owner)
+    summary = []
+    for chunk, records in split_chunks(batch).items():
+        sources = plan_sources(storage, keys["plan"], chunk)
+        covered = {r[S.SOURCE_ID] for r in records}
+        missing = [s["source_id"] for s in sources if s["source_id"] not in covered]
+        if missing:
+            raise RuntimeError(f"chunk {chunk}: {len(missing)} source(s) have no record (e.g. {missing[0]}); a "
+                               "chunk was split across blocks — raise DataContext.target_max_block_size or lower "
+                               "build.rows_per_chunk")
+        pending = [r for r in records if r[S.STATUS] == S.STATUS_PENDING]
+        if pending:
+            summary.append({"chunk": chunk, "committed": False, "pending": len(pending), "kept": 0,
+                            "reasons": json.dumps(sorted({f"{r['q_stage']}: {r['q_detail']}"[:200] for r in pending}))})
+            continue
+        rows = sorted((r for r in records if r[S.STATUS] == S.STATUS_ROW or r["q_stage"] == "dialogue"),
+                      key=lambda r: r[S.ID])
+        kept = [r for r in rows if r.get(S.KEEP) and r[S.STATUS] == S.STATUS_ROW and r.get(S.USER_TEXT) is not None]
+        quarantined = sorted((r for r in records if r[S.STATUS] == S.STATUS_QUARANTINED),
+                             key=lambda r: (r["q_stage"], r[S.ID]))
+        data = dataset_table(kept)
+        cand_schema = S.arrow_schema("candidates")
+        candidates = pa.Table.from_pylist([{c: r.get(c) for c in cand_schema.names} for r in rows], schema=cand_schema)
+        qt = pa.Table.from_pylist([{c: r.get(Q_COLS.get(c, c)) for c in S.QUARANTINE_COLUMNS} for r in quarantined],
+                                  schema=S.arrow_schema("quarantine"))
+        nbytes = storage.write_parquet(f"dataset/data/train-{chunk}.parquet", data)
+        storage.write_parquet(f"candidates/data/{chunk}.parquet", candidates)
+        storage.write_parquet(f"quarantine/data/{chunk}.parquet", qt)
+        storage.write_json(f"_work/sink/{keys['dialogue']}/{chunk}.json", {
+            "funnel": chunk_funnel(len(sources), records), "kept": data.num_rows, "candidates": candidates.num_rows,
+            "quarantined": qt.num_rows, "dataset_hash": table_hash(data), "dataset_bytes": nbytes})
+        summary.append({"chunk": chunk, "committed": True, "pending": 0, "kept": data.num_rows, "reasons": "[]"})
+    return pa.Table.from_pylist(summary, schema=pa.schema([("chunk", pa.string()), ("committed", pa.bool_()),
+                                                           ("pending", pa.int64()), ("kept", pa.int64()),
+                                                           ("reasons", pa.string())]))

@@ -1,159 +1,293 @@
-"""Storage for builds: atomic writes, the per-chunk stage ledger, and publishing in the HF ``datasets`` layout.
+"""Storage for builds behind URIs: atomic object writes, write-then-marker commits, a lease on the output.
 
 Usage::
 
-    store = ChunkStore(out_dir / "_work")
-    if not store.done("generate", chunk_id):
-        store.commit("generate", chunk_id, rows_table, quarantine_table, counts)
-    publish(out_dir, store, chunk_ids)                    # → OUT/dataset, OUT/candidates, OUT/quarantine
+    out = Storage("s3://bucket/builds/round0")          # or a local path; pyarrow.fs underneath
+    out.write_bytes("_work/x.json", b"...")             # whole object, atomic (temp + rename locally, one PUT on S3)
+    table = out.read_parquet("dataset/data/train-000001.parquet")
+    with Lease(out).held():                              # one driver per output; a dead owner's successor takes over
+        ...
 
-Exactly-once: a stage's output for a chunk is written to a temporary directory and renamed into place in one
-``os.rename`` — a chunk/stage is either absent or complete, never half-written. Re-running skips every
-committed chunk/stage and recomputes the rest with the same chunk composition and seeds, so a killed run
-resumes without duplicates or gaps. Work files are Arrow IPC streams (what HF ``.arrow`` files are), read
-back memory-mapped by :func:`datasets.Dataset.from_file` when publishing, so memory stays bounded.
+Commit protocol: a multi-file unit (a chunk's generation parts, a chunk's published shards) is written file
+by file and then *committed* by writing one small marker object last; readers trust only what a marker
+names. There are no directory renames, so the same code runs on POSIX disks and on object stores (S3, GCS
+through their pyarrow filesystems). Credentials and endpoints come from the standard environment variables
+of each filesystem (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ...), never from a
+config file, and are never written anywhere.
 """
 from __future__ import annotations
 
-import hashlib
+import io
 import json
+import logging
 import os
-import shutil
+import socket
+import threading
+import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
 
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
-from pipeline import schema as S
+log = logging.getLogger(__name__)
 
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+#: every local temporary file carries this infix, so a successor can tell a dead run's leftovers
+TMP_INFIX = ".tmp-"
 
 
-def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+def is_uri(location: str) -> bool:
+    return "://" in str(location)
 
 
-def write_arrow(path: Path, table: pa.Table) -> None:
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
+class Storage:
+    """A root location (local directory or ``scheme://…`` URI) and relative keys below it.
 
+    Picklable (only the URI travels; the filesystem is re-created lazily in each process). Writes of one
+    object are atomic: locally a temporary sibling (``.<name>.tmp-<owner>-<rand>``) is fsynced and renamed
+    over the target; on an object store one PUT is atomic by itself.
+    """
 
-def read_arrow(path: Path) -> pa.Table:
-    with pa.memory_map(str(path), "r") as source:
-        return pa.ipc.open_stream(source).read_all()
+    def __init__(self, location: str | os.PathLike, owner: str | None = None):
+        location = str(location)
+        self.uri = location if is_uri(location) else str(Path(location).absolute())
+        self.owner = owner or "anon"
+        self._fs: pafs.FileSystem | None = None
+        self._root: str | None = None
 
+    def __getstate__(self):
+        return {"uri": self.uri, "owner": self.owner, "_fs": None, "_root": None}
 
-def empty_table(kind: str) -> pa.Table:
-    return S.arrow_schema(kind).empty_table()
+    def __repr__(self) -> str:
+        return f"Storage({self.uri!r})"
 
+    @property
+    def fs(self) -> pafs.FileSystem:
+        if self._fs is None:
+            if is_uri(self.uri) and not self.uri.startswith("file://"):
+                self._fs, root = pafs.FileSystem.from_uri(self.uri)
+            else:
+                self._fs, root = pafs.LocalFileSystem(), self.uri.removeprefix("file://")
+            self._root = root.rstrip("/")
+        return self._fs
 
-class ChunkStore:
-    """``<work>/<stage>/<chunk_id>/{rows.arrow, quarantine.arrow, counts.json}``, committed by rename."""
+    @property
+    def root(self) -> str:
+        self.fs  # noqa: B018 - resolves the root
+        return self._root  # type: ignore[return-value]
 
-    def __init__(self, work_dir: str | os.PathLike):
-        self.work = Path(work_dir)
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
 
-    def chunk_dir(self, stage: str, chunk_id: str) -> Path:
-        return self.work / stage / chunk_id
+    def sub(self, rel: str) -> "Storage":
+        """A Storage rooted at ``rel`` below this one."""
+        return Storage(f"{self.uri.rstrip('/')}/{rel}", owner=self.owner)
 
-    def done(self, stage: str, chunk_id: str) -> bool:
-        return (self.chunk_dir(stage, chunk_id) / "counts.json").is_file()
+    def path(self, rel: str = "") -> str:
+        return f"{self.root}/{rel}" if rel else self.root
 
-    def commit(self, stage: str, chunk_id: str, rows: pa.Table, quarantine: pa.Table, counts: dict) -> None:
-        final = self.chunk_dir(stage, chunk_id)
-        if self.done(stage, chunk_id):
-            return  # another attempt committed it first: outputs are deterministic, keep the first
-        tmp = final.parent / f".{chunk_id}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
-        write_arrow(tmp / "rows.arrow", rows.cast(S.arrow_schema("pairs")))
-        write_arrow(tmp / "quarantine.arrow", quarantine.cast(S.arrow_schema("quarantine")))
-        (tmp / "counts.json").write_text(json.dumps(counts, sort_keys=True))
+    def uri_of(self, rel: str = "") -> str:
+        return f"{self.uri.rstrip('/')}/{rel}" if rel else self.uri
+
+    # -- reading -------------------------------------------------------------------------------------
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+
+    def is_file(self, rel: str) -> bool:
+        return self.fs.get_file_info(self.path(rel)).type == pafs.FileType.File
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self.path(rel)) as f:
+            return f.read()
+
+    def read_json(self, rel: str, default=None):
         try:
-            os.rename(tmp, final)
-        except OSError:  # lost a race with a retried attempt of the same chunk: identical content
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not self.done(stage, chunk_id):
-                raise
+            return json.loads(self.read_bytes(rel))
+        except FileNotFoundError:
+            return default
 
-    def rows(self, stage: str, chunk_id: str) -> pa.Table:
-        return read_arrow(self.chunk_dir(stage, chunk_id) / "rows.arrow")
+    def read_parquet(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        with self.fs.open_input_file(self.path(rel)) as f:
+            return pq.read_table(f, columns=columns)
 
-    def quarantine(self, stage: str, chunk_id: str) -> pa.Table:
-        return read_arrow(self.chunk_dir(stage, chunk_id) / "quarantine.arrow")
+    def list(self, rel: str = "", recursive: bool = False) -> list[str]:
+        """Relative keys of the files below ``rel`` (sorted); [] when it does not exist."""
+        sel = pafs.FileSelector(self.path(rel), recursive=recursive, allow_not_found=True)
+        base = self.path(rel).rstrip("/") + "/"
+        out = [i.path[len(base):] for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File]
+        return sorted(out)
 
-    def counts(self, stage: str, chunk_id: str) -> dict:
-        return json.loads((self.chunk_dir(stage, chunk_id) / "counts.json").read_text())
+    def size(self, rel: str = "") -> int:
+        """Total bytes of the files below ``rel``."""
+        sel = pafs.FileSelector(self.path(rel), recursive=True, allow_not_found=True)
+        return sum(i.size or 0 for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File)
 
-    def clean_tmp(self) -> None:
-        """Remove temporary directories left by killed attempts."""
-        if self.work.is_dir():
-            for stage_dir in self.work.iterdir():
-                if stage_dir.is_dir():
-                    for tmp in stage_dir.glob(".*.tmp-*"):
-                        shutil.rmtree(tmp, ignore_errors=True)
+    # -- writing -------------------------------------------------------------------------------------
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        target = self.path(rel)
+        if self.is_local:
+            parent, name = os.path.split(target)
+            os.makedirs(parent, exist_ok=True)
+            tmp = os.path.join(parent, f".{name}{TMP_INFIX}{self.owner}-{uuid.uuid4().hex[:8]}")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        else:
+            with self.fs.open_output_stream(target) as f:
+                f.write(data)
+
+    def write_json(self, rel: str, obj) -> None:
+        self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+    def write_parquet(self, rel: str, table: pa.Table, **kwargs) -> int:
+        """Write ``table`` as one Parquet object (atomically); return its size in bytes."""
+        buf = io.BytesIO()
+        pq.write_table(table, buf, **kwargs)
+        data = buf.getvalue()
+        self.write_bytes(rel, data)
+        return len(data)
+
+    def delete(self, rel: str) -> None:
+        try:
+            self.fs.delete_file(self.path(rel))
+        except FileNotFoundError:
+            pass
+
+    def delete_dir(self, rel: str) -> None:
+        try:
+            self.fs.delete_dir(self.path(rel))
+        except FileNotFoundError:
+            pass
+
+    def clean_dead_tmp(self, live_owner: str) -> int:
+        """Remove local temporary files left by killed runs (any owner but ``live_owner``); 0 on object stores."""
+        if not self.is_local or not os.path.isdir(self.root):
+            return 0
+        removed = 0
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            for name in filenames + dirnames:
+                if name.startswith(".") and TMP_INFIX in name and f"{TMP_INFIX}{live_owner}-" not in name:
+                    p = os.path.join(dirpath, name)
+                    if os.path.isdir(p):
+                        import shutil
+
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        os.unlink(p)
+                    removed += 1
+        return removed
 
 
-def quarantine_table(records: Iterable[dict]) -> pa.Table:
-    records = list(records)
-    cols = {c: [None if r.get(c) is None else str(r.get(c)) for r in records] for c in S.QUARANTINE_COLUMNS}
-    return pa.table(cols, schema=S.arrow_schema("quarantine"))
+# ------------------------------------------------------------------------------------------------ lease
 
 
-def _image_cell(png: bytes | None) -> dict | None:
-    return None if png is None else {"bytes": png, "path": None}
+class OutputBusy(RuntimeError):
+    """Another live driver holds the output's lease."""
 
 
-def _published_rows(store: "ChunkStore", stage: str, chunk_ids: list[str], with_decision: bool):
-    """Yield published rows chunk by chunk (chunk order, then id order): memory holds one chunk at a time."""
-    cols = S.CANDIDATE_COLUMNS if with_decision else S.DATASET_COLUMNS
-    for cid in chunk_ids:
-        table = store.rows(stage, cid).sort_by(S.ID)
-        for r in table.to_pylist():
-            if not with_decision and not (r[S.KEEP] and r[S.USER_TEXT] is not None):
-                continue
-            r[S.INPUT_IMAGE], r[S.TARGET_IMAGE] = _image_cell(r[S.SOURCE_PNG]), _image_cell(r[S.TARGET_PNG])
-            yield {c: r[c] for c in cols}
+class Lease:
+    """One driver per output: ``_work/lease.json`` = owner id, host, pid, heartbeat time.
+
+    A lease whose heartbeat is older than ``ttl_s`` belongs to a dead driver and is taken over. Taking over
+    is write → wait ``settle_s`` → read back: of two drivers racing for a stale lease, the one whose write
+    landed last wins and the other sees a foreign owner and waits or refuses (object stores offer no
+    compare-and-swap through pyarrow; the settle time covers their read-after-write consistency).
+    While held, a daemon thread renews the heartbeat every ``heartbeat_s``; if it ever finds another owner
+    in the file it marks the lease lost and the build stops before its next commit.
+    """
+
+    KEY = "_work/lease.json"
+
+    def __init__(self, storage: Storage, ttl_s: float = 60.0, heartbeat_s: float = 10.0, settle_s: float = 1.0):
+        if heartbeat_s >= ttl_s:
+            raise ValueError(f"lease heartbeat_s={heartbeat_s} must be below ttl_s={ttl_s}")
+        self.storage = storage
+        self.owner = storage.owner if storage.owner != "anon" else uuid.uuid4().hex[:12]
+        self.ttl_s, self.heartbeat_s, self.settle_s = ttl_s, heartbeat_s, settle_s
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.took_over: dict | None = None
+
+    def _record(self) -> dict:
+        return {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
+
+    def current(self) -> dict | None:
+        return self.storage.read_json(self.KEY)
+
+    def acquire(self, wait_s: float = 0.0) -> None:
+        """Take the lease, waiting up to ``wait_s`` for a live owner to finish; :class:`OutputBusy` otherwise."""
+        deadline = time.time() + wait_s
+        while True:
+            cur = self.current()
+            age = time.time() - cur["heartbeat"] if cur else None
+            if cur is None or cur["owner"] == self.owner or age > self.ttl_s:
+                if cur is not None and cur["owner"] != self.owner:
+                    self.took_over = cur
+                    log.warning("taking over %s from a dead driver (host %s pid %s, heartbeat %.0f s ago)",
+                                self.storage.uri, cur.get("host"), cur.get("pid"), age)
+                self.storage.write_json(self.KEY, self._record())
+                time.sleep(self.settle_s)
+                if (self.current() or {}).get("owner") == self.owner:
+                    break
+                continue  # lost the race: loop and see who holds it
+            if time.time() >= deadline:
+                raise OutputBusy(
+                    f"{self.storage.uri} is being built by another driver (host {cur.get('host')}, pid "
+                    f"{cur.get('pid')}, heartbeat {age:.0f} s ago); wait for it, or re-run after it stops "
+                    f"(a dead driver's lease expires after {self.ttl_s:.0f} s)")
+            time.sleep(min(self.heartbeat_s, max(0.1, deadline - time.time())))
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._beat, name="cafe-lease", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                cur = self.current()
+                if cur is not None and cur.get("owner") != self.owner:
+                    log.error("lost the lease on %s to %s", self.storage.uri, cur.get("owner"))
+                    self.lost.set()
+                    return
+                self.storage.write_json(self.KEY, self._record())
+            except OSError as exc:  # a storage hiccup: keep trying; the ttl absorbs a few misses
+                log.warning("lease heartbeat failed: %s", exc)
+
+    def check(self) -> None:
+        if self.lost.is_set():
+            raise OutputBusy(f"lost the lease on {self.storage.uri} to another driver; stopping")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        cur = self.current()
+        if cur is not None and cur.get("owner") == self.owner:
+            self.storage.delete(self.KEY)
+
+    @contextmanager
+    def held(self, wait_s: float = 0.0):
+        self.acquire(wait_s)
+        try:
+            yield self
+        finally:
+            self.release()
 
 
-def _build_dataset(rows, features, kind: str, cache_dir: Path):
-    """Stream rows into a ``datasets.Dataset`` (written to an Arrow cache in batches, then memory-mapped)."""
-    import datasets
-
-    from datasets.arrow_writer import ArrowWriter
-
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"{kind}.arrow"
-    with ArrowWriter(features=features, path=str(path), writer_batch_size=256) as writer:
-        for row in rows:
-            writer.write(row)
-        writer.finalize()
-    info = datasets.DatasetInfo(features=features,
-                                description=json.dumps({"schema_version": S.SCHEMA_VERSION, "kind": kind}))
-    return datasets.Dataset.from_file(str(path), info=info)
+# ------------------------------------------------------------------------------------------------ helpers
 
 
-def save_dataset(ds, path: Path) -> None:
-    """``save_to_disk`` into a temporary sibling, then swap it into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    # an empty dataset saved with the default sharding has zero shards, which load_from_disk cannot read
-    ds.save_to_disk(str(tmp), num_shards=1 if len(ds) == 0 else None)
-    if path.exists():
-        shutil.rmtree(path)
-    os.rename(tmp, path)
+def table_hash(table: pa.Table) -> str:
+    """sha256 of a table's content (IPC bytes batch by batch, so memory stays bounded)."""
+    import hashlib
 
-
-def content_hash(table: pa.Table) -> str:
-    """sha256 of a table's content in its stored order (batch by batch, so a memory-mapped table stays mapped)."""
     h = hashlib.sha256()
     for batch in table.to_batches(max_chunksize=256):
         sink = pa.BufferOutputStream()
@@ -163,28 +297,22 @@ def content_hash(table: pa.Table) -> str:
     return h.hexdigest()
 
 
-def publish(out_dir: Path, store: ChunkStore, final_stage: str, stages: Iterable[str], chunk_ids: list[str]) -> dict:
-    """Assemble the committed chunks into ``OUT/dataset``, ``OUT/candidates`` and ``OUT/quarantine``.
+# ------------------------------------------------------------------------------------------------ shard readers
 
-    Rows are published in chunk order, then id order, streamed one chunk at a time. Returns counts and the
-    dataset content hash.
+
+def parquet_shards(storage: Storage, table: str) -> list[str]:
+    """Keys of the Parquet shards of one output table (``dataset`` | ``candidates`` | ``quarantine``), sorted.
+
+    Only ``<table>/data/*.parquet`` counts (temporary files of a writer start with ``.``); [] when there are none.
     """
-    import datasets
+    return [f"{table}/data/{name}" for name in storage.list(f"{table}/data")
+            if name.endswith(".parquet") and not name.startswith(".")]
 
-    tmp = out_dir / f".publish-{uuid.uuid4().hex[:8]}"
-    try:
-        dataset = _build_dataset(_published_rows(store, final_stage, chunk_ids, False),
-                                 S.dataset_features(False), "dataset", tmp)
-        candidates = _build_dataset(_published_rows(store, final_stage, chunk_ids, True),
-                                    S.dataset_features(True), "candidates", tmp)
-        save_dataset(dataset, out_dir / "dataset")
-        save_dataset(candidates, out_dir / "candidates")
-        quarantine = [store.quarantine(stage, c) for stage in stages for c in chunk_ids if store.done(stage, c)]
-        quarantine = pa.concat_tables(quarantine) if quarantine else empty_table("quarantine")
-        save_dataset(datasets.Dataset(quarantine), out_dir / "quarantine")
-        return {
-            "counts": {"kept": len(dataset), "candidates": len(candidates), "quarantined": quarantine.num_rows},
-            "dataset_hash": content_hash(dataset.data.table),
-        }
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+def open_parquet(storage: Storage, rel: str) -> pq.ParquetFile:
+    """``rel`` as a lazily read ``ParquetFile`` (use it in a ``with``).
+
+    Pages are read through a 1 MiB buffer and nothing is pre-buffered, so ``iter_batches`` over an image column
+    holds about one batch, not the whole column chunk.
+    """
+    return pq.ParquetFile(storage.fs.open_input_file(storage.path(rel)), buffer_size=1 << 20, pre_buffer=False)

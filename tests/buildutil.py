@@ -52,8 +52,28 @@ def start_build(config_path: Path, out: Path, address: str | None = None, log: P
 
 
 def committed(out: Path, stage: str) -> list[str]:
+    """Chunks committed by ``generate`` (a ``commit.json`` marker) or by the ``sink`` (a marker per chunk)."""
     d = out / "_work" / stage
-    return sorted(p.name for p in d.iterdir() if (p / "counts.json").is_file()) if d.is_dir() else []
+    if not d.is_dir():
+        return []
+    if stage == "generate":
+        return sorted(p.parent.name for p in d.glob("*/*/commit.json"))
+    return sorted(p.stem for p in d.glob("*/*.json"))
+
+
+def read_parquet_dir(path: Path):
+    """All shards of ``path`` (e.g. OUT/dataset/data) as one table sorted by id (images as stored bytes)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted(path.glob("*.parquet"))
+    tables = [pq.read_table(f) for f in files]
+    table = pa.concat_tables(tables) if tables else None
+    return table.sort_by("id") if table is not None and table.num_rows else table
+
+
+def mtimes(root: Path, pattern: str) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.glob(pattern))}
 
 
 def wait_for(predicate, timeout: float, proc=None, what: str = "condition") -> None:

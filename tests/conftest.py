@@ -13,8 +13,6 @@ import sys
 
 import pytest
 
-import pipeline  # noqa: F401  (loopback env for Ray before anything imports it)
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -68,13 +66,14 @@ def tiny_models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """One local, loopback-only Ray cluster per test module (2 CPUs, no dashboard)."""
-    import ray
+    """One local, loopback-only Ray cluster per test module (2 CPUs, no dashboard).
 
+    ``ray_session`` applies the loopback settings before Ray starts and restores the driver's environment after.
+    """
     from pipeline.config import RayConfig
-    from pipeline.local_ray import start_ray
+    from pipeline.local_ray import ray_session
 
-    started = start_ray(RayConfig(num_cpus=2))
-    yield ray
-    if started:
-        ray.shutdown()
+    with ray_session(RayConfig(num_cpus=2)):
+        import ray
+
+        yield ray

@@ -1,10 +1,17 @@
+import errno
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline.cli import EXIT_CONFIG, EXIT_OK, main
-from pipeline.config import ConfigError, check_paths, config_hash, load_config, load_config_dict
+from pipeline.build_config import MAX_ACTORS, MAX_BATCH_SIZE, MAX_CPUS_PER_ACTOR, MAX_GPUS_PER_ACTOR
+from pipeline.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
+from pipeline.config import (MAX_LOCAL_CPUS, MAX_LOCAL_GPUS, ConfigError, check_paths, config_hash, load_config,
+                             load_config_dict)
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("**/*.yaml"))
 
@@ -95,3 +102,216 @@ def test_show_prints_resolved_config(capsys):
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["build"]["profusion"]["s2"] == 1.25
     assert shown["build"]["profusion"]["gamma"] == 0.6  # default filled in
+
+
+# ------------------------------------------------------------------------------------------ strict types, bounds
+
+
+def test_no_coercion_every_error_reported_together(tmp_path):
+    """``true`` is not a number, ``"3"`` is not an int, ``1`` is not a bool: one line each, all at once."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ray: {num_cpus: true}\n"
+                   "run: {seed: '3'}\n"
+                   "build:\n"
+                   "  profusion: {s1: true, finetune: 1}\n"
+                   "  scoring: {batch_size: 16.0}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    errors = info.value.errors
+    assert len(errors) == 5, errors
+    msg = str(info.value)
+    assert msg.startswith(f"{bad}: 5 error(s)")
+    assert "ray.num_cpus = true: Input should be a valid integer" in msg
+    assert 'run.seed = "3": Input should be a valid integer' in msg
+    assert "build.profusion.s1 = true: Input should be a valid number" in msg
+    assert "build.profusion.finetune = 1: Input should be a valid boolean" in msg
+    assert "build.scoring.batch_size = 16.0: Input should be a valid integer" in msg
+
+
+def test_int_is_accepted_where_a_float_is_expected():
+    cfg = load_config_dict({}, overrides=["build.profusion.s1=3", "build.scoring.num_gpus_per_actor=1"])
+    assert cfg.build.profusion.s1 == 3.0 and isinstance(cfg.build.profusion.s1, float)
+    assert cfg.build.scoring.num_gpus_per_actor == 1.0
+
+
+def test_inf_and_nan_are_refused(tmp_path):
+    bad = tmp_path / "inf.yaml"
+    bad.write_text("build:\n"
+                   "  sources: {max_file_mb: .inf}\n"
+                   "  profusion: {finetune_lr: .nan, s2: -.inf}\n"
+                   "  dialogue: {openai: {timeout_s: .inf}}\n"
+                   "  rules: {clip_t_min: .nan}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    lines = info.value.errors
+    assert len(lines) == 5, lines
+    for key in ("build.sources.max_file_mb", "build.profusion.finetune_lr", "build.profusion.s2",
+                "build.dialogue.openai.timeout_s", "build.rules.clip_t_min"):
+        assert any(line.startswith(f"{key} = ") and line.endswith("Input should be a finite number")
+                   for line in lines), (key, lines)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("build.scoring.num_actors=1000000000000", "build.scoring.num_actors = 1000000000000: Input should be less than "
+                                               f"or equal to {MAX_ACTORS}"),
+    ("build.profusion.num_actors=1000000000000", f"less than or equal to {MAX_ACTORS}"),
+    ("build.scoring.num_gpus_per_actor=64", f"less than or equal to {MAX_GPUS_PER_ACTOR}"),
+    ("build.sources.num_cpus_per_actor=100000", f"less than or equal to {MAX_CPUS_PER_ACTOR}"),
+    ("build.scoring.batch_size=100000000", f"less than or equal to {MAX_BATCH_SIZE}"),
+    ("ray.num_cpus=1000000", f"less than or equal to {MAX_LOCAL_CPUS}"),
+    ("ray.num_gpus=100000", f"less than or equal to {MAX_LOCAL_GPUS}"),
+])
+def test_absurd_resources_are_refused(override, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config_dict({}, overrides=[override])
+    assert needle in str(info.value)
+
+
+def test_paper_scale_resources_still_validate():
+    cfg = load_config_dict({}, overrides=["build.profusion.num_actors=64", "build.scoring.num_actors=64",
+                                          "build.scoring.num_gpus_per_actor=0.5", "build.scoring.batch_size=512",
+                                          "ray.num_cpus=256", "ray.num_gpus=8"])
+    assert cfg.build.scoring.num_actors == 64 and cfg.ray.num_gpus == 8
+
+
+# ------------------------------------------------------------------------------------------ merging into defaults
+
+
+def test_role_override_merges_into_default_path():
+    cfg = load_config_dict({"models": {"root": "/m"}}, overrides=["models.t2i.dtype=float16"])
+    assert cfg.models.t2i.path == "t2i" and cfg.models.t2i.dtype == "float16"
+    assert str(cfg.models.role_dir("t2i")) == "/m/t2i"
+    cfg = load_config_dict({"models": {"llm": {"device": "auto"}, "clip_cond": {"path": "/abs/clip"}}})
+    assert cfg.models.llm.path == "llm" and cfg.models.llm.device == "auto"
+    assert cfg.models.clip_cond.path == "/abs/clip"
+    # the resolved dump round-trips (manifests re-validate it)
+    again = load_config_dict(cfg.model_dump(mode="json"))
+    assert config_hash(again) == config_hash(cfg)
+
+
+def test_role_override_on_shipped_config():
+    tiny = [p for p in CONFIGS if p.name == "tiny.yaml"][0]
+    cfg = load_config(tiny, overrides=["models.t2i.dtype=float16", "models.dino_filter.device=cpu"])
+    assert cfg.models.t2i.path == "t2i" and cfg.models.t2i.dtype == "float16"
+    assert cfg.models.dino_filter.path == "dino_filter"
+
+
+def test_explicit_empty_role_path_is_still_an_error():
+    with pytest.raises(ConfigError) as info:
+        load_config_dict({"models": {"t2i": {"path": ""}}})
+    assert 'models.t2i.path = "": String should have at least 1 character' in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------ instructions, ray
+
+
+@pytest.mark.parametrize("phrases, needle", [
+    (["on the beach", "in the snow", "on the beach"], "phrases[2] 'on the beach' repeats phrases[0] 'on the beach'"),
+    (["on the beach", "On  the beach"], "phrases[1] 'On  the beach' repeats phrases[0] 'on the beach'"),
+    (["on the beach", "  "], "phrases[1] is blank"),
+])
+def test_duplicate_or_blank_phrases_are_refused(phrases, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config_dict({"build": {"instructions": {"phrases": phrases, "per_source": 1}}})
+    [line] = info.value.errors
+    assert line.startswith("build.instructions.phrases = ") and needle in line
+
+
+def test_forward_env_takes_names_only():
+    cfg = load_config_dict({}, overrides=["ray.forward_env=[HF_HOME, MY_VAR_2]"])
+    assert cfg.ray.forward_env == ["HF_HOME", "MY_VAR_2"]
+    assert load_config_dict({}).ray.forward_env == ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE",
+                                                    "DIFFUSERS_OFFLINE", "HF_HOME"]
+    with pytest.raises(ConfigError) as info:
+        load_config_dict({}, overrides=["ray.forward_env=[HF_HOME, 'HF_TOKEN=hf_abc']"])
+    assert "forward_env[1] = 'HF_TOKEN=hf_abc' is not an environment variable name" in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------ CLI: file-system errors
+
+
+def _tiny_yaml() -> str:
+    return str([p for p in CONFIGS if p.name == "tiny.yaml"][0])
+
+
+def test_build_out_naming_a_file_is_one_line(tmp_path, capsys):
+    target = tmp_path / "taken.txt"
+    target.write_text("x")
+    assert main(["build", _tiny_yaml(), "--out", str(target)]) == EXIT_USAGE
+    captured = capsys.readouterr()
+    assert captured.err == f"cafe: error: {target}: exists and is not a directory\n"
+    assert target.read_text() == "x"
+
+
+def test_build_out_below_a_file_is_one_line(tmp_path, capsys):
+    target = tmp_path / "taken.txt"
+    target.write_text("x")
+    assert main(["build", _tiny_yaml(), "--out", str(target / "sub" / "out")]) == EXIT_USAGE
+    assert capsys.readouterr().err == f"cafe: error: {target}: Not a directory\n"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only-mode directory")
+def test_build_out_in_read_only_directory_is_one_line(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    assert main(["build", _tiny_yaml(), "--out", str(ro / "out")]) == EXIT_USAGE
+    assert capsys.readouterr().err == f"cafe: error: {ro}: Permission denied\n"
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
+def test_os_error_at_run_time_is_one_line(tmp_path, capsys, monkeypatch, code):
+    """A full or read-only disk while a command runs: one line naming the path, exit 1, no traceback."""
+    import pipeline.report
+
+    victim = tmp_path / "ds" / "report" / "funnel.png"
+
+    def write_report(dataset, **kw):
+        raise OSError(code, os.strerror(code), str(victim))
+
+    monkeypatch.setattr(pipeline.report, "write_report", write_report)
+    assert main(["report", str(tmp_path / "ds")]) == EXIT_FAILURE
+    captured = capsys.readouterr()
+    assert captured.err == f"cafe: error: {victim}: {os.strerror(code)}\n"
+    assert "Traceback" not in captured.out + captured.err
+
+
+def test_os_error_wrapped_in_another_exception_is_one_line(tmp_path, capsys, monkeypatch):
+    """Ray wraps a worker's OSError; the cause is what gets printed."""
+    import pipeline.report
+
+    def write_report(dataset, **kw):
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/out/part-0.arrow")
+        except OSError as exc:
+            raise RuntimeError("task failed\n  with a long remote traceback") from exc
+
+    monkeypatch.setattr(pipeline.report, "write_report", write_report)
+    assert main(["report", str(tmp_path)]) == EXIT_FAILURE
+    assert capsys.readouterr().err == "cafe: error: /data/out/part-0.arrow: No space left on device\n"
+
+
+def _unshare_mount_works() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=4k tmpfs /mnt"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not _unshare_mount_works(), reason="needs `unshare -m` and tmpfs mounts (root)")
+def test_real_read_only_and_full_disks_give_one_line(tmp_path):
+    """`cafe` in a private mount namespace: --out on a read-only tmpfs, make-tiny into a 64 KiB tmpfs."""
+    ro, full = tmp_path / "ro", tmp_path / "full"
+    ro.mkdir()
+    full.mkdir()
+    cafe = f"{sys.executable} -m pipeline.cli"
+    script = (f"mount -t tmpfs -o ro,size=64k tmpfs {ro} && mount -t tmpfs -o size=64k tmpfs {full} && "
+              f"{cafe} build {_tiny_yaml()} --out {ro}/out; echo rc=$?; "
+              f"{cafe} models make-tiny {full}/m; echo rc=$?")
+    out = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.splitlines()[0] == "rc=2" and out.stdout.splitlines()[-1] == "rc=1", out
+    err = [line for line in out.stderr.splitlines() if line.startswith("cafe: error:") or "Traceback" in line]
+    assert err == [f"cafe: error: {ro}: Read-only file system",
+                   f"cafe: error: {full}/m: No space left on device"], out.stderr

@@ -18,9 +18,11 @@ from filtering.images import (
     ImagePolicy,
     ImageRejected,
     QuarantineReason,
+    cell_bytes,
     decode_image,
     decode_png_rgb,
     encode_png,
+    error_text,
     load_source_image,
     read_file_bytes,
     safe_path_text,
@@ -119,12 +121,12 @@ def test_file_over_limit_is_too_large(tmp_path):
 # Tests run as root, and chmod 000 does not stop root from reading. These paths fail for every user:
 # a directory cannot be read as a file (EISDIR), a dangling symlink has no target (ENOENT), a symlink
 # loop cannot be resolved (ELOOP), and a FIFO would block open() forever, so it must be refused first.
-def test_directory_named_like_an_image_is_unreadable(tmp_path, policy):
+def test_directory_named_like_an_image_is_not_a_file(tmp_path, policy):
     path = tmp_path / "x.png"
     path.mkdir()
     err = _reject(load_source_image, path, policy)
-    assert err.reason is QuarantineReason.UNREADABLE
-    assert "directory" in err.detail
+    assert err.reason is QuarantineReason.NOT_A_FILE
+    assert err.detail == "not a regular file (directory)"
 
 
 def test_dangling_symlink_is_unreadable_with_errno_text(tmp_path, policy):
@@ -145,8 +147,8 @@ def test_fifo_is_refused_without_blocking(tmp_path, policy):
     path = tmp_path / "pipe.png"
     os.mkfifo(path)
     err = _reject(read_file_bytes, path, policy)
-    assert err.reason is QuarantineReason.UNREADABLE
-    assert "fifo" in err.detail
+    assert err.reason is QuarantineReason.NOT_A_FILE
+    assert err.detail == "not a regular file (fifo)"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
@@ -158,6 +160,34 @@ def test_permission_denied_is_unreadable(tmp_path, policy):
     assert err.detail == os.strerror(13)  # EACCES
 
 
+# --- table cells ------------------------------------------------------------------------------------
+
+
+def test_cell_bytes_accepts_bytes_and_hf_image_structs():
+    png = _png_bytes(Image.new("RGB", (SIZE, SIZE), RED))
+    policy = ImagePolicy(size=SIZE)
+    assert cell_bytes(png, policy) == png
+    assert cell_bytes(bytearray(png), policy) == png
+    assert cell_bytes({"bytes": png, "path": "x.png"}, policy) == png
+    assert (_pixels(decode_image(cell_bytes({"bytes": png, "path": None}, policy), policy)) == RED).all()
+
+
+@pytest.mark.parametrize("cell, reason, detail", [
+    (None, QuarantineReason.EMPTY_FILE, "image cell is null"),
+    (b"", QuarantineReason.EMPTY_FILE, "0 bytes"),
+    ({"bytes": None, "path": None}, QuarantineReason.EMPTY_FILE, "image struct has no bytes"),
+    ({"bytes": None, "path": "/data/x.png"}, QuarantineReason.EMPTY_FILE,
+     "image struct has a path only (not read: images must be inside the table)"),
+    (7, QuarantineReason.BAD_CELL, "image cell holds int; expected bytes or an HF Image struct"),
+    ("x.png", QuarantineReason.BAD_CELL, "image cell holds str; expected bytes or an HF Image struct"),
+    ([1, 2], QuarantineReason.BAD_CELL, "image cell holds list; expected bytes or an HF Image struct"),
+    (b"\x00" * 101, QuarantineReason.TOO_LARGE_FILE, "101 bytes > max_file_bytes=100"),
+])
+def test_cell_bytes_rejects_bad_cells(cell, reason, detail):
+    err = _reject(cell_bytes, cell, ImagePolicy(max_file_bytes=100))
+    assert (err.reason, err.detail) == (reason, detail)
+
+
 # --- decoding rejections ----------------------------------------------------------------------------
 
 
@@ -165,6 +195,15 @@ def test_text_file_named_png_is_not_an_image(tmp_path, policy):
     path = tmp_path / "x.png"
     path.write_text("this is not a picture\n")
     assert _reject(load_source_image, path, policy).reason is QuarantineReason.NOT_AN_IMAGE
+
+
+def test_rejection_details_carry_no_object_addresses(policy):
+    # PIL names the BytesIO it could not identify ("<_io.BytesIO object at 0x7f..>"): a new address every run
+    first = _reject(decode_image, b"not an image at all", policy)
+    second = _reject(decode_image, b"not an image at all", policy)
+    assert first.detail == second.detail == "not recognised as an image (cannot identify image file)"
+    assert error_text(OSError("cannot read <_io.BytesIO object at 0x7f3a2b1c> now")) == "cannot read now"
+    assert error_text(ValueError("<Foo at 0xDEADbeef>")) == "ValueError"
 
 
 def test_png_cut_in_half_is_truncated(tmp_path, policy):

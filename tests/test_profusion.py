@@ -447,3 +447,185 @@ def test_generic_augmentations():
     empty = generic_augmentations(image, 0, torch.Generator().manual_seed(5))
     assert empty.shape == (0, 3, 40, 48)
     assert pf.AUGMENTATIONS["none"](image, 3, torch.Generator()).shape == (0, 3, 40, 48)
+
+
+# ----------------------------------------------------------------------------------------- 8. text context
+
+
+def test_finetune_context_is_unpadded_sampling_is_padded(gen):
+    """Fine-tuning: BOS + prompt + EOS, no padding (6 tokens for "a photo of holder"); sampling: 77 tokens."""
+    ids = gen.tokenizer("a photo of holder").input_ids
+    assert len(ids) == 6 and ids[0] == gen.tokenizer.bos_token_id and ids[-1] == gen.tokenizer.eos_token_id
+    assert ids[4] == gen.holder_id
+    width = gen.text_encoder.config.hidden_size
+    contexts = []
+    handle = gen.unet.register_forward_pre_hook(
+        lambda m, args, kwargs: contexts.append(kwargs["encoder_hidden_states"].detach().clone()), with_kwargs=True)
+    try:
+        gen.cfg = _cfg(finetune=True, finetune_steps=2, finetune_batch_size=2, num_augmentations=1)
+        with gen.finetuned(_source(6), seed=3):
+            finetune_ctx, contexts[:] = list(contexts), []
+            gen.cfg = _cfg(finetune=True, num_inference_steps=1, refine_step=1)
+            gen.sample([_source(6)], ["a holder on the beach"], ["a person on the beach"], [1])
+            sample_ctx = list(contexts)
+    finally:
+        handle.remove()
+    assert [tuple(c.shape) for c in finetune_ctx] == [(2, 6, width)] * 2
+    # refinement (u, γ) and main step (u, S*, ref): all padded to model_max_length
+    assert gen.tokenizer.model_max_length == 77
+    assert [tuple(c.shape) for c in sample_ctx] == [(2, 77, width), (3, 77, width)]
+    # the unpadded context is the prompt itself: causal, so the slots before S* match the plain padded encoding
+    with torch.no_grad():
+        plain = gen.encode(["a photo of holder"])  # (1, 77, D)
+    for c in finetune_ctx:
+        torch.testing.assert_close(c[:, :4], plain[:, :4].expand(2, -1, -1), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(c[:, 4], plain[:, 4].expand(2, -1), atol=1e-3)  # S* is in the holder slot
+
+
+def test_encode_unpadded(gen):
+    with torch.no_grad():
+        out = gen.encode(["a photo of holder", "a photo of holder"], pad=False)
+    assert out.shape == (2, 6, gen.text_encoder.config.hidden_size)
+    with pytest.raises(ValueError, match="same token length"):
+        gen.encode(["a photo of holder", "a holder"], pad=False)
+
+
+# ----------------------------------------------------------------------------------------- 9. CLIP input
+
+
+def _bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """Keys cubic convolution (A = −0.75), half-pixel centres, clamped borders, no antialias: (n_out, n_in)."""
+    a = -0.75
+
+    def kernel(x: float) -> float:
+        x = abs(x)
+        if x <= 1:
+            return ((a + 2) * x - (a + 3)) * x * x + 1
+        if x < 2:
+            return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+        return 0.0
+
+    m = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        src = (i + 0.5) * n_in / n_out - 0.5
+        x0 = math.floor(src)
+        for k in range(-1, 3):
+            m[i, min(max(x0 + k, 0), n_in - 1)] += kernel(src - (x0 + k))
+    return m
+
+
+@pytest.mark.parametrize("size_in", [128, 100, 64])
+def test_clip_input_is_bicubic_without_antialias(gen, size_in):
+    from training.models.tiny import OPENAI_MEAN, OPENAI_STD
+
+    rng = np.random.default_rng(size_in)
+    pixels = torch.from_numpy(rng.integers(0, 256, (2, 3, size_in, size_in)).astype(np.float32) / 255)
+    captured = []
+    handle = gen.image_encoder.register_forward_pre_hook(
+        lambda m, args, kwargs: captured.append(kwargs["pixel_values"].clone()), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            gen._clip_hidden(pixels)
+    finally:
+        handle.remove()
+    size = gen.image_encoder.config.image_size
+    m = _bicubic_matrix(size_in, size)
+    expected = np.einsum("oh,bchw,pw->bcop", m, pixels.double().numpy(), m)  # no clamp of the overshoot
+    expected = (expected - np.array(OPENAI_MEAN)[:, None, None]) / np.array(OPENAI_STD)[:, None, None]
+    got = captured[0]
+    assert got.shape == (2, 3, size, size) and got.dtype == torch.float32
+    np.testing.assert_allclose(got.double().numpy(), expected, rtol=0, atol=2e-5)
+    if size_in != size:  # the antialiased resize (PIL / antialias=True) is measurably different
+        aa = torch.nn.functional.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True)
+        aa = (aa.double().numpy() - np.array(OPENAI_MEAN)[:, None, None]) / np.array(OPENAI_STD)[:, None, None]
+        assert np.abs(aa - expected).max() > 0.05
+
+
+# ----------------------------------------------------------------------------------------- 10. latent-size guard
+
+
+@pytest.mark.parametrize("side", [48, 66, 96, 128])
+def test_wrong_size_source_is_refused(gen, side):
+    """96 → a 48×48 latent that the tiny kernels would floor to one token, 128 → 2×2 tokens, 66 → 33×33: all
+    refused before any work, with the image size, the latent size and what PromptNet expects."""
+    bad = np.random.default_rng(side).integers(0, 256, size=(side, side, 3), dtype=np.uint8)
+    lat = f"{side / 2:g}×{side / 2:g}"
+    with pytest.raises(ValueError, match=rf"{side}×{side} source.*{lat} latent.*32×32 latents.*64×64 images"):
+        gen.sample([bad], ["a holder"], ["a person"], [1])
+    gen.cfg = _cfg(finetune=True, finetune_steps=1, finetune_batch_size=1, num_augmentations=1)
+    before = {n: p.detach().clone() for n, p in gen.trainable_parameters().items()}
+    with pytest.raises(ValueError, match=rf"{side}×{side} source.*{lat} latent"):
+        with gen.finetuned(bad, seed=1):
+            pass
+    for n, p in gen.trainable_parameters().items():
+        assert torch.equal(p, before[n]), n
+    with pytest.raises(ValueError, match="64×64"):  # a batch with one good and one bad source
+        gen.sample([_source(1), bad], ["a holder"] * 2, ["a person"] * 2, [1, 2])
+
+
+def test_promptnet_refuses_other_latent_sizes(pn):
+    net = pn.promptnet
+    assert net.latent_size == 32
+    c, width = net.unet.config.in_channels, pn.image_encoder.config.hidden_size
+    ok = torch.zeros(1, c, 32, 32)
+    hidden = torch.zeros(1, 5, width)
+    with torch.no_grad():
+        assert net(ok, ok, torch.tensor([1]), hidden).shape[1] == 1
+        for h, w in [(48, 48), (64, 64), (32, 48)]:
+            bad = torch.zeros(1, c, h, w)
+            with pytest.raises(ValueError, match=rf"{h}×{w}.*32×32 latents"):
+                net(bad, ok, torch.tensor([1]), hidden)
+            with pytest.raises(ValueError, match="z_t"):
+                net(ok, bad, torch.tensor([1]), hidden)
+
+
+# ----------------------------------------------------------------------------------------- 11. failure classes
+
+
+@pytest.mark.parametrize("exc", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    torch.cuda.OutOfMemoryError("out of memory"),
+    RuntimeError("CUDA error: an illegal memory access was encountered"),
+    RuntimeError("CUDA error: device-side assert triggered"),
+    RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:1296, unhandled system error"),
+    RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"),
+    RuntimeError("HIP error: hipErrorNoDevice"),
+    RuntimeError("[enforce fail] Out Of Memory while allocating workspace"),
+    torch.AcceleratorError("CUDA error: unspecified launch failure"),
+    MemoryError(),
+], ids=lambda e: type(e).__name__)
+def test_is_transient_device_failures(exc):
+    from training.errors import is_transient
+
+    assert is_transient(exc) is True
+    assert pf.is_transient is is_transient
+
+
+def test_is_transient_input_failures(gen):
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    from filtering.images import decode_png_rgb
+    from training.errors import is_transient
+
+    with pytest.raises(ValueError) as guard:
+        gen.check_source_size(96, 96)
+    assert is_transient(guard.value) is False
+    with pytest.raises(UnidentifiedImageError) as pil:
+        Image.open(io.BytesIO(b"not an image"))
+    assert is_transient(pil.value) is False
+    with pytest.raises(Exception) as dec:
+        decode_png_rgb(b"\x89PNG broken")
+    assert is_transient(dec.value) is False
+    for exc in (RuntimeError("non-finite latents for rows [0]"), ValueError("device 'CUDA:9' not allowed"),
+                RuntimeError("the relationship is not a HIPPO"), KeyError("cuda")):
+        assert is_transient(exc) is False, exc
+    # explicit wrapping keeps the cause: a stage that re-raises an OOM as its own error still retries
+    try:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        except RuntimeError as oom:
+            raise RuntimeError("generation failed") from oom
+    except RuntimeError as wrapped:
+        assert is_transient(wrapped) is True

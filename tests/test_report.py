@@ -1,4 +1,8 @@
-"""Tests of the dataset report (``pipeline.report``) on a small fake build output directory."""
+"""Tests of the dataset report (``pipeline.report``) on small build output directories in the Parquet layout.
+
+The fixtures write the shards the way the sink does (``pipeline.stages.dataset_table`` for the kept rows, the
+``candidates`` / ``quarantine`` Arrow schemas for the others): no Ray.
+"""
 from __future__ import annotations
 
 import io
@@ -8,11 +12,15 @@ import re
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import schema
+from pipeline import report as report_module
 from pipeline.report import FIGURES, funnel_text, funnel_warnings, write_report
+from pipeline.stages import dataset_table
+from training.data import schema
 
 FUNNEL = [
     {"stage": "sources", "unit": "sources", "in": 7, "out": 5, "removed": {"too_small": 1, "not_an_image": 1}},
@@ -35,38 +43,54 @@ def _png(color: tuple[int, int, int], size: int = 16) -> bytes:
     return buf.getvalue()
 
 
-def _rows(ids: list[str]) -> dict[str, list]:
+def pair_rows(ids: list[str], clip_t: list | None = None, dino: list | None = None) -> list[dict]:
+    """Work rows (the sink's input): lineage, PNG bytes, dialogue and scores, one per id."""
     n = len(ids)
-    return {
-        schema.ID: ids, schema.ROUND: [0] * n, schema.SOURCE_ID: [f"s-{i}" for i in ids],
-        schema.SOURCE_URI: [f"/data/{i}.png" for i in ids], schema.CLASS: ["dog"] * n,
-        schema.INSTRUCTION: [f"on the beach {i}" for i in ids],
-        schema.FILLED_PROMPT: [f"a dog on the beach {i}" for i in ids],
-        schema.INPUT_IMAGE: [{"bytes": _png((200, 10, 10)), "path": None} for _ in ids],
-        schema.USER_TEXT: [f"Put this dog on the beach please, row {i}." for i in ids],
-        schema.TARGET_IMAGE: [{"bytes": _png((10, 10, 200)), "path": None} for _ in ids],
-        schema.ASSISTANT_TEXT: [f"Here is this dog on a sunny beach | row {i}." for i in ids],
-        schema.DIALOGUE_STYLE: ["clear"] * n, schema.GENERATOR: ["tiny"] * n, schema.GENERATOR_PARAMS: ["{}"] * n,
-        schema.SEED: list(range(n)), schema.CLIP_T: CLIP_T[:n], schema.DINO: DINO[:n], schema.CLIP_I: [0.5] * n,
-    }
+    clip_t, dino = clip_t or [0.5] * n, dino or [0.5] * n
+    return [{
+        schema.ID: i, schema.ROUND: 0, schema.SOURCE_ID: f"s-{i}", schema.SOURCE_URI: f"/data/{i}.png",
+        schema.CLASS: "dog", schema.INSTRUCTION: f"on the beach {i}", schema.FILLED_PROMPT: f"a dog on the beach {i}",
+        schema.SOURCE_PNG: _png((200, 10, 10)), schema.TARGET_PNG: _png((10, 10, 200)),
+        schema.USER_TEXT: f"Put this dog on the beach please, row {i}.",
+        schema.ASSISTANT_TEXT: f"Here is this dog on a sunny beach | row {i}.",
+        schema.DIALOGUE_STYLE: "clear", schema.GENERATOR: "tiny", schema.GENERATOR_PARAMS: "{}", schema.SEED: k,
+        schema.CLIP_T: clip_t[k], schema.DINO: dino[k], schema.CLIP_I: 0.5,
+    } for k, i in enumerate(ids)]
+
+
+def write_shards(out: Path, table: str, shards: dict[str, pa.Table]) -> None:
+    """Replace ``out/<table>/data/`` with one Parquet file per ``{file name: table}`` (none: zero shards)."""
+    data = out / table / "data"
+    shutil.rmtree(data, ignore_errors=True)
+    data.mkdir(parents=True)
+    for name, t in shards.items():
+        pq.write_table(t, data / name)
+
+
+def split(items: list, parts: int) -> list[list]:
+    k, r = divmod(len(items), parts)
+    bounds = [i * k + min(i, r) for i in range(parts + 1)]
+    return [items[bounds[i]:bounds[i + 1]] for i in range(parts)]
 
 
 def make_out(root: Path) -> Path:
-    """A fake ``cafe build`` output directory: manifest, candidates, dataset (3 kept rows), quarantine."""
-    from datasets import Dataset
-
+    """A fake ``cafe build`` output directory: manifest, candidates (2 shards), dataset (3 kept rows), quarantine."""
     out = root / "out"
     out.mkdir(parents=True)
-    cand = _rows([f"c{i}" for i in range(5)])
-    cand[schema.KEEP] = [True, True, True, False, False]
-    cand[schema.FILTER_REASON] = [None, None, None, "score_missing", "clip_t_below"]
-    Dataset.from_dict(cand).cast(schema.dataset_features(with_decision=True)).save_to_disk(str(out / "candidates"))
+    rows = pair_rows([f"c{i}" for i in range(5)], CLIP_T, DINO)
+    for r, keep, reason in zip(rows, [True, True, True, False, False],
+                               [None, None, None, "score_missing", "clip_t_below"]):
+        r[schema.KEEP], r[schema.FILTER_REASON] = keep, reason
+    cand_schema = schema.arrow_schema("candidates")
+    write_shards(out, "candidates", {
+        f"{chunk:06d}.parquet": pa.Table.from_pylist([{c: r[c] for c in cand_schema.names} for r in part],
+                                                     schema=cand_schema)
+        for chunk, part in enumerate(split(rows, 2))})
     write_kept(out, ["c2", "c0", "c1"])  # unordered on disk on purpose
-    Dataset.from_dict({
-        schema.Q_ID: [f"q{i}" for i in range(len(QUARANTINE))], schema.Q_STAGE: [s for s, _ in QUARANTINE],
-        schema.Q_REASON: [r for _, r in QUARANTINE], schema.Q_DETAIL: ["x"] * len(QUARANTINE),
-        schema.Q_INPUT: ["/data/x.png"] * len(QUARANTINE),
-    }).save_to_disk(str(out / "quarantine"))
+    quarantine = [{schema.Q_ID: f"q{i}", schema.Q_STAGE: s, schema.Q_REASON: r, schema.Q_DETAIL: "x",
+                   schema.Q_INPUT: "/data/x.png"} for i, (s, r) in enumerate(QUARANTINE)]
+    write_shards(out, "quarantine",
+                 {"000000.parquet": pa.Table.from_pylist(quarantine, schema=schema.arrow_schema("quarantine"))})
     manifest = {
         "funnel": FUNNEL, "rules": RULES,
         "config_hash": "cfg0123abcd", "dataset_hash": "ds4567efgh", "created": "2025-01-02T03:04:05Z",
@@ -77,15 +101,12 @@ def make_out(root: Path) -> Path:
     return out
 
 
-def write_kept(out: Path, kept_ids: list[str], num_shards: int | None = None) -> None:
-    """(Re)write ``out/dataset`` with the kept rows ``kept_ids`` and set ``counts.kept`` to match."""
-    from datasets import Dataset
-
-    kept = _rows(kept_ids)
-    for col in (schema.CLIP_T, schema.DINO):
-        kept[col] = [0.5] * len(kept_ids)
-    shutil.rmtree(out / "dataset", ignore_errors=True)
-    Dataset.from_dict(kept).cast(schema.dataset_features()).save_to_disk(str(out / "dataset"), num_shards=num_shards)
+def write_kept(out: Path, kept_ids: list[str], num_shards: int = 2) -> None:
+    """(Re)write ``out/dataset/data`` with the kept rows ``kept_ids`` in ``num_shards`` shards (0: no shard at
+    all; shards may be empty) and set ``counts.kept`` to match."""
+    parts = split(pair_rows(kept_ids), num_shards) if num_shards else []
+    write_shards(out, "dataset",
+                 {f"train-{chunk:06d}.parquet": dataset_table(part) for chunk, part in enumerate(parts)})
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
@@ -218,9 +239,8 @@ def test_quantile_mode_thresholds(pristine, tmp_path):
     assert_png(out / "report" / FIGURES[schema.DINO])
 
 
-@pytest.mark.parametrize("num_shards", [None, 1], ids=["zero-shards", "one-empty-shard"])
+@pytest.mark.parametrize("num_shards", [0, 1, 2], ids=["zero-shards", "one-empty-shard", "two-empty-shards"])
 def test_empty_dataset(pristine, tmp_path, num_shards):
-    # datasets writes an empty table as zero shards by default, which load_from_disk cannot read back
     out = clone(pristine, tmp_path)
     write_kept(out, [], num_shards=num_shards)
     (out / "report").mkdir()
@@ -267,3 +287,49 @@ def test_bad_inputs(tmp_path):
         write_report(tmp_path, max_samples=-1)
     with pytest.raises(ValueError, match=r"funnel\[0\]\.in"):
         funnel_text({"funnel": [{"stage": "x", "unit": "rows", "in": "3", "out": 1, "removed": {}}]})
+
+
+def test_reads_lazily_only_needed_columns(tmp_path, monkeypatch):
+    """Scores and reasons are streamed as their own columns; images are read for the sample rows' batches only."""
+    out = make_out(tmp_path)
+    ids = [f"r{i:03d}" for i in range(90)]
+    write_kept(out, ids[::-1], num_shards=3)  # samples r000, r001 sit at the end of the last shard
+    reads: list[tuple[tuple[str, ...], int]] = []  # (columns, rows) of every batch read
+    real = pq.ParquetFile.iter_batches
+
+    def spy(self, *args, **kwargs):
+        for batch in real(self, *args, **kwargs):
+            reads.append((tuple(batch.schema.names), batch.num_rows))
+            yield batch
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    monkeypatch.setattr(pq, "read_table", lambda *a, **k: pytest.fail("read a whole table"))
+    md = write_report(out, max_samples=2).read_text()
+    assert "### 1. `r000`" in md and "### 2. `r001`" in md and "`r002`" not in md
+    assert "The first 2 of 90 kept rows by id." in md
+    image_batches = [n for cols, n in reads if schema.INPUT_IMAGE in cols or schema.TARGET_IMAGE in cols]
+    assert max(image_batches) <= report_module._SAMPLE_BATCH  # images held: one small batch at a time
+    assert 2 <= sum(image_batches) <= 30  # only the shard (row group) holding the samples, not all 90 rows
+    column_sets = {cols for cols, _ in reads}
+    assert column_sets <= {(schema.CLIP_T, schema.DINO), (schema.Q_STAGE, schema.Q_REASON), (schema.ID,),
+                           tuple(schema.DATASET_COLUMNS)}
+    assert sum(n for cols, n in reads if cols == (schema.ID,)) == 90  # one pass over the ids
+
+
+def test_manifest_counts_disagree_warns(pristine, tmp_path):
+    out = clone(pristine, tmp_path, counts={"kept": 4, "candidates": 5, "quarantined": 9})
+    md = write_report(out, max_samples=0).read_text()
+    assert "> **Warning:** manifest counts.kept = 4 but `dataset/` has 3 rows" in md
+    assert "> **Warning:** manifest counts.quarantined = 9 but `quarantine/` has 4 rows" in md
+    assert "counts.candidates" not in md
+
+
+def test_every_table_with_zero_shards(pristine, tmp_path):
+    out = clone(pristine, tmp_path, counts={"kept": 0, "candidates": 0, "quarantined": 0})
+    for table in ("candidates", "dataset", "quarantine"):
+        write_shards(out, table, {})
+    md = write_report(out).read_text()
+    assert "No rows or inputs were quarantined." in md and "No rows were kept" in md
+    assert f"*{schema.CLIP_T} of all 0 candidates: 0 plotted, 0 NaN/missing excluded" in md
+    assert "Warning" not in md  # the counts agree with the (empty) shards
+    assert not (out / "report" / "samples.png").exists()

@@ -177,3 +177,28 @@ def test_paired_cosine_nan_and_shape():
     assert out[0] == 0.0 and np.isnan(out[1]) and out[2] == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(ValueError, match="shapes differ"):
         paired_cosine(a, b[:2])
+
+
+def test_fused_scorer_equals_separate_scorers(tiny_models, scorers, batch):
+    """One stage, each PNG decoded once: the same three scores as the separate scorers."""
+    from filtering.scorers import FusedScorer
+
+    fused = FusedScorer(str(tiny_models / "clip_filter"), str(tiny_models / "dino_filter"))(batch)
+    for column, scorer in scorers.items():
+        np.testing.assert_allclose(fused[column], scorer(batch)[column], atol=1e-6)
+    empty = FusedScorer(str(tiny_models / "clip_filter"), str(tiny_models / "dino_filter"))(
+        {k: v[:0] for k, v in batch.items()})
+    assert all(empty[c].shape == (0,) for c in SCORE_COLUMNS)
+
+
+@pytest.mark.gpu
+def test_fused_scorer_fp16_on_gpu_matches_fp32_cpu(tiny_models, batch):
+    """The paper config scores in half precision on GPU: one fused batch, finite, close to fp32 on CPU."""
+    from filtering.scorers import FusedScorer
+
+    clip, dino = str(tiny_models / "clip_filter"), str(tiny_models / "dino_filter")
+    ref = FusedScorer(clip, dino)(batch)
+    gpu = FusedScorer(clip, dino, "float16", "float16", "cuda", "cuda")(batch)
+    for column in SCORE_COLUMNS:
+        assert np.isfinite(gpu[column]).all()
+        np.testing.assert_allclose(gpu[column], ref[column], atol=2e-2)

@@ -1,73 +1,134 @@
-"""Build stages called in-process (no Ray): wiring, counts and the transformers dialogue backend."""
+"""Build stages called in-process (no Ray): rows in blocks, generation ledger, transient vs input failures."""
 from __future__ import annotations
 
-import json
-
-import numpy as np
+import pyarrow as pa
 import pytest
+import torch
 
-from pipeline import schema as S
-from pipeline.build import make_plan
-from pipeline.stages import DialogueStage, GenerateStage, ScoreStage, SourcesStage
-from pipeline.store import ChunkStore, quarantine_table
+from pipeline.build import stage_keys, write_plan
+from pipeline.stages import (NEW, DialogueStage, GenerateStage, GenerationLedger, ScoreStage, SourcesStage,
+                             sink_batch)
+from pipeline.store import Storage
 from tests.buildutil import as_config, tiny_build_config
+from training.data import schema as S
 
 
-@pytest.fixture(scope="module")
-def chain(tiny_models, tmp_path_factory):
-    """sources → generate → three scores for one chunk, run in-process; returns (cfg, work, chunk_id)."""
-    data = tiny_build_config(tiny_models, sources={"classes": ["cat"]}, profusion={"num_inference_steps": 2},
-                             dialogue={"backend": "transformers", "transformers": {"max_new_tokens": 12}})
+def _setup(tiny_models, tmp_path, **overrides):
+    data = tiny_build_config(tiny_models, sources={"classes": ["cat", "dog"]}, profusion={"num_inference_steps": 2},
+                             rows_per_chunk=4, **overrides)
     cfg = as_config(data)
-    work = tmp_path_factory.mktemp("work")
-    plan = make_plan(cfg, {})
-    (work / "plan.json").write_text(json.dumps(plan))
-    (chunk_id,) = plan["chunks"]
-    kw = {"config": cfg.model_dump(mode="json"), "work_dir": str(work)}
-    for stage in (SourcesStage(**kw), GenerateStage(**kw), ScoreStage(**kw, score="clip_t"),
-                  ScoreStage(**kw, score="dino"), ScoreStage(**kw, score="clip_i")):
-        stage({"chunk_id": np.array([chunk_id])})
-    return cfg, work, chunk_id, kw
+    keys = stage_keys(cfg, {})
+    out = Storage(tmp_path / "out", owner="test")
+    (chunk,) = write_plan(cfg, out, keys["plan"], [])
+    kw = {"config": cfg.model_dump(mode="json"), "out": out.uri, "keys": keys, "owner": "test"}
+    return cfg, out, keys, chunk, kw
 
 
-def test_chain_commits_every_stage_with_scores(chain):
-    cfg, work, cid, _ = chain
-    store = ChunkStore(work)
-    rows = store.rows("score_clip_i", cid)
-    assert rows.num_rows == 2
-    for col in (S.CLIP_T, S.DINO, S.CLIP_I, S.TARGET_PNG):
-        assert rows[col].null_count == 0
-    assert store.counts("generate", cid)["generate"]["in"] == 2
+def _sources(kw, chunk):
+    return SourcesStage(**kw)(pa.table({"chunk": [chunk]}))
 
 
-def test_committed_stage_is_skipped(chain):
-    cfg, work, cid, kw = chain
-    store = ChunkStore(work)
-    before = (work / "generate" / cid / "rows.arrow").stat().st_ino
+def test_chain_in_process_commits_a_chunk(tiny_models, tmp_path):
+    cfg, out, keys, chunk, kw = _setup(tiny_models, tmp_path)
+    block = _sources(kw, chunk)
+    assert block.num_rows == 4 and set(block[S.STATUS].to_pylist()) == {S.STATUS_ROW}
+    assert all(block[NEW].to_pylist()) and set(block[S.CHUNK].to_pylist()) == {chunk}
+    block = GenerateStage(**kw)(block)
+    info = GenerationLedger(out, keys["generate"], chunk).commit_info()
+    assert len(info["parts"]) == 1 and info["pending_sources"] == []
+    assert block[S.TARGET_PNG].null_count == 0 and not any(block[NEW].to_pylist())
+    block = DialogueStage(**kw)(ScoreStage(**kw)(block))
+    assert out.is_file(f"_work/score/{keys['score']}/{chunk}.parquet")
+    summary = sink_batch(block, **kw).to_pylist()
+    assert summary == [{"chunk": chunk, "committed": True, "pending": 0, "kept": 4, "reasons": "[]"}]
+    marker = out.read_json(f"_work/sink/{keys['dialogue']}/{chunk}.json")
+    assert marker["funnel"]["generate"] == {"stage": "generate", "unit": "rows", "in": 4, "out": 4, "removed": {}}
+    # a second pass reads the committed generation instead of decoding or generating again
+    again = SourcesStage(**kw)
+    block2 = again(pa.table({"chunk": [chunk]}))
+    assert not again._ready and not any(block2[NEW].to_pylist())
+    gen = GenerateStage(**kw)
+    assert gen(block2)[S.TARGET_PNG].to_pylist() == block[S.TARGET_PNG].to_pylist() and not gen._ready
+
+
+class _FlakyGenerator:
+    """Wraps the real generator: raises ``exc`` when a batch holds one of the row seeds in ``fail``."""
+
+    def __init__(self, real, fail: set[str], exc: Exception):
+        self.real, self.fail, self.exc, self.calls = real, fail, exc, []
+
+    def finetuned(self, source, seed):
+        return self.real.finetuned(source, seed)
+
+    def sample(self, sources, sstar, ref, seeds):
+        self.calls.append(tuple(seeds))
+        if any(s in self.fail for s in seeds):
+            raise self.exc
+        return self.real.sample(sources, sstar, ref, seeds)
+
+
+@pytest.mark.parametrize("exc", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"),
+                                 RuntimeError("CUDA error: an illegal memory access was encountered")])
+def test_transient_generation_failure_stays_pending_then_retries_exactly_that_source(tiny_models, tmp_path, exc):
+    cfg, out, keys, chunk, kw = _setup(tiny_models, tmp_path)
+    block = _sources(kw, chunk)
+    rows = block.to_pylist()
+    dog_prompts = {r[S.SEED] for r in rows if r[S.CLASS] == "dog"}
     stage = GenerateStage(**kw)
-    assert not stage._ready  # every chunk committed: the models are never loaded
-    stage({"chunk_id": np.array([cid])})
-    assert not stage._ready
-    assert (work / "generate" / cid / "rows.arrow").stat().st_ino == before
-    assert store.done("generate", cid)
+    stage._setup_once()
+    stage.generator = _FlakyGenerator(stage.generator, dog_prompts, exc)
+    result = stage(block)
+    status = {r[S.ID]: r[S.STATUS] for r in result.to_pylist()}
+    dog_ids = {r[S.ID] for r in rows if r[S.CLASS] == "dog"}
+    assert {i for i, s in status.items() if s == S.STATUS_PENDING} == dog_ids
+    assert len(stage.generator.calls) == 1 + 2  # cat once; dog tried twice (one in-process retry)
+    info = GenerationLedger(out, keys["generate"], chunk).commit_info()
+    assert len(info["pending_sources"]) == 1 and len(info["parts"]) == 1
+    assert sink_batch(result, **kw).to_pylist()[0]["committed"] is False  # pending chunk: not published
+    # the next run decodes and generates only the pending source; the cat's samples are reused as stored
+    block2 = _sources(kw, chunk)
+    assert sum(block2[NEW].to_pylist()) == 2
+    stage2 = GenerateStage(**kw)
+    result2 = stage2(block2)
+    assert set(result2[S.STATUS].to_pylist()) == {S.STATUS_ROW}
+    info = GenerationLedger(out, keys["generate"], chunk).commit_info()
+    assert len(info["parts"]) == 2 and info["pending_sources"] == []
+    cat_before = {r[S.ID]: r[S.TARGET_PNG] for r in result.to_pylist() if r[S.STATUS] == S.STATUS_ROW}
+    assert {r[S.ID]: r[S.TARGET_PNG] for r in result2.to_pylist() if r[S.ID] in cat_before} == cat_before
 
 
-def test_transformers_dialogue_stage_keeps_or_quarantines_every_row(chain):
-    cfg, work, cid, kw = chain
-    DialogueStage(**kw)({"chunk_id": np.array([cid])})
-    store = ChunkStore(work)
-    rows = store.rows("dialogue", cid).to_pylist()
-    quarantine = store.quarantine("dialogue", cid).to_pylist()
-    counts = store.counts("dialogue", cid)
-    ok = [r for r in rows if r[S.USER_TEXT] is not None]
-    assert len(ok) + len(quarantine) == counts["rules"]["out"] == 2
-    assert counts["dialogue"]["out"] == len(ok)
-    assert sum(counts["dialogue"]["removed"].values()) == len(quarantine)
-    assert all(q[S.Q_STAGE] == "dialogue" and q[S.Q_REASON] for q in quarantine)
-    assert all(r[S.KEEP] for r in rows)
+def test_input_caused_generation_failure_is_quarantined(tiny_models, tmp_path):
+    cfg, out, keys, chunk, kw = _setup(tiny_models, tmp_path)
+    block = _sources(kw, chunk)
+    stage = GenerateStage(**kw)
+    stage._setup_once()
+    prompts = {r[S.SEED] for r in block.to_pylist() if r[S.CLASS] == "dog"}
+    stage.generator = _FlakyGenerator(stage.generator, prompts, ValueError("latent 9x9 gives 4 S* tokens"))
+    result = stage(block).to_pylist()
+    q = [r for r in result if r[S.STATUS] == S.STATUS_QUARANTINED]
+    assert len(q) == 2 and {r["q_reason"] for r in q} == {"generation_failed"}
+    assert all("ValueError: latent 9x9" in r["q_detail"] for r in q)
+    assert GenerationLedger(out, keys["generate"], chunk).commit_info()["pending_sources"] == []
 
 
-def test_quarantine_table_schema():
-    t = quarantine_table([{S.Q_ID: "x", S.Q_STAGE: "sources", S.Q_REASON: "empty_file", S.Q_DETAIL: None,
-                           S.Q_INPUT: "a/b.png"}])
-    assert t.schema == S.arrow_schema("quarantine") and t.num_rows == 1
+def test_chunk_that_keeps_killing_its_worker_is_quarantined(tiny_models, tmp_path):
+    cfg, out, keys, chunk, kw = _setup(tiny_models, tmp_path)
+    ledger = GenerationLedger(out, keys["generate"], chunk)
+    for _ in range(cfg.build.max_chunk_attempts):  # earlier attempts that died mid-chunk left their markers
+        ledger.attempt()
+    stage = GenerateStage(**kw)
+    result = stage(_sources(kw, chunk)).to_pylist()
+    assert not stage._ready  # gave up without loading the models
+    assert {(r[S.STATUS], r["q_reason"]) for r in result} == {(S.STATUS_QUARANTINED, "worker_crashed")}
+    summary = sink_batch(pa.Table.from_pylist(result, schema=stage(_sources(kw, chunk)).schema), **kw).to_pylist()
+    assert summary[0]["committed"] and summary[0]["kept"] == 0
+    q = out.read_parquet(f"quarantine/data/{chunk}.parquet").to_pylist()
+    assert len(q) == 4 and {r[S.Q_REASON] for r in q} == {"worker_crashed"}
+
+
+def test_sink_refuses_a_chunk_missing_sources(tiny_models, tmp_path):
+    cfg, out, keys, chunk, kw = _setup(tiny_models, tmp_path)
+    block = _sources(kw, chunk)
+    half = block.filter(pa.compute.equal(block[S.CLASS], "cat"))
+    with pytest.raises(RuntimeError, match="have no record"):
+        sink_batch(half, **kw)

@@ -18,6 +18,24 @@ code does), and that slot of the encoder output is multiplied by the scale.
 
 Every row draws its initial latent, its VAE posterior sample and its refinement noise from its own
 ``torch.Generator`` seeded by the row seed, so a row's image does not depend on the other rows' seeds.
+
+Text context: sampling uses the usual padded ``tokenizer.model_max_length`` (77) tokens; fine-tuning uses the
+prompt's tokens + S* + EOS with **no padding** (6 tokens for ``"a photo of holder"``), as the authors' code.
+
+Precision (fine-tuning): the roles may be stored in float16/bfloat16 (paper.yaml). The trained parameters
+(PromptNet + UNet attn1/attn2 ``to_q/to_k/to_v``) are cast to float32 for the fine-tuning and updated there
+(diffusers' ``cast_training_params`` pattern — AdamW on half-precision weights turns them NaN), the frozen
+parts keep their storage dtype and run under ``torch.autocast`` in ``cfg.finetune_precision`` (fp16 with a
+``GradScaler``); with ``fp32`` the frozen weights are up-cast for the duration instead. Afterwards the
+trained weights are cast back to their storage dtype, so sampling runs in the role's dtype, and
+:meth:`ProFusionGenerator.restore` puts the base weights back bit for bit in that dtype. Float16 compute on
+CPU (sampling and fp16 autocast) works with the pinned torch; a bf16 autocast over float16-stored weights
+does not on CPU (LayerNorm/GroupNorm refuse the mixed dtypes; CUDA autocast runs norms in float32), so that
+one combination is refused with a ``ValueError``.
+
+Input guard: a source whose latent is not exactly the loaded PromptNet's ``latent_size`` (one S* token) is
+refused with a ``ValueError`` naming the image size, the latent size and what PromptNet expects.
+Failures are classified for retry vs quarantine by :func:`training.errors.is_transient` (re-exported here).
 """
 from __future__ import annotations
 
@@ -30,7 +48,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from training.errors import is_transient  # noqa: F401  (re-exported: retry vs quarantine of a failed source)
+from training.models.promptnet import clip_pixel_values
+
 HOLDER_WORD = "holder"
+_AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
+
+
+def _autocast(device_type: str, dtype: torch.dtype | None):
+    """``torch.autocast`` in ``dtype``; a no-op context for float32 compute (``dtype`` None)."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------- pure math
@@ -122,13 +149,25 @@ class ProFusionGenerator:
             raise ValueError(f"ProFusion needs '{HOLDER_WORD}' to be one token; the t2i tokenizer splits it into {ids}")
         return ids[0]
 
-    def _tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
-        return self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                              max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids.to(self.device)
+    def _tokenize(self, prompts: Sequence[str], pad: bool = True) -> torch.Tensor:
+        """Token ids (B, L): L = ``model_max_length`` when ``pad``, else the prompts' own (equal) length."""
+        max_length = self.tokenizer.model_max_length
+        if pad:
+            return self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=max_length,
+                                  return_tensors="pt").input_ids.to(self.device)
+        ids = self.tokenizer(list(prompts), padding=False, truncation=True, max_length=max_length).input_ids
+        if len({len(row) for row in ids}) != 1:
+            raise ValueError(f"unpadded prompts must have the same token length to batch: {list(prompts)}")
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
 
-    def encode(self, prompts: Sequence[str], s_star: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
-        """Text-encoder hidden states (B, L, D); with ``s_star`` (B, 1, D) it fills the ``holder`` slot."""
-        ids = self._tokenize(prompts)
+    def encode(self, prompts: Sequence[str], s_star: torch.Tensor | None = None, scale: float = 1.0,
+               pad: bool = True) -> torch.Tensor:
+        """Text-encoder hidden states (B, L, D); with ``s_star`` (B, 1, D) it fills the ``holder`` slot.
+
+        ``pad=False`` gives the fine-tuning context: BOS + prompt tokens + EOS, no padding (L = 6 for
+        ``"a photo of holder"``); sampling uses the padded L = ``tokenizer.model_max_length``.
+        """
+        ids = self._tokenize(prompts, pad=pad)
         if s_star is None:
             return self.text_encoder(ids)[0]
         rows, cols = (ids == self.holder_id).nonzero(as_tuple=True)
@@ -158,11 +197,25 @@ class ProFusionGenerator:
         x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W) in [0, 1]
         return x.to(self.device)
 
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def check_source_size(self, height: int, width: int) -> None:
+        """Refuse a source whose latent does not give exactly one S* token with the loaded PromptNet."""
+        f, size = self.vae_scale_factor, self.promptnet.latent_size
+        if height % f or width % f or (height // f, width // f) != (size, size):
+            raise ValueError(
+                f"ProFusion: a {height}×{width} source image gives a {height / f:g}×{width / f:g} latent "
+                f"(VAE factor {f}), but the loaded PromptNet gives exactly one S* token only for {size}×{size} "
+                f"latents, i.e. {size * f}×{size * f} images; resize the sources (build.sources.image_size)")
+
     def _clip_hidden(self, pixels01: torch.Tensor) -> torch.Tensor:
-        arr = (pixels01.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        pix = self.image_processor(images=list(arr), return_tensors="pt").pixel_values
+        """CLIP vision tokens (B, 1+P, width), no post-LN; input resized bicubic **without** antialias."""
+        pix = clip_pixel_values(pixels01, self.image_encoder.config.image_size, self.image_processor.image_mean,
+                                self.image_processor.image_std)  # (B, 3, S, S) float32
         pix = pix.to(self.device, self.image_encoder.dtype)
-        return self.image_encoder(pixel_values=pix).last_hidden_state  # (B, 1+P, width), no post-LN
+        return self.image_encoder(pixel_values=pix).last_hidden_state
 
     def _encode_latents(self, pixels01: torch.Tensor, generators: Sequence[torch.Generator] | None) -> torch.Tensor:
         dist = self.vae.encode((pixels01 * 2 - 1).to(self.vae.dtype)).latent_dist
@@ -173,7 +226,11 @@ class ProFusionGenerator:
 
     def _condition(self, sources: Sequence[np.ndarray], generators) -> _Conditioning:
         pixels = self._to_tensor(sources)
-        return _Conditioning(self._encode_latents(pixels, generators), self._clip_hidden(pixels))
+        dtype = self._promptnet_dtype()  # the promptnet role may be stored in another dtype than t2i
+        return _Conditioning(self._encode_latents(pixels, generators).to(dtype), self._clip_hidden(pixels).to(dtype))
+
+    def _promptnet_dtype(self) -> torch.dtype:
+        return self.promptnet.prompt_out.weight.dtype
 
     # -- sampling ---------------------------------------------------------------------------------
 
@@ -185,6 +242,8 @@ class ProFusionGenerator:
         b = len(sources)
         if not (len(sstar_prompts) == len(ref_prompts) == len(seeds) == b):
             raise ValueError("sources, prompts and seeds must have the same length")
+        for src in sources:
+            self.check_source_size(*np.shape(src)[:2])
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         cond = self._condition(sources, gens)
         unet = self.unet
@@ -203,7 +262,7 @@ class ProFusionGenerator:
             alpha_prev = float(sched.alphas_cumprod[prev_t]) if prev_t >= 0 else float(sched.final_alpha_cumprod)
             tt = torch.full((b,), t_int, device=self.device)
             for _ in range(cfg.refine_step):
-                s_star = self.promptnet(cond.ref_latent, x, tt, cond.clip_hidden)
+                s_star = self.promptnet(cond.ref_latent, x.to(cond.ref_latent.dtype), tt, cond.clip_hidden)
                 cond_gamma = self.encode(sstar_prompts, s_star, scale=cfg.gamma)
                 eps_u, eps_g = unet(torch.cat([x, x]), t_int,
                                     encoder_hidden_states=torch.cat([uncond, cond_gamma])).sample.chunk(2)
@@ -211,7 +270,7 @@ class ProFusionGenerator:
                 sigma = cfg.refine_eta * math.sqrt(ddim_variance(alpha_t, alpha_prev))
                 z = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(x)
                 x = refine_update(x, eps, alpha_t, alpha_prev, sigma, z)
-            s_star = self.promptnet(cond.ref_latent, x, tt, cond.clip_hidden)
+            s_star = self.promptnet(cond.ref_latent, x.to(cond.ref_latent.dtype), tt, cond.clip_hidden)
             cond_s = self.encode(sstar_prompts, s_star, scale=1.0)
             eps_u, eps_s, eps_r = unet(torch.cat([x, x, x]), t_int,
                                        encoder_hidden_states=torch.cat([uncond, cond_s, ref])).sample.chunk(3)
@@ -219,7 +278,10 @@ class ProFusionGenerator:
         finite = torch.isfinite(x.flatten(1)).all(dim=1)
         if not bool(finite.all()):  # fp16 overflow or a broken checkpoint: never publish garbage as an image
             raise RuntimeError(f"non-finite latents for rows {torch.nonzero(~finite).flatten().tolist()}")
-        images = self.vae.decode((x / self.scaling).to(self.vae.dtype)).sample
+        images = self.vae.decode((x / self.scaling).to(self.vae.dtype)).sample  # (B, 3, H, W)
+        finite = torch.isfinite(images.flatten(1)).all(dim=1)
+        if not bool(finite.all()):  # a half-precision VAE overflow would otherwise become black pixels
+            raise RuntimeError(f"non-finite decoded images for rows {torch.nonzero(~finite).flatten().tolist()}")
         images = ((images.float() + 1) / 2).clamp(0, 1)
         return list((images * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
 
@@ -233,57 +295,106 @@ class ProFusionGenerator:
                 params[f"unet.{n}"] = p
         return params
 
+    def finetune_autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of fine-tuning from ``cfg.finetune_precision``; None = float32 compute."""
+        precision = self.cfg.finetune_precision
+        if precision == "auto":
+            storage = self.unet.conv_in.weight.dtype  # a frozen weight: the t2i role's storage dtype
+            return storage if storage in (torch.float16, torch.bfloat16) else None
+        dtype = _AUTOCAST_DTYPES[precision]
+        # frozen weights in the gradient path (PromptNet is all trained, so float32 while training)
+        low = {p.dtype for p in (*self.unet.parameters(), *self.text_encoder.parameters())} - {torch.float32}
+        if self.device.type == "cpu" and dtype is not None and low - {dtype}:
+            raise ValueError(f"finetune_precision={precision!r} on CPU needs the t2i role stored in float32 or "
+                             f"{dtype}, not {sorted(map(str, low))}: CPU norm layers do not mix half dtypes "
+                             "under autocast; use 'auto', 'fp32' or a matching role dtype")
+        return dtype
+
+    @contextlib.contextmanager
+    def _training_precision(self, params: dict[str, torch.nn.Parameter], autocast_dtype: torch.dtype | None):
+        """Hold the trained parameters in float32 (and, for float32 compute, the frozen UNet/text-encoder/
+        PromptNet weights too) for the duration; on exit cast every one back to its storage dtype (exact for
+        the frozen weights: half → float32 → half round-trips bit for bit)."""
+        frozen = []
+        if autocast_dtype is None:
+            trained = {id(p) for p in params.values()}
+            frozen = [p for m in (self.unet, self.text_encoder, self.promptnet) for p in m.parameters()
+                      if id(p) not in trained and p.is_floating_point()]
+        saved = [(p, p.dtype) for p in (*params.values(), *frozen)]
+        try:
+            for p, _ in saved:
+                p.data = p.data.float()
+            yield
+        finally:
+            for p, dtype in saved:
+                p.data = p.data.to(dtype)
+
     def finetune(self, source: np.ndarray, seed: int) -> list[float]:
-        """Fine-tune on a mini-set of the source + augmentations; returns the losses. Call :meth:`restore` after."""
+        """Fine-tune on a mini-set of the source + augmentations; returns the losses. Call :meth:`restore` after.
+
+        Trained parameters are float32 while training (see the module docstring); on return they hold the
+        fine-tuned values in their storage dtype, ready for :meth:`sample`.
+        """
         cfg = self.cfg
+        self.check_source_size(*np.shape(source)[:2])
+        autocast_dtype = self.finetune_autocast_dtype()
         params = self.trainable_parameters()
         if self._base_state is None:
-            self._base_state = {n: p.detach().clone() for n, p in params.items()}
+            self._base_state = {n: p.detach().clone() for n, p in params.items()}  # storage dtype
         gen = torch.Generator().manual_seed(int(seed))
         image = self._to_tensor([source])[0]
         augment = AUGMENTATIONS[cfg.augmentation]
         miniset = torch.cat([image[None], augment(image.cpu(), cfg.num_augmentations, gen).to(self.device)])
-        with torch.no_grad():
-            latents = self._encode_latents(miniset, None)  # (M, 4, h, w)
-            clip_hidden = self._clip_hidden(miniset)
-        for p in params.values():
-            p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(params.values(), lr=cfg.finetune_lr, weight_decay=cfg.finetune_weight_decay)
+        with torch.no_grad():  # frozen encoders in their storage dtype; training inputs in float32
+            latents = self._encode_latents(miniset, None).float()  # (M, 4, h, w)
+            clip_hidden = self._clip_hidden(miniset).float()  # (M, 1+P, clip_width)
         prompts = [cfg.finetune_prompt] * cfg.finetune_batch_size
         n_train = self.scheduler.config.num_train_timesteps
         losses = []
-        self.unet.train()
-        self.promptnet.train()
-        try:
-            for _ in range(cfg.finetune_steps):
-                ref_idx = torch.randint(len(miniset), (cfg.finetune_batch_size,), generator=gen)
-                tgt_idx = torch.randint(len(miniset), (cfg.finetune_batch_size,), generator=gen)
-                noise = torch.randn(latents[tgt_idx].shape, generator=gen).to(latents)
-                t = torch.randint(0, n_train, (cfg.finetune_batch_size,), generator=gen).to(self.device)
-                z_t = self.scheduler.add_noise(latents[tgt_idx], noise, t)
-                s_star = self.promptnet(latents[ref_idx], z_t, t, clip_hidden[ref_idx])
-                hidden = self.encode(prompts, s_star)
-                eps = self.unet(z_t, t, encoder_hidden_states=hidden).sample
-                loss = F.mse_loss(eps.float(), noise.float())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-        finally:
-            self.unet.eval()
-            self.promptnet.eval()
+        with self._training_precision(params, autocast_dtype):
             for p in params.values():
-                p.requires_grad_(False)
-                p.grad = None
+                p.requires_grad_(True)
+            optimizer = torch.optim.AdamW(params.values(), lr=cfg.finetune_lr,
+                                          weight_decay=cfg.finetune_weight_decay)  # over the float32 weights
+            scaler = torch.amp.GradScaler(self.device.type, enabled=autocast_dtype == torch.float16)
+            self.unet.train()
+            self.promptnet.train()
+            try:
+                for _ in range(cfg.finetune_steps):
+                    ref_idx = torch.randint(len(miniset), (cfg.finetune_batch_size,), generator=gen)
+                    tgt_idx = torch.randint(len(miniset), (cfg.finetune_batch_size,), generator=gen)
+                    noise = torch.randn(latents[tgt_idx].shape, generator=gen).to(latents)
+                    t = torch.randint(0, n_train, (cfg.finetune_batch_size,), generator=gen).to(self.device)
+                    z_t = self.scheduler.add_noise(latents[tgt_idx], noise, t)  # (b, 4, h, w) float32
+                    with _autocast(self.device.type, autocast_dtype):
+                        s_star = self.promptnet(latents[ref_idx], z_t, t, clip_hidden[ref_idx])  # (b, 1, D)
+                        hidden = self.encode(prompts, s_star, pad=False)  # (b, L_prompt, D): no padding
+                        eps = self.unet(z_t, t, encoder_hidden_states=hidden).sample
+                    loss = F.mse_loss(eps.float(), noise)
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)  # skipped (weights untouched) when fp16 gradients overflowed
+                    scaler.update()
+                    losses.append(loss.item())
+            finally:
+                self.unet.eval()
+                self.promptnet.eval()
+                for p in params.values():
+                    p.requires_grad_(False)
+                    p.grad = None
         return losses
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Put the base weights back (exactly) after :meth:`finetune`."""
+        """Put the base weights back (exactly, in their storage dtype) after :meth:`finetune`."""
         if self._base_state is None:
             return
         for n, p in self.trainable_parameters().items():
-            p.copy_(self._base_state[n])
+            base = self._base_state[n]
+            if p.dtype == base.dtype and p.device == base.device:
+                p.copy_(base)
+            else:  # interrupted mid-cast: take the stored tensor's dtype back too
+                p.data = base.clone()
 
     @contextlib.contextmanager
     def finetuned(self, source: np.ndarray, seed: int):

@@ -18,6 +18,11 @@ Structure (all diffusers blocks, nothing re-implemented):
   the authors' 8, 4, 2, 1, 1, 1 for SD2-base (64×64 latents) and is derived for any other size;
 * ``prompt_out``: conv with kernel = stride = mid size over the concatenation → one token of text width.
 
+The kernels are fixed for one latent size (:attr:`PromptNet.latent_size`); :meth:`PromptNet.forward` refuses
+any other size with a ``ValueError`` rather than crop (a larger latent would floor to the same one token, or
+give several tokens). The CLIP input is made by :func:`clip_pixel_values` as the authors make it: a bicubic
+resize **without** antialiasing, then OpenAI mean/std.
+
 The mapping of the authors' released checkpoint onto these names is in ``docs/profusion_checkpoint_mapping.md``.
 
 On disk (the ``promptnet`` role)::
@@ -34,9 +39,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 PROMPTNET_WEIGHTS = "promptnet"
+
+
+def clip_pixel_values(pixels01: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+    """PromptNet's CLIP-vision input, as the authors build it (``Resize(224, BICUBIC)`` on a tensor, then
+    ``Normalize(OpenAI mean, std)``): a bicubic resize to ``size``×``size`` with **no antialiasing** and no
+    clamping of the bicubic overshoot. (transformers' ``CLIPImageProcessor`` resizes with PIL, which
+    antialiases on downsampling, so it is not used here.)
+
+    Args:
+        pixels01: (B, 3, H, W) in [0, 1], any float dtype; square images (the sources are).
+        size: the vision encoder's input size (224 for ViT-H/14).
+        mean, std: per-channel normalisation (3 floats each).
+
+    Returns: (B, 3, size, size) float32.
+    """
+    x = pixels01.float()  # bicubic in float32: half-precision interpolation is not what the authors ran
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=False)
+    mean_t = torch.tensor(list(mean), dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(list(std), dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - mean_t) / std_t
 
 
 class PromptNet(nn.Module):
@@ -85,6 +112,11 @@ class PromptNet(nn.Module):
         self.prompt_out = nn.Conv2d(proj_channels * len(sizes), text_width, kernel_size=grid, stride=grid)
         self.kernels = [s // grid for s in sizes] + [grid]
 
+    @property
+    def latent_size(self) -> int:
+        """The one latent side length (h = w) for which the kernels give exactly one S* token."""
+        return int(self.config["latent_size"] or self.unet.config.sample_size)
+
     @classmethod
     def from_unet(cls, unet, clip_vision_width: int, text_width: int, proj_channels: int = 128) -> "PromptNet":
         """Build and initialise the encoder half from a text-to-image UNet (SPEC §4.5)."""
@@ -102,7 +134,14 @@ class PromptNet(nn.Module):
         """Args: ref_latent, z_t (B, C, h, w); timestep (B,) or scalar; clip_hidden (B, 1+P, clip_width).
 
         Returns: S* of shape (B, 1, text_width).
+
+        Raises: ValueError if the latents are not latent_size × latent_size (no silent crop).
         """
+        size = self.latent_size
+        for name, lat in (("ref_latent", ref_latent), ("z_t", z_t)):
+            if tuple(lat.shape[-2:]) != (size, size):
+                raise ValueError(f"PromptNet: {name} is {lat.shape[-2]}×{lat.shape[-1]}; this PromptNet's kernels "
+                                 f"{self.kernels} give exactly one S* token only for {size}×{size} latents")
         u = self.unet
         b = ref_latent.shape[0]
         t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep)
@@ -191,13 +230,12 @@ def load_promptnet_dir(role: str, d: Path, dtype: torch.dtype):
 
 
 def smoke_forward_promptnet(c: PromptNetComponents) -> dict[str, tuple[int, ...]]:
-    from PIL import Image
-
-    pix = c.image_processor(images=[Image.new("RGB", (64, 64))], return_tensors="pt").pixel_values
+    clip_size = c.image_encoder.config.image_size
+    pix = clip_pixel_values(torch.zeros(1, 3, clip_size, clip_size), clip_size, c.image_processor.image_mean,
+                            c.image_processor.image_std)
     hidden = c.image_encoder(pixel_values=pix.to(c.image_encoder.dtype)).last_hidden_state
-    cfg = c.promptnet.unet.config
-    size = c.promptnet.config.get("latent_size") or cfg.sample_size
-    lat = torch.zeros(1, cfg.in_channels, size, size, dtype=hidden.dtype)
+    size = c.promptnet.latent_size
+    lat = torch.zeros(1, c.promptnet.unet.config.in_channels, size, size, dtype=hidden.dtype)
     s = c.promptnet(lat, lat, torch.tensor([500]), hidden)
     return {"clip_hidden": tuple(hidden.shape), "s_star": tuple(s.shape)}
 

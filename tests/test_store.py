@@ -1,0 +1,103 @@
+"""Storage behind URIs (local and a real S3-compatible server on 127.0.0.1) and the output lease."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pyarrow as pa
+import pytest
+
+from pipeline.store import Lease, OutputBusy, Storage, table_hash
+from tests.s3util import s3_bucket, s3_server  # noqa: F401  (fixtures)
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request, tmp_path):
+    if request.param == "local":
+        return Storage(tmp_path / "out")
+    return Storage(request.getfixturevalue("s3_bucket") + "/out")
+
+
+def test_write_read_list_delete(storage):
+    storage.write_bytes("a/b/x.bin", b"hello")
+    storage.write_json("a/m.json", {"k": 1})
+    n = storage.write_parquet("a/t.parquet", pa.table({"x": [1, 2, 3]}))
+    assert storage.read_bytes("a/b/x.bin") == b"hello"
+    assert storage.read_json("a/m.json") == {"k": 1} and storage.read_json("a/none.json", "d") == "d"
+    assert storage.read_parquet("a/t.parquet")["x"].to_pylist() == [1, 2, 3] and n > 0
+    assert storage.list("a") == ["m.json", "t.parquet"]
+    assert storage.list("a", recursive=True) == ["b/x.bin", "m.json", "t.parquet"]
+    assert storage.list("missing") == [] and storage.size("a") == 5 + len(storage.read_bytes("a/m.json")) + n
+    assert storage.is_file("a/m.json") and not storage.is_file("a/none")
+    storage.delete("a/m.json")
+    storage.delete("a/m.json")  # idempotent
+    assert not storage.exists("a/m.json")
+    storage.delete_dir("a/b")
+    assert storage.list("a", recursive=True) == ["t.parquet"]
+
+
+def test_storage_pickles_without_its_filesystem(storage):
+    import pickle
+
+    storage.write_bytes("k", b"v")
+    clone = pickle.loads(pickle.dumps(storage))
+    assert clone.uri == storage.uri and clone._fs is None and clone.read_bytes("k") == b"v"
+
+
+def test_local_writes_leave_no_temp_files_and_dead_temps_are_cleaned(tmp_path):
+    s = Storage(tmp_path, owner="me")
+    s.write_bytes("d/x", b"1")
+    assert sorted(os.listdir(tmp_path / "d")) == ["x"]
+    (tmp_path / "d" / ".x.tmp-dead1-abcd").write_bytes(b"partial")  # a killed run's leftover
+    (tmp_path / ".dataset.tmp-dead1-ffff").mkdir()  # e.g. a failed publish directory
+    (tmp_path / "d" / ".y.tmp-me-0000").write_bytes(b"mine, in flight")
+    assert s.clean_dead_tmp("me") == 2
+    assert sorted(os.listdir(tmp_path / "d")) == [".y.tmp-me-0000", "x"]
+    assert not (tmp_path / ".dataset.tmp-dead1-ffff").exists()
+
+
+def test_table_hash_is_content_based():
+    a = pa.table({"x": [1, 2], "y": ["a", "b"]})
+    assert table_hash(a) == table_hash(pa.table({"x": [1, 2], "y": ["a", "b"]}))
+    assert table_hash(a) != table_hash(pa.table({"x": [1, 3], "y": ["a", "b"]}))
+
+
+def test_second_driver_is_refused_while_the_first_is_alive(storage):
+    first = Lease(storage, ttl_s=5, heartbeat_s=0.5, settle_s=0.05)
+    first.acquire()
+    try:
+        second = Lease(storage, ttl_s=5, heartbeat_s=0.5, settle_s=0.05)
+        with pytest.raises(OutputBusy, match="another driver"):
+            second.acquire(wait_s=1.5)  # the heartbeat keeps the lease fresh past the wait
+        assert storage.read_json(Lease.KEY)["owner"] == first.owner
+    finally:
+        first.release()
+    assert storage.read_json(Lease.KEY) is None
+
+
+def test_waiting_driver_gets_the_lease_when_the_first_releases(tmp_path):
+    storage = Storage(tmp_path)
+    first = Lease(storage, ttl_s=5, heartbeat_s=0.2, settle_s=0.05)
+    first.acquire()
+    threading.Timer(0.5, first.release).start()
+    second = Lease(storage, ttl_s=5, heartbeat_s=0.2, settle_s=0.05)
+    second.acquire(wait_s=10)
+    assert storage.read_json(Lease.KEY)["owner"] == second.owner
+    second.release()
+
+
+def test_dead_owner_is_taken_over_and_the_loser_notices(storage):
+    storage.write_json(Lease.KEY, {"owner": "dead", "host": "h", "pid": 1, "heartbeat": time.time() - 100})
+    lease = Lease(storage, ttl_s=5, heartbeat_s=0.2, settle_s=0.05)
+    lease.acquire()
+    assert lease.took_over["owner"] == "dead"
+    # someone else overwrites the lease (a racing successor): the heartbeat thread marks ours lost
+    storage.write_json(Lease.KEY, {"owner": "thief", "host": "h", "pid": 2, "heartbeat": time.time()})
+    deadline = time.time() + 5
+    while not lease.lost.is_set() and time.time() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(OutputBusy, match="lost the lease"):
+        lease.check()
+    lease.release()  # does not delete the other owner's lease
+    assert storage.read_json(Lease.KEY)["owner"] == "thief"

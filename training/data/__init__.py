@@ -1,0 +1,1 @@
+"""Data definitions shared by the build (``pipeline``) and the trainers: the dataset schema and stable ids."""

@@ -1,0 +1,116 @@
+"""Column names and the dataset schema — the one place the build (``pipeline``) and trainers agree on.
+
+It lives below both layers (``training.data``), so trainers read the build's output without importing
+``pipeline``. A built output (``cafe build --out OUT``, a local path or an ``s3://`` URI) holds::
+
+    OUT/dataset/      kept rows: data/train-<chunk>.parquet shards (HF ``Image`` feature) + README.md card;
+                      ``datasets.load_dataset(OUT/dataset)``, ``ray.data.read_parquet(OUT/dataset/data)``
+    OUT/candidates/   data/<chunk>.parquet: every scored row's ids, scores and decision (no images)
+    OUT/quarantine/   data/<chunk>.parquet: every input or row that failed a stage, with the stage and reason
+    OUT/manifest.json config + keys, model fingerprints, code version, per-stage counts and timings
+    OUT/report/       report.md + figures (``cafe report OUT`` regenerates it)
+    OUT/_work/        lease, plan shards, generation parts, score files, commit markers (resume ledger)
+    OUT/_SUCCESS      written last
+"""
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+# --- row identity and lineage
+ID = "id"
+ROUND = "round"
+SOURCE_ID = "source_id"
+SOURCE_URI = "source_uri"
+CLASS = "class_name"
+INSTRUCTION = "instruction"  # the phrase, e.g. "on the beach"
+FILLED_PROMPT = "filled_prompt"  # "a {class} {phrase}" (filter text and dialogue input)
+SEED = "seed"
+GENERATOR = "generator"
+GENERATOR_PARAMS = "generator_params"  # JSON text
+
+# --- images: PNG bytes in the work files, the datasets ``Image`` feature in the published dataset
+SOURCE_PNG = "source_png"
+TARGET_PNG = "target_png"
+INPUT_IMAGE = "input_image"
+TARGET_IMAGE = "target_image"
+
+# --- scores and decisions
+CLIP_T = "clip_t"
+DINO = "dino"
+CLIP_I = "clip_i"
+KEEP = "keep"
+FILTER_REASON = "filter_reason"
+
+# --- dialogue
+USER_TEXT = "user_text"
+ASSISTANT_TEXT = "assistant_text"
+DIALOGUE_STYLE = "dialogue_style"
+DIALOGUE_BACKEND = "dialogue_backend"
+
+# --- quarantine rows
+Q_ID = "id"  # row id, or source id for inputs that never became rows
+Q_STAGE = "stage"
+Q_REASON = "reason"
+Q_DETAIL = "detail"
+Q_INPUT = "input"  # source URI / path text
+
+STAGES = ("sources", "generate", "score", "rules", "dialogue")
+
+# --- in-flight bookkeeping columns (rows travelling between Ray Data stages; never published)
+CHUNK = "_chunk"
+STATUS = "_status"  # "row" (a live pair), "quarantined", "pending" (transient failure: retried next run)
+STATUS_ROW, STATUS_QUARANTINED, STATUS_PENDING = "row", "quarantined", "pending"
+
+#: columns of the published dataset, in order (work-file PNG columns are renamed to the Image columns)
+DATASET_COLUMNS = (
+    ID, ROUND, SOURCE_ID, SOURCE_URI, CLASS, INSTRUCTION, FILLED_PROMPT, INPUT_IMAGE, USER_TEXT, TARGET_IMAGE,
+    ASSISTANT_TEXT, DIALOGUE_STYLE, GENERATOR, GENERATOR_PARAMS, SEED, CLIP_T, DINO, CLIP_I,
+)
+#: candidates keep ids, lineage, scores and the decision: no second copy of the images
+CANDIDATE_COLUMNS = (ID, ROUND, SOURCE_ID, CLASS, INSTRUCTION, FILLED_PROMPT, SEED, CLIP_T, DINO, CLIP_I, KEEP,
+                     FILTER_REASON, DIALOGUE_STYLE)
+QUARANTINE_COLUMNS = (Q_ID, Q_STAGE, Q_REASON, Q_DETAIL, Q_INPUT)
+
+
+def arrow_schema(kind: str):
+    """pyarrow schema: ``pairs`` (work rows), ``quarantine``, ``flight`` (pairs + quarantine + bookkeeping,
+    the rows travelling between Ray Data stages) or ``candidates``."""
+    import pyarrow as pa
+
+    if kind == "quarantine":
+        return pa.schema([(c, pa.string()) for c in QUARANTINE_COLUMNS])
+    if kind == "flight":
+        pairs = arrow_schema("pairs")
+        extra = [(CHUNK, pa.string()), (STATUS, pa.string())] + [
+            (f"q_{c}", pa.string()) for c in (Q_STAGE, Q_REASON, Q_DETAIL, Q_INPUT)]
+        return pa.schema(list(zip(pairs.names, pairs.types)) + extra)
+    if kind == "candidates":
+        pairs = arrow_schema("pairs")
+        return pa.schema([pairs.field(c) for c in CANDIDATE_COLUMNS])
+    if kind != "pairs":
+        raise ValueError(f"unknown schema kind {kind!r}; allowed: pairs, quarantine, flight, candidates")
+    return pa.schema([
+        (ID, pa.string()), (ROUND, pa.int32()), (SOURCE_ID, pa.string()), (SOURCE_URI, pa.string()),
+        (CLASS, pa.string()), (INSTRUCTION, pa.string()), (FILLED_PROMPT, pa.string()), (SEED, pa.int64()),
+        (SOURCE_PNG, pa.binary()), (TARGET_PNG, pa.binary()), (GENERATOR, pa.string()),
+        (GENERATOR_PARAMS, pa.string()), (CLIP_T, pa.float32()), (DINO, pa.float32()), (CLIP_I, pa.float32()),
+        (KEEP, pa.bool_()), (FILTER_REASON, pa.string()), (USER_TEXT, pa.string()), (ASSISTANT_TEXT, pa.string()),
+        (DIALOGUE_STYLE, pa.string()),
+    ])
+
+
+def dataset_features(with_decision: bool = False):
+    """``datasets.Features`` of the published dataset (``with_decision``: plus keep / filter_reason)."""
+    from datasets import Features, Image, Value
+
+    f = {
+        ID: Value("string"), ROUND: Value("int32"), SOURCE_ID: Value("string"), SOURCE_URI: Value("string"),
+        CLASS: Value("string"), INSTRUCTION: Value("string"), FILLED_PROMPT: Value("string"),
+        INPUT_IMAGE: Image(), USER_TEXT: Value("string"), TARGET_IMAGE: Image(),
+        ASSISTANT_TEXT: Value("string"), DIALOGUE_STYLE: Value("string"), GENERATOR: Value("string"),
+        GENERATOR_PARAMS: Value("string"), SEED: Value("int64"), CLIP_T: Value("float32"),
+        DINO: Value("float32"), CLIP_I: Value("float32"),
+    }
+    if with_decision:
+        f.update({KEEP: Value("bool"), FILTER_REASON: Value("string")})
+    return Features(f)
