@@ -264,7 +264,7 @@ def _aggregate(out: Storage, dialogue_key: str, chunks: list[str]) -> tuple[list
 
 
 def _remove_stale_shards(out: Storage, chunks: list[str]) -> None:
-    live = {f"train-{c}.parquet" for c in chunks}
+    """Delete shards of chunks that are not in the current plan (left by an earlier, larger plan)."""
     for sub, name in (("dataset/data", lambda c: f"train-{c}.parquet"), ("candidates/data", lambda c: f"{c}.parquet"),
                       ("quarantine/data", lambda c: f"{c}.parquet")):
         live = {name(c) for c in chunks}
@@ -282,6 +282,7 @@ def write_dataset_card(out: Storage, manifest: dict) -> None:
         "license": manifest.get("license") or "other",
         "pretty_name": f"CAFE round-{manifest['config']['build']['round']} customization dataset",
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}],
+        # datasets' own YAML form of the features (what `push_to_hub` writes into a card)
         "dataset_info": {"features": features._to_yaml_list(),
                          "splits": [{"name": "train", "num_examples": manifest["counts"]["kept"]}]},
     }

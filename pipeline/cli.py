@@ -93,7 +93,7 @@ def cmd_models_check(args) -> int:
 
 
 def cmd_models_convert_promptnet(args) -> int:
-    from training.models.promptnet import convert_authors_checkpoint
+    from training.models.convert_promptnet import convert_authors_checkpoint
 
     out = convert_authors_checkpoint(args.src, args.t2i, args.image_encoder, args.out)
     print(f"promptnet written to {out}")

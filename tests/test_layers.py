@@ -1,4 +1,5 @@
-"""The import contracts in ``.importlinter`` hold: pipeline -> filtering -> training, and Ray only in pipeline."""
+"""The import contracts in ``.importlinter`` hold: pipeline -> filtering -> training, Ray only in pipeline, and the
+PromptNet model imports none of its loader, tiny writer or converter."""
 import os
 import subprocess
 import sys
@@ -17,11 +18,12 @@ def _lint(cwd: Path, config: Path) -> subprocess.CompletedProcess:
 def test_layer_contracts_are_kept():
     result = _lint(REPO, REPO / ".importlinter")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 kept, 0 broken" in result.stdout
+    assert "3 kept, 0 broken" in result.stdout
 
 
-def test_contracts_catch_an_upward_import_and_ray_outside_pipeline(tmp_path):
-    """The same contract file fails on a tree where training imports pipeline and filtering imports Ray."""
+def test_contracts_catch_an_upward_import_ray_outside_pipeline_and_a_promptnet_cycle(tmp_path):
+    """The same contract file fails on a tree where training imports pipeline, filtering imports Ray and the
+    PromptNet model imports the model kit."""
     files = {
         "pipeline/__init__.py": "import filtering\n",
         "filtering/__init__.py": "import training\n",
@@ -29,11 +31,17 @@ def test_contracts_catch_an_upward_import_and_ray_outside_pipeline(tmp_path):
         "training/__init__.py": "",
         "training/bad.py": "from pipeline import config\n",
         "pipeline/config.py": "",
+        "training/models/__init__.py": "",
+        "training/models/kit.py": "from training.models import promptnet\n",
+        "training/models/tiny.py": "",
+        "training/models/convert_promptnet.py": "",
+        "training/models/promptnet.py": "from training.models.kit import _weights\n",
     }
     for name, text in files.items():
-        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     result = _lint(tmp_path, REPO / ".importlinter")
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "0 kept, 2 broken" in result.stdout
+    assert "0 kept, 3 broken" in result.stdout
     assert "training.bad -> pipeline.config" in result.stdout and "filtering.scorer -> ray" in result.stdout
+    assert "training.models.promptnet -> training.models.kit" in result.stdout

@@ -189,7 +189,8 @@ def test_cli_models_check_bad_dir_exit_code(tmp_path, capsys):
 
 def test_convert_authors_promptnet_checkpoint(tiny_models, tmp_path):
     """Our tiny PromptNet renamed into the authors' key layout (+ residual keys) converts back exactly."""
-    from training.models.promptnet import AUTHORS_KEY_MAP, PromptNet, convert_authors_checkpoint
+    from training.models.convert_promptnet import AUTHORS_KEY_MAP, convert_authors_checkpoint
+    from training.models.promptnet import PromptNet
 
     ours = load_role("promptnet", tiny_models / "promptnet")
     net = ours.components.promptnet

@@ -29,8 +29,10 @@ clip_cond     transformers ``CLIPVisionModelWithProjection`` (ViT-L/14@336), sam
 dino_cond     transformers ``Dinov2Model`` (DINOv2), same files
 llm           transformers causal LM (Llama chat) + tokenizer files
 dialogue_llm  as ``llm``
-promptnet     :mod:`training.models.promptnet`: ``config.json`` + ``promptnet.safetensors`` and
-              ``image_encoder/`` (transformers ``CLIPVisionModel``)
+promptnet     :class:`training.models.promptnet.PromptNet`: ``config.json`` (its ``config`` dict:
+              ``unet_config``, ``clip_vision_width``, ``text_width``, ``proj_channels``, ``latent_size``),
+              ``promptnet.safetensors`` (its state dict) and ``image_encoder/`` (transformers
+              ``CLIPVisionModel`` + ``preprocessor_config.json``); written by :func:`save_promptnet`
 ============  ===========================================================================================
 """
 from __future__ import annotations
@@ -49,10 +51,13 @@ from training.models import offline  # noqa: F401  (must precede diffusers/trans
 
 import torch
 
+from training.models.promptnet import PromptNet, clip_pixel_values
+
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PROMPTNET_WEIGHTS = "promptnet"
 
 
 class ModelLoadError(RuntimeError):
@@ -89,6 +94,13 @@ class VisionComponents:
 class CausalLMComponents:
     model: Any
     tokenizer: Any
+
+
+@dataclass
+class PromptNetComponents:
+    promptnet: PromptNet
+    image_encoder: Any  # transformers CLIPVisionModel
+    image_processor: Any
 
 
 @dataclass
@@ -367,10 +379,44 @@ def _load_causal_lm(role: str, d: Path, dtype: torch.dtype):
     return CausalLMComponents(model, tokenizer), {"model": model}
 
 
-def _load_promptnet(role: str, d: Path, dtype: torch.dtype):
-    from training.models.promptnet import load_promptnet_dir
+def save_promptnet(net: PromptNet, out: Path) -> None:
+    """Write ``net`` in the ``promptnet`` layout (``config.json`` + ``promptnet.safetensors``) under ``out``.
 
-    return load_promptnet_dir(role, d, dtype)
+    The caller adds ``out/image_encoder/`` and writes ``out`` under a temporary name if it needs atomicity.
+    """
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(net.config, indent=2, default=list))
+    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()},
+              str(out / f"{PROMPTNET_WEIGHTS}.safetensors"))
+
+
+def load_promptnet_dir(role: str, d: Path, dtype: torch.dtype):
+    """Loader for the ``promptnet`` role: :class:`PromptNet` + its CLIP vision encoder and image processor."""
+    from safetensors.torch import load_file
+    from transformers import AutoImageProcessor, CLIPVisionModel
+
+    _require(role, d, "config.json")
+    table = _weights(role, d, PROMPTNET_WEIGHTS)
+    try:
+        cfg = json.loads((d / "config.json").read_text())
+        net = PromptNet(cfg["unet_config"], cfg["clip_vision_width"], cfg["text_width"],
+                        cfg.get("proj_channels", 128), cfg.get("latent_size"))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ModelLoadError(role, d / "config.json", f"invalid PromptNet config: {exc}") from None
+    _compare_state(role, d, net, table)
+    net.load_state_dict(load_file(str(d / f"{PROMPTNET_WEIGHTS}.safetensors")), strict=True)
+    net = net.to(dtype).eval()
+    enc_dir = d / "image_encoder"
+    _require(role, enc_dir, "config.json", "preprocessor_config.json")
+    _weights(role, enc_dir, "model")
+    enc = _hf_load(role, enc_dir, CLIPVisionModel, dtype=dtype).eval()
+    if enc.config.hidden_size != net.config["clip_vision_width"]:
+        raise ModelLoadError(role, d, f"config/weights mismatch: image encoder width {enc.config.hidden_size} "
+                             f"!= PromptNet clip_vision_width {net.config['clip_vision_width']}")
+    processor = _library_call(role, enc_dir, AutoImageProcessor.from_pretrained, enc_dir, local_files_only=True)
+    return PromptNetComponents(net, enc, processor), {"promptnet": net, "image_encoder": enc}
 
 
 LOADERS = {
@@ -381,7 +427,7 @@ LOADERS = {
     "dino_cond": _load_vision("Dinov2Model"),
     "llm": _load_causal_lm,
     "dialogue_llm": _load_causal_lm,
-    "promptnet": _load_promptnet,
+    "promptnet": load_promptnet_dir,
 }
 
 
@@ -452,7 +498,17 @@ def smoke_forward(loaded: LoadedRole) -> dict[str, tuple[int, ...]]:
         logits = c.model(**enc).logits
         return {"logits": tuple(logits.shape)}
     if role == "promptnet":
-        from training.models.promptnet import smoke_forward_promptnet
-
         return smoke_forward_promptnet(c)
     raise ValueError(f"unknown role {role!r}")
+
+
+def smoke_forward_promptnet(c: PromptNetComponents) -> dict[str, tuple[int, ...]]:
+    """CLIP vision tokens of a blank image → one S* token from zero latents."""
+    clip_size = c.image_encoder.config.image_size
+    pix = clip_pixel_values(torch.zeros(1, 3, clip_size, clip_size), clip_size, c.image_processor.image_mean,
+                            c.image_processor.image_std)
+    hidden = c.image_encoder(pixel_values=pix.to(c.image_encoder.dtype)).last_hidden_state  # (1, 1+P, width)
+    size = c.promptnet.latent_size
+    lat = torch.zeros(1, c.promptnet.unet.config.in_channels, size, size, dtype=hidden.dtype)
+    s = c.promptnet(lat, lat, torch.tensor([500]), hidden)  # (1, 1, text_width)
+    return {"clip_hidden": tuple(hidden.shape), "s_star": tuple(s.shape)}

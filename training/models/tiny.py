@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 
 from training.models import offline  # noqa: F401  (sets the libraries' offline switches first)
+from training.models.kit import save_promptnet
+from training.models.promptnet import PromptNet
 
 log = logging.getLogger(__name__)
 
@@ -269,10 +271,24 @@ def _write_llama(out: Path, seed: int) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _write_promptnet(out: Path, seed: int, t2i_dir: Path) -> None:
-    from training.models.promptnet import write_tiny_promptnet
+def write_tiny_promptnet(out: Path, seed: int, t2i_dir: Path) -> None:
+    """Tiny PromptNet initialised from the tiny ``t2i`` UNet, plus a tiny CLIP vision encoder."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
-    write_tiny_promptnet(out, seed=seed, t2i_dir=t2i_dir)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(t2i_dir / "unet", local_files_only=True, use_safetensors=True)
+    enc = CLIPVisionModel(CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=16, hidden_size=48,
+                                           intermediate_size=96, num_hidden_layers=2, num_attention_heads=2))
+    text_width = unet.config.cross_attention_dim
+    net = PromptNet.from_unet(unet, clip_vision_width=enc.config.hidden_size, text_width=text_width,
+                              proj_channels=16)
+    save_promptnet(net, out)
+    enc.save_pretrained(out / "image_encoder", safe_serialization=True)
+    CLIPImageProcessor(do_resize=True, size={"shortest_edge": IMAGE_SIZE}, do_center_crop=True,
+                       crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_normalize=True,
+                       image_mean=list(OPENAI_MEAN), image_std=list(OPENAI_STD), resample=3,
+                       ).save_pretrained(out / "image_encoder")
 
 
 TINY_WRITERS = {
@@ -306,7 +322,7 @@ def make_tiny(out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False
         shutil.rmtree(tmp, ignore_errors=True)
         role_seed = seed * 1000 + i  # distinct, reproducible weights per role
         if role == "promptnet":
-            _write_promptnet(tmp, role_seed, out / "t2i")
+            write_tiny_promptnet(tmp, role_seed, out / "t2i")
         else:
             TINY_WRITERS[role](tmp, role_seed)
         (tmp / "cafe_tiny.json").write_text(json.dumps({"role": role, "seed": role_seed}))
