@@ -33,6 +33,7 @@ def machine_lines() -> list[str]:
         f"machine:      {platform.node()} · {platform.machine()} · {os.cpu_count()} logical CPUs · "
         f"{psutil.virtual_memory().total / 2**30:.1f} GiB RAM",
         f"python:       {platform.python_version()}",
+        f"code:         {code_version()}",
     ]
     try:
         load1, load5, _ = os.getloadavg()
@@ -42,6 +43,23 @@ def machine_lines() -> list[str]:
     except OSError:  # pragma: no cover - not on Linux
         pass
     return lines
+
+
+def code_version() -> str:
+    """``git rev-parse --short HEAD`` (+ ``-dirty`` and a short hash of ``git diff HEAD``, so that two runs on
+    different uncommitted trees can be told apart)."""
+    import hashlib
+    import subprocess
+
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        diff = subprocess.run(["git", "diff", "HEAD"], cwd=REPO, capture_output=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if not rev:
+        return "unknown"
+    return rev + (f"-dirty (diff {hashlib.sha256(diff).hexdigest()[:10]})" if diff else "")
 
 
 def library_line() -> str:

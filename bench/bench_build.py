@@ -231,15 +231,17 @@ def main(argv=None) -> int:
                    "overhead wall-alone (s)"], rows))
     print()
 
-    def line_fit(wall_key: str):
+    def line_fit(wall_key: str, compute: dict[str, float] = tot):
         w_ref, w_n = (builds[k]["manifest"]["timings_s"][wall_key] for k in ("ref", "N"))
-        d_alone, d_wall = tot["N"] - tot["ref"], w_n - w_ref
+        d_alone, d_wall = compute["N"] - compute["ref"], w_n - w_ref
         marginal = d_alone / d_wall if d_wall > 0 and d_alone > 0 else None
-        fixed = (w_ref - tot["ref"] / marginal) if marginal else None
+        fixed = (w_ref - compute["ref"] / marginal) if marginal else None
         return w_n, marginal, fixed
 
     w_n, marginal, fixed = line_fit("pipeline_wall")
     _, marginal_total, fixed_total = line_fit("total_wall")
+    one = {label: sum(by_threads[min(thread_counts)][label].values()) for label in builds}
+    _, marginal_one, _ = line_fit("pipeline_wall", one)
     eff = tot["N"] / w_n
     print(f"RESULT  N={builds['N']['sources']} sources / {builds['N']['rows']} rows: end to end "
           f"{builds['N']['rows'] / builds['N']['manifest']['timings_s']['total_wall']:.2f} rows/s (total_wall), "
@@ -252,6 +254,10 @@ def main(argv=None) -> int:
           f"(target <= {TARGET_FIXED_S:.0f} s; previous design ~29 s)")
     print(f"RESULT  the same on total_wall (planning, publishing, report included): marginal "
           f"{U.fmt_s(marginal_total, 3)}, fixed {U.fmt_s(fixed_total)} s")
+    print(f"RESULT  marginal efficiency against the compute at {min(thread_counts)} torch thread(s) per stage (what an "
+          f"actor of num_cpus < 2 gets: OMP_NUM_THREADS = 1) = {U.fmt_s(marginal_one, 3)}; generate alone, N: "
+          f"{U.fmt_s(by_threads[min(thread_counts)]['N']['generate'])} s at {min(thread_counts)} thread(s), "
+          f"{U.fmt_s(alone['N']['generate'])} s at its best")
     if args.quick:
         print("NOTE    --quick: the builds are a few chunks, so the marginal figures are noise.")
     tmp.cleanup()

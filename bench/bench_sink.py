@@ -12,18 +12,21 @@ blocks, one block per chunk, each holding the chunk's final records (the ``fligh
 dialogue stage: every row kept, scores, template-like dialogue text, a source PNG shared by the source's rows
 and a distinct target PNG per row; PNGs are smooth random images of ``--image-size`` px, about what a generated
 image weighs, made distinct by a few random trailing bytes so Parquet's dictionary encoding cannot fold them).
-The plan shards the sink reads are written first with ``pipeline.build.write_plan``. Four ways, each into its
+The plan shards the sink reads are written first with ``pipeline.build.write_plan``. Five ways, each into its
 own output directory, each after an untimed warm-up on 8 other chunks (and, for the Ray tasks, two worker
 processes started and their imports done):
 
 * in this process, one call after another (1 worker, no Ray);
 * as Ray tasks, ``num_cpus=2`` each on a 2-CPU local cluster (1 task at a time: Ray's own cost);
 * as Ray tasks, ``num_cpus=1`` each (2 at a time: 2 workers);
-* as the build runs it: ``ray.data.from_arrow(blocks).map_batches(sink_batch, batch_size=None,
-  num_cpus=build.sink_num_cpus)`` with the summaries iterated on the driver.
+* as the build runs it: ``ray.data.from_arrow_refs(blocks).map_batches(sink_batch, batch_size=None,
+  num_cpus=build.sink_num_cpus)`` with the summaries iterated on the driver;
+* the same with ``num_cpus=1`` (at most 2 sink tasks at once).
+
+The blocks are put in Ray's object store once, before any Ray way is timed.
 
 rows/s = rows sunk / seconds from the first submission to the last result. The per-chunk dataset hashes the
-markers record must agree across the four ways (checked).
+markers record must agree across the five ways (checked).
 
 Part 2 -- driver memory at N and 100·N chunks. ``pipeline.build.run_build`` itself, in a fresh subprocess per
 size, on ``tests.buildutil.tiny_build_config`` (one class, 2 rows per source, 2 rows per chunk: chunks =
@@ -153,7 +156,7 @@ def part_sink(root: Path, args) -> dict:
     conf = cfg.model_dump(mode="json")
     t0 = time.perf_counter()
     pool = png_pool(args.image_size, 32)
-    ways = ("in-process", "ray-1", "ray-2", "ray-data")
+    ways = ("in-process", "ray-1", "ray-2", "ray-data", "ray-data-1cpu")
     outs = {w: root / f"sink-{w}" for w in ways}
     chunks = None
     for out in outs.values():
@@ -205,15 +208,16 @@ def part_sink(root: Path, args) -> dict:
             ray.get([task.remote(r, **kw(way)) for r in refs[warm:]])
             secs[way] = time.perf_counter() - t0
 
-        def ray_data(part):
-            ds = ray.data.from_arrow(part).map_batches(sink_batch, batch_size=None, batch_format="pyarrow",
-                                                       num_cpus=cfg.build.sink_num_cpus, fn_kwargs=kw("ray-data"))
+        def ray_data(part, cpus, way):
+            ds = ray.data.from_arrow_refs(part).map_batches(sink_batch, batch_size=None, batch_format="pyarrow",
+                                                            num_cpus=cpus, fn_kwargs=kw(way))
             return sum(b.num_rows for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"))
 
-        ray_data(blocks[:warm])
-        t0 = time.perf_counter()
-        n_summaries = ray_data(blocks[warm:])
-        secs["ray-data"] = time.perf_counter() - t0
+        for way, cpus in (("ray-data", cfg.build.sink_num_cpus), ("ray-data-1cpu", 1.0)):
+            ray_data(refs[:warm], cpus, way)
+            t0 = time.perf_counter()
+            n_summaries = ray_data(refs[warm:], cpus, way)
+            secs[way] = time.perf_counter() - t0
     finally:
         ray.shutdown()
     same, ds_bytes = sink_dirs_check(outs, chunks)
@@ -253,7 +257,7 @@ def driver_child(config_path: str, out: str, result_path: str) -> int:
             return flight_table(recs)
 
     class GeneratePass:
-        def __init__(self, config, out, keys, owner):
+        def __init__(self, *args, **kwargs):  # the stages' constructor arguments (config, out, keys, owner, ...)
             pass
 
         def __call__(self, batch):
@@ -349,7 +353,8 @@ def main(argv=None) -> int:
         labels = {"in-process": "in this process, 1 worker (no Ray)",
                   "ray-1": "Ray tasks, num_cpus=2 (1 at a time)",
                   "ray-2": "Ray tasks, num_cpus=1 (2 at a time)",
-                  "ray-data": f"Ray Data map_batches, num_cpus={s['sink_num_cpus']} (as the build)"}
+                  "ray-data": f"Ray Data map_batches, num_cpus={s['sink_num_cpus']} (as the build)",
+                  "ray-data-1cpu": "Ray Data map_batches, num_cpus=1"}
         rows = [[labels[w], s["chunks"], s["rows"], U.fmt_s(sec), f"{s['rows'] / sec:.1f}",
                  U.fmt_s(s["rows"] / sec / base)] for w, sec in s["secs"].items()]
         print(U.table(["sink", "chunks", "rows", "seconds", "rows/s", "vs 1 worker in-process"], rows))

@@ -168,11 +168,9 @@ def write_plan(cfg: CafeConfig, out: Storage, plan_key: str, exclude_uris: list[
         chunks.append(cid)
         buf.clear()
 
-    seen: set[str] = set()
+    # iter_sources gives every listed input its own id (a second listing of one file is a `duplicate` reject),
+    # so no set of ids is kept here: the driver's memory does not grow with the number of sources
     for source in iter_sources(cfg, exclude_uris=exclude_uris):
-        if source["source_id"] in seen:
-            raise ValueError(f"build.sources: duplicate source id {source['source_id']} ({source['uri']})")
-        seen.add(source["source_id"])
         buf.append(json.dumps(source, sort_keys=True))
         n += 1
         if len(buf) == per_chunk:
@@ -205,9 +203,12 @@ def _pool(section, default_min: int = 1):
     return ActorPoolStrategy(min_size=min_size, max_size=max_size)
 
 
-def stage_graph(ds, cfg: CafeConfig, kw: dict, env: dict[str, str] | None = None):
+def stage_graph(ds, cfg: CafeConfig, kw: dict, env: dict[str, str] | None = None,
+                eager: dict[str, bool] | None = None):
     """The build's Ray Data graph, declared once: (stage, callable, pool, resources).
 
+    ``eager``: stages whose actors load their models at start (overlapping upstream work) because some chunk
+    to do still needs them; the others load lazily, so a resume with everything generated never loads ProFusion.
     ``env``: non-secret variables every stage's workers get through a per-operator runtime env (offline
     switches, a storage endpoint), so they arrive also when Ray was initialised by the caller before the build
     (a notebook, a test harness). Secrets (keys, tokens) travel only in the job's runtime env set by
@@ -215,6 +216,8 @@ def stage_graph(ds, cfg: CafeConfig, kw: dict, env: dict[str, str] | None = None
     """
     b = cfg.build
     env = {k: v for k, v in (env or {}).items() if not _looks_secret(k)}
+    eager = eager or {}
+    ekw = lambda stage: {**kw, "eager": bool(eager.get(stage))}  # noqa: E731
     env_kw = {"runtime_env": {"env_vars": env}} if env else {}
     gen_gpus = b.sources.num_gpus_per_actor if b.sources.kind == "generate" else 0
     llm = b.dialogue.backend == "transformers"
@@ -224,21 +227,21 @@ def stage_graph(ds, cfg: CafeConfig, kw: dict, env: dict[str, str] | None = None
     ds = ds.map_batches(SourcesStage, batch_size=1, batch_format="pyarrow",
                         compute=_pool(b.sources),
                         num_cpus=b.sources.num_cpus_per_actor, num_gpus=gen_gpus or None,
-                        resources=res.get("sources"), fn_constructor_kwargs=kw, **restarts, **env_kw)
+                        resources=res.get("sources"), fn_constructor_kwargs=ekw("sources"), **restarts, **env_kw)
     ds = ds.map_batches(GenerateStage, batch_size=None, batch_format="pyarrow",
                         compute=_pool(b.profusion),
                         num_cpus=b.profusion.num_cpus_per_actor, num_gpus=b.profusion.num_gpus_per_actor or None,
-                        resources=res.get("generate"), fn_constructor_kwargs=kw, **restarts, **env_kw)
+                        resources=res.get("generate"), fn_constructor_kwargs=ekw("generate"), **restarts, **env_kw)
     ds = ds.map_batches(ScoreStage, batch_size=None, batch_format="pyarrow",
                         compute=_pool(b.scoring),
                         num_cpus=b.scoring.num_cpus_per_actor, num_gpus=b.scoring.num_gpus_per_actor or None,
-                        resources=res.get("score"), fn_constructor_kwargs=kw, **restarts, **env_kw)
+                        resources=res.get("score"), fn_constructor_kwargs=ekw("score"), **restarts, **env_kw)
     d = b.dialogue
     ds = ds.map_batches(DialogueStage, batch_size=None, batch_format="pyarrow",
                         compute=_pool(d.transformers if llm else d),
                         num_cpus=d.num_cpus_per_actor,
                         num_gpus=(d.transformers.num_gpus_per_actor or None) if llm else None,
-                        resources=res.get("dialogue"), fn_constructor_kwargs=kw, **restarts, **env_kw)
+                        resources=res.get("dialogue"), fn_constructor_kwargs=ekw("dialogue"), **restarts, **env_kw)
     ds = ds.map_batches(sink_batch, batch_size=None, batch_format="pyarrow", num_cpus=b.sink_num_cpus,
                         resources=res.get("sink"), fn_kwargs=kw, **env_kw)
     return ds
@@ -366,7 +369,9 @@ def run_build(cfg: CafeConfig, out_dir: str | os.PathLike | None = None, address
                 ds = ray.data.from_items([{"chunk": c} for c in todo], override_num_blocks=len(todo))
                 done = 0
                 env = forwarded_env(cfg, extra_env=_forward_names(cfg, out.uri))
-                for batch in stage_graph(ds, cfg, kw, env).iter_batches(batch_size=None, batch_format="pyarrow"):
+                eager = _eager_stages(cfg, out, keys, todo)
+                graph = stage_graph(ds, cfg, kw, env, eager)
+                for batch in graph.iter_batches(batch_size=None, batch_format="pyarrow"):
                     lease.check()
                     for row in batch.to_pylist():
                         done += 1
@@ -425,6 +430,17 @@ def run_build(cfg: CafeConfig, out_dir: str | os.PathLike | None = None, address
                            computed={"chunks_run": len(todo)})
     finally:
         lease.release()
+
+
+def _eager_stages(cfg: CafeConfig, out: Storage, keys: dict, todo: list[str]) -> dict[str, bool]:
+    """Which stages will certainly run models: generation when a chunk to do has no generation commit, scoring when
+    one has no score file (two listings, no per-chunk reads); dialogue always (a missing key fails at start)."""
+    generated = {k.split("/")[0] for k in out.list(f"_work/generate/{keys['generate']}", recursive=True)
+                 if k.endswith("/commit.json")}
+    scored = {k.removesuffix(".parquet") for k in out.list(f"_work/score/{keys['score']}")}
+    need_gen = any(c not in generated for c in todo)
+    return {"sources": need_gen and cfg.build.sources.kind == "generate", "generate": need_gen,
+            "score": any(c not in scored for c in todo), "dialogue": True}
 
 
 def _forward_names(cfg: CafeConfig, out_uri: str) -> list[str]:

@@ -81,11 +81,13 @@ class _Stage:
 
     name = ""
 
-    def __init__(self, config: dict, out: str, keys: dict, owner: str):
+    def __init__(self, config: dict, out: str, keys: dict, owner: str, eager: bool = False):
         self.cfg = CafeConfig.model_validate(config)
         self.out = Storage(out, owner=owner)
         self.keys = keys
         self._ready = False
+        if eager:  # load now, while upstream stages work, rather than when the first block arrives
+            self._setup_once()
 
     def _setup_once(self) -> None:
         if not self._ready:

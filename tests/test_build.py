@@ -378,7 +378,7 @@ def test_endpoint_down_leaves_rows_pending_then_rerun_completes(build_a, tiny_mo
 def test_openai_dialogue_killed_during_dialogue_resumes_without_redoing_generation(
         build_a, tiny_models, tmp_path, ray_local, monkeypatch):
     monkeypatch.setenv("CAFE_TEST_LLM_KEY", SENTINEL_KEY)
-    llm = _FakeLLM(delay=0.3)
+    llm = _FakeLLM(delay=2.0)  # dialogue of one chunk takes seconds, so the kill lands between sinks
     try:
         data = _openai_data(tiny_models, llm.url)
         data["build"]["dialogue"]["openai"]["max_concurrency"] = 1
