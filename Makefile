@@ -43,6 +43,9 @@ bench: setup
 	$(BIN)/python bench/bench_scoring.py
 	$(BIN)/python bench/bench_build.py
 	$(BIN)/python bench/bench_memory.py
+	$(BIN)/python bench/bench_storage.py
+	$(BIN)/python bench/bench_sink.py
+	$(BIN)/python bench/bench_plan.py
 
 clean:
 	rm -rf outputs models/tiny .pytest_cache

@@ -329,7 +329,7 @@ def run_build(cfg: CafeConfig, out_dir: str | os.PathLike | None = None, address
 
     from pipeline.local_ray import forwarded_env, ray_session
     from pipeline.models import ensure_models
-    from training.models.kit import fingerprint
+    from training.models.fingerprint import fingerprint  # no torch in the driver for this
 
     t_start = time.perf_counter()
     out_uri = str(out_dir) if out_dir else str(Path(cfg.run.output_dir) / cfg.run.name)

@@ -37,7 +37,6 @@ promptnet     :class:`training.models.promptnet.PromptNet`: ``config.json`` (its
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -48,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from training.models import offline  # noqa: F401  (must precede diffusers/transformers imports)
+from training.models.fingerprint import fingerprint  # noqa: F401  (re-exported: kit.fingerprint)
 
 import torch
 
@@ -255,27 +255,6 @@ def _hf_load(role: str, path: Path, cls, **kwargs):
     if parts:
         raise ModelLoadError(role, path, "config/weights mismatch: " + "; ".join(parts))
     return model
-
-
-def fingerprint(directory: str | os.PathLike) -> str:
-    """sha256 over every config/weights/tokenizer file (name, size, content).
-
-    Files up to 64 MiB are hashed whole; larger ones by their size plus the first, middle and last MiB,
-    so fingerprinting paper-scale weights stays fast (it identifies a checkpoint, it is not an integrity check).
-    """
-    h = hashlib.sha256()
-    root = Path(directory)
-    for p in sorted(q for q in root.rglob("*") if q.is_file() and not q.name.startswith(".")):
-        size = p.stat().st_size
-        h.update(f"{p.relative_to(root)}\0{size}\0".encode())
-        with open(p, "rb") as f:
-            if size <= 64 << 20:
-                h.update(f.read())
-            else:
-                for off in (0, size // 2, size - (1 << 20)):
-                    f.seek(off)
-                    h.update(f.read(1 << 20))
-    return h.hexdigest()[:16]
 
 
 def resolve_device(device: str) -> torch.device:
