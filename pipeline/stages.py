@@ -140,7 +140,8 @@ class GenerationLedger:
     def commit(self, records: list[dict], pending_sources: list[str]) -> None:
         info = self.commit_info() or {"parts": []}
         if records:
-            part = f"part-{len(info['parts']):03d}-{uuid.uuid4().hex[:6]}.parquet"
+            # deterministic name: an attempt killed before its marker is overwritten by the retry, never orphaned
+            part = f"part-{len(info['parts']):03d}.parquet"
             self.out.write_parquet(f"{self.dir}/{part}", flight_table(records))
             info["parts"].append(part)
         info["pending_sources"] = sorted(pending_sources)
@@ -297,6 +298,14 @@ class GenerateStage(_Stage):
         from filtering.images import encode_png
         from training.errors import is_transient
 
+        if any(r.get(NEW) for r in records):
+            # a retried task (its actor died after committing, before returning) must not generate again:
+            # take what the ledger holds now and keep only the records of sources it does not hold
+            ledger = GenerationLedger(self.out, self.keys["generate"], chunk)
+            committed = ledger.records()
+            done = {r[S.SOURCE_ID] for r in committed}
+            records = [{**r, NEW: False} for r in committed] + [
+                r for r in records if r.get(NEW) and r[S.SOURCE_ID] not in done]
         need = [r for r in records if r[S.STATUS] == S.STATUS_ROW and r.get(NEW)]
         new_other = [r for r in records if r.get(NEW) and r[S.STATUS] == S.STATUS_QUARANTINED]
         pending_src = sorted({r[S.SOURCE_ID] for r in records if r[S.STATUS] == S.STATUS_PENDING})

@@ -264,6 +264,51 @@ def test_build_on_s3_equals_local_and_survives_a_kill(build_a, tiny_models, tmp_
         read_parquet_dir(reference.out_dir / "dataset" / "data")[S.ID].to_pylist())
 
 
+
+def _s3_count(out: str, prefix: str, suffix: str) -> int:
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(out)
+    sel = pafs.FileSelector(f"{root}/{prefix}", recursive=True, allow_not_found=True)
+    return sum(1 for i in fs.get_file_info(sel) if i.path.endswith(suffix))
+
+
+def _s3_resume_equals(reference, data: dict, tmp_path, ray_local, out: str, name: str) -> dict:
+    """Resume as a fresh `cafe build` process; return the manifest read back from s3 after checking the hash."""
+    import pyarrow.fs as pafs
+
+    proc, _ = _start(tmp_path, {**data, "build": {**data["build"], "lease_wait_s": 10.0}}, name, ray_local, out=out)
+    assert proc.wait(timeout=600) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    fs, root = pafs.FileSystem.from_uri(out)
+    with fs.open_input_stream(f"{root}/manifest.json") as f:
+        manifest = json.loads(f.read())
+    assert manifest["dataset_hash"] == reference.manifest["dataset_hash"] and manifest["status"] == "complete"
+    return manifest
+
+
+@pytest.mark.parametrize("moment", ["worker-during-generation", "driver-during-publishing"])
+def test_kills_on_s3_resume_exactly(build_a, tiny_models, tmp_path, ray_local, s3_bucket, moment):
+    """The other kill moments on s3://: a generate worker, and the driver while chunks are being sunk."""
+    _, reference = build_a
+    data = tiny_build_config(tiny_models, lease_ttl_s=2.0)
+    out = f"{s3_bucket}/{moment}"
+    proc, _ = _start(tmp_path, data, moment, ray_local, out=out)
+    if moment == "worker-during-generation":
+        wait_for(lambda: _s3_count(out, "_work/generate", "commit.json") >= 1 and find_actor_pids("GenerateStage"),
+                 300, proc, "a running generate actor")
+        for pid in find_actor_pids("GenerateStage"):
+            os.kill(pid, signal.SIGKILL)
+        try:
+            proc.wait(timeout=300)
+        finally:
+            kill_session(proc) if proc.poll() is None else None
+    else:
+        wait_for(lambda: _s3_count(out, "_work/sink", ".json") >= 1, 300, proc, "a sunk chunk on s3")
+        kill_session(proc)
+    _s3_resume_equals(reference, data, tmp_path, ray_local, out, f"{moment}-resume")
+    assert _s3_count(out, "_work/generate", "commit.json") == 3
+    assert _s3_count(out, "_work/generate", ".parquet") == 3  # one generation part per chunk: nothing twice
+
 from tests.s3util import s3_bucket, s3_server  # noqa: E402,F401  (fixtures)
 
 
@@ -277,11 +322,13 @@ class _FakeLLM:
     CLASSES = ("person", "cat", "dog")
     PHRASES = ("on the beach", "in the snow", "wearing a red hat")
 
-    def __init__(self, delay: float = 0.0, mode: str = "ok"):
+    def __init__(self, delay: float = 0.0, mode: str = "ok", hold: tuple[str, ...] = ()):
         import http.server
         import threading
 
         self.delay, self.mode, self.requests = delay, mode, []
+        #: requests for these classes wait until ``release`` is set (a chunk that cannot finish before a kill)
+        self.hold, self.release = set(hold), threading.Event()
         fake = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -305,6 +352,8 @@ class _FakeLLM:
                 text = " ".join(m["content"] for m in body["messages"] if m["role"] == "user")
                 cls = next(c for c in fake.CLASSES if c in text)
                 phrase = next(p for p in fake.PHRASES if p in text)
+                if cls in fake.hold:
+                    fake.release.wait(timeout=120)
                 fake.requests.append((cls, phrase))
                 _time.sleep(fake.delay)
                 if phrase == "in the snow":
@@ -318,11 +367,13 @@ class _FakeLLM:
                 self._send(200, json.dumps(payload).encode())
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
 
     def close(self):
+        self.release.set()
         self.server.shutdown()
 
 
@@ -378,15 +429,17 @@ def test_endpoint_down_leaves_rows_pending_then_rerun_completes(build_a, tiny_mo
 def test_openai_dialogue_killed_during_dialogue_resumes_without_redoing_generation(
         build_a, tiny_models, tmp_path, ray_local, monkeypatch):
     monkeypatch.setenv("CAFE_TEST_LLM_KEY", SENTINEL_KEY)
-    llm = _FakeLLM(delay=2.0)  # dialogue of one chunk takes seconds, so the kill lands between sinks
+    llm = _FakeLLM(hold=("dog",))  # the dog's chunk cannot finish its dialogue before the kill
     try:
         data = _openai_data(tiny_models, llm.url)
-        data["build"]["dialogue"]["openai"]["max_concurrency"] = 1
+        data["build"]["dialogue"]["openai"].update({"max_concurrency": 1, "timeout_s": 120})
         proc, out = _start(tmp_path, data, "dialogue-killed", ray_local)
         wait_for(lambda: len(committed(out, "sink")) >= 1, 300, proc, "a sunk chunk")
         kill_session(proc)
         sunk = committed(out, "sink")
-        assert len(sunk) < 3, "the build finished before it could be killed"
+        assert 1 <= len(sunk) < 3
+        llm.hold.clear()
+        llm.release.set()
         gen_before = mtimes(out, "_work/generate/*/*/part-*")
         n_before = len(llm.requests)
         data["build"]["lease_wait_s"] = 10.0

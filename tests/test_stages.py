@@ -132,3 +132,17 @@ def test_sink_refuses_a_chunk_missing_sources(tiny_models, tmp_path):
     half = block.filter(pa.compute.equal(block[S.CLASS], "cat"))
     with pytest.raises(RuntimeError, match="have no record"):
         sink_batch(half, **kw)
+
+
+def test_retried_generate_task_after_its_commit_does_not_generate_again(tiny_models, tmp_path):
+    """An actor killed after committing but before returning: Ray retries the same input block."""
+    cfg, out, keys, chunk, kw = _setup(tiny_models, tmp_path)
+    block = _sources(kw, chunk)
+    first = GenerateStage(**kw)(block)
+    retry = GenerateStage(**kw)
+    again = retry(block)  # the very same block, records still marked new
+    assert not retry._ready  # nothing to generate: the models were never loaded
+    info = GenerationLedger(out, keys["generate"], chunk).commit_info()
+    assert len(info["parts"]) == 1
+    key = lambda t: sorted((r[S.ID], r[S.TARGET_PNG]) for r in t.to_pylist())  # noqa: E731
+    assert key(again) == key(first)
