@@ -640,12 +640,7 @@ def _decode_images(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Temp file + fsync + rename, through the one atomic-write helper (:meth:`pipeline.store.Storage.write_bytes`)."""
+    from pipeline.store import Storage
+
+    Storage(path.parent).write_bytes(path.name, data)
