@@ -108,7 +108,8 @@ def stage_keys(cfg: CafeConfig, fingerprints: dict[str, str]) -> dict[str, str]:
     plan = _h("plan", S.SCHEMA_VERSION, cfg.run.seed, b.round, b.rows_per_chunk, _semantic(b.sources),
               _semantic(b.instructions), role("t2i") if b.sources.kind == "generate" else None)
     generate = _h("generate", plan, _semantic(b.profusion), role("t2i"), role("promptnet"))
-    score = _h("score", generate, role("clip_filter"), role("dino_filter"))
+    score = _h("score", generate, role("clip_filter"), role("dino_filter"),
+               *([("oracle", fingerprints.get("oracle"))] if b.scoring.oracle else []))
     rules = _h("rules", score, _semantic(b.rules))
     dialogue = _h("dialogue", rules, _semantic(b.dialogue, frozenset({"transformers"} if b.dialogue.backend != "transformers"
                                                                      else set())),
@@ -340,6 +341,11 @@ def run_build(cfg: CafeConfig, out_dir: str | os.PathLike | None = None, address
             raise FileNotFoundError(f"models.{role}: {cfg.models.role_dir(role)} does not exist "
                                     "(run `cafe models make-tiny DIR` or point models.root at real weights)")
     fingerprints = {r: fingerprint(cfg.models.role_dir(r)) for r in used_roles(cfg)}
+    if cfg.build.scoring.oracle:
+        if not Path(cfg.build.scoring.oracle).is_dir():
+            raise FileNotFoundError(f"build.scoring.oracle = {cfg.build.scoring.oracle}: not a directory "
+                                    "(write the world with `cafe world make`)")
+        fingerprints["oracle"] = fingerprint(cfg.build.scoring.oracle)
     keys = stage_keys(cfg, fingerprints)
     owner = uuid.uuid4().hex[:12]
     out = Storage(out_uri, owner=owner)

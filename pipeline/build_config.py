@@ -218,6 +218,10 @@ class ScoringConfig(_Strict):
     max_actors: ActorCount | None = None
     num_gpus_per_actor: GpusPerActor = 0.0
     num_cpus_per_actor: CpusPerActor = 0.25
+    #: the synthetic world's oracle directory (``cafe world make``): when set, every scored row also gets the
+    #: oracle's verdicts (identity kept, instruction followed) in ``candidates/`` — an evaluation signal that
+    #: the rules never read. Null for real data.
+    oracle: str | None = Field(None, min_length=1)
 
 
 class RulesConfig(_Strict):

@@ -10,6 +10,8 @@ Usage::
     cafe build configs/tiny.yaml [--set ...] [--out DIR] [--address RAY_ADDRESS]
     cafe refilter DATASET_DIR --set build.rules.clip_t_min=0.25 --out DIR
     cafe report DATASET_DIR
+    cafe world make models/world [--seed N] [--only STAGE] [--force]
+    cafe world check models/world [--write]
 
 Exit codes (stable, for scripts): 0 success · 1 runtime failure · 2 usage error · 3 invalid config ·
 4 unusable model directory · 130 interrupted. A file-system failure (read-only or full disk, a path that is
@@ -171,6 +173,46 @@ def cmd_report(args) -> int:
 # ------------------------------------------------------------------------------------------ parser
 
 
+def cmd_world_make(args) -> int:
+    from training.world.make import STAGES, WorldConfig, make_world
+
+    unknown = [s for s in args.only or [] if s not in STAGES]
+    if unknown:
+        print(f"cafe: error: unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}", file=sys.stderr)
+        return EXIT_USAGE
+    state = make_world(args.dir, WorldConfig(seed=args.seed, threads=args.threads, device=args.device),
+                       only=args.only, force=args.force)
+    gates = state.get("stages", {}).get("gates", {})
+    print(f"world: {args.dir} — training {state.get('train_seconds', 0):.0f} s in all stages; "
+          f"gates {'passed' if gates.get('passed') else 'FAILED (see GATES.md)'}")
+    return EXIT_OK if gates.get("passed") else EXIT_FAILURE
+
+
+def cmd_world_check(args) -> int:
+    import json
+    import time
+
+    from training.world.gates import format_table, measure_gates
+
+    if not Path(args.dir).is_dir():
+        print(f"cafe: error: {args.dir}: not a directory (make it with `cafe world make {args.dir}`)", file=sys.stderr)
+        return EXIT_USAGE
+    t0 = time.perf_counter()
+    from training.models.kit import resolve_device
+
+    gates = measure_gates(args.dir, progress=lambda m: log.info("%s", m), device=str(resolve_device(args.device)))
+    print(format_table(gates))
+    failed = [g.name for g in gates if not g.passed]
+    print(f"{len(gates) - len(failed)}/{len(gates)} gates passed in {time.perf_counter() - t0:.0f} s"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    if args.write:
+        from training.world.make import STATE_FILE, write_gate_files
+
+        state_path = Path(args.dir) / STATE_FILE
+        write_gate_files(Path(args.dir), gates, json.loads(state_path.read_text()) if state_path.is_file() else {})
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cafe", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -224,6 +266,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = nouns.add_parser("report", help="regenerate the report of a built dataset")
     p.add_argument("dataset")
     p.set_defaults(func=cmd_report)
+
+    world = nouns.add_parser("world", help="the synthetic world: trained tiny models, oracle, gates").add_subparsers(
+        dest="verb", required=True)
+    p = world.add_parser("make", help="render the domain, train every world model, write assets and gates into DIR "
+                         "(resumable; skips stages whose code, config and seed are unchanged)")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", action="append", metavar="STAGE", help="run only this stage; repeatable")
+    p.add_argument("--force", action="store_true", help="rerun stages even when they are done")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda, cuda:N")
+    p.set_defaults(func=cmd_world_make)
+    p = world.add_parser("check", help="re-measure every gate on the models in DIR; exit 1 if one fails")
+    p.add_argument("dir")
+    p.add_argument("--write", action="store_true", help="also rewrite DIR/gates.json and DIR/GATES.md")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    p.set_defaults(func=cmd_world_check)
     return parser
 
 

@@ -235,6 +235,7 @@ def write_report(out_dir: str | os.PathLike[str], max_samples: int = 8) -> Path:
     rules = manifest.get("rules", {})
     md += _thresholds_section(rules)
     md += _score_sections(tables["candidates"], rules, save)
+    md += _oracle_section(tables["candidates"], max_rows=max(24, 3 * max_samples))
     md += _samples_section(tables["dataset"], max_samples, save)
     md += _timings_section(manifest)
 
@@ -352,6 +353,58 @@ def _score_sections(candidates: "_Shards | None", rules: dict[str, Any], save: A
             f"{thr_text}.*", "",
         ]
     return lines
+
+
+def _oracle_section(candidates: "_Shards | None", max_rows: int) -> list[str]:
+    """The synthetic world's oracle beside the filter: agreement table and per-row verdicts (first rows by id).
+
+    Present only when the candidates carry oracle verdicts (``build.scoring.oracle`` set). A row's "good" is
+    identity kept and instruction followed; rows whose instruction the oracle cannot judge are counted apart.
+    """
+    if candidates is None or not set(schema.ORACLE_COLUMNS) <= set(candidates.schema.names):
+        return []
+    cols = [schema.ID, schema.INSTRUCTION, schema.CLIP_T, schema.DINO, schema.KEEP, schema.FILTER_REASON,
+            *schema.ORACLE_COLUMNS]
+    keep, ident, instr, first = [], [], [], []
+    for batch in candidates.batches(cols):
+        d = batch.to_pydict()
+        keep += d[schema.KEEP]
+        ident += d[schema.ORACLE_IDENTITY]
+        instr += d[schema.ORACLE_INSTRUCTION]
+        first = heapq.nsmallest(max_rows, first + [dict(zip(cols, r)) for r in zip(*(d[c] for c in cols))],
+                                key=lambda r: r[schema.ID])
+    judged = [i for i in range(len(keep)) if ident[i] is not None and instr[i] is not None and keep[i] is not None]
+    if not judged:
+        return ["## Oracle (synthetic world)", "", "The candidates carry no oracle verdicts.", ""]
+    from training.world.gates import oracle_agreement
+
+    k = np.array([bool(keep[i]) for i in judged])
+    good_id = np.array([bool(ident[i]) for i in judged])
+    good_in = np.array([bool(instr[i]) for i in judged])
+    a = oracle_agreement(k, good_id & good_in)
+    lines = ["## Oracle (synthetic world)", "",
+             "The world's oracle reads each generated target: **identity kept** (same class, colour and mark as "
+             "the source) and **instruction followed** (the attribute the phrase asks for). \"good\" = both. "
+             "The filter (rules on CLIP-T and DINO) never sees these verdicts.", "",
+             "| measure | value |", "|---|---|",
+             f"| rows judged | {a['rows']} (not judgeable: {len(keep) - len(judged)}) |",
+             f"| kept by the filter | {a['kept']} |",
+             f"| oracle: identity kept | {int(good_id.sum())} ({good_id.mean():.1%}) |",
+             f"| oracle: instruction followed | {int(good_in.sum())} ({good_in.mean():.1%}) |",
+             f"| oracle: good (both) | {a['oracle_good']} ({a['oracle_good'] / max(1, a['rows']):.1%}) |",
+             f"| precision of kept (good among kept) | {_num(a['precision'], 3)} |",
+             f"| recall of kept (kept among good) | {_num(a['recall'], 3)} |",
+             f"| agreement (kept == good) | {_num(a['agreement'], 3)} |", "",
+             f"First {len(first)} candidates by id:", "",
+             "| id | instruction | clip_t | dino | filter | identity | instruction followed | oracle read |",
+             "|---|---|---|---|---|---|---|---|"]
+    yes = {True: "yes", False: "no", None: "—"}
+    for r in first:
+        decision = "kept" if r[schema.KEEP] else f"dropped ({r[schema.FILTER_REASON]})"
+        lines.append(f"| `{_short_id(r[schema.ID])}` | {_cell(r[schema.INSTRUCTION])} | {_num(r[schema.CLIP_T], 3)} | "
+                     f"{_num(r[schema.DINO], 3)} | {decision} | {yes[r[schema.ORACLE_IDENTITY]]} | "
+                     f"{yes[r[schema.ORACLE_INSTRUCTION]]} | {_cell(r[schema.ORACLE_READING])} |")
+    return lines + [""]
 
 
 def _samples_section(kept: "_Shards | None", max_samples: int, save: Any) -> list[str]:

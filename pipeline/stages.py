@@ -373,6 +373,9 @@ def _free_device_memory() -> None:
 # ----------------------------------------------------------------------------------------------- scoring
 
 
+SCORE_COLUMNS = (S.CLIP_T, S.DINO, S.CLIP_I)
+
+
 class ScoreStage(_Stage):
     """CLIP-T, DINO and CLIP-I in one pass (each PNG decoded once); scores kept in a small file per chunk."""
 
@@ -384,11 +387,24 @@ class ScoreStage(_Stage):
         m = self.cfg.models
         self.scorer = FusedScorer(str(m.role_dir("clip_filter")), str(m.role_dir("dino_filter")),
                                   m.clip_filter.dtype, m.dino_filter.dtype, m.clip_filter.device, m.dino_filter.device)
+        self.judge = None
+        if self.cfg.build.scoring.oracle:
+            from filtering.oracle_judge import OracleJudge
+
+            self.judge = OracleJudge(self.cfg.build.scoring.oracle)
+
+    def _columns(self) -> dict[str, object]:
+        """Stored column → Arrow type: the three scores, plus the oracle's verdicts when it is configured."""
+        cols: dict[str, object] = {c: pa.float32() for c in SCORE_COLUMNS}
+        if self.cfg.build.scoring.oracle:
+            cols.update({S.ORACLE_IDENTITY: pa.bool_(), S.ORACLE_INSTRUCTION: pa.bool_(), S.ORACLE_READING: pa.string()})
+        return cols
 
     def process(self, chunk: str, records: list[dict]) -> list[dict]:
         rows = [r for r in records if r[S.STATUS] == S.STATUS_ROW]
         complete = not any(r[S.STATUS] == S.STATUS_PENDING for r in records)
         key = f"_work/score/{self.keys['score']}/{chunk}.parquet"
+        columns = self._columns()
         stored = self.out.read_parquet(key).to_pylist() if complete and self.out.is_file(key) else None
         if stored is not None and {s[S.ID] for s in stored} == {r[S.ID] for r in rows}:
             by_id = {s[S.ID]: s for s in stored}
@@ -399,17 +415,19 @@ class ScoreStage(_Stage):
             for i in range(0, len(rows), bs):
                 part = rows[i : i + bs]
                 batch = {c: np.array([r[c] for r in part], dtype=object)
-                         for c in (S.SOURCE_PNG, S.TARGET_PNG, S.FILLED_PROMPT)}
+                         for c in (S.SOURCE_PNG, S.TARGET_PNG, S.FILLED_PROMPT, S.INSTRUCTION)}
                 scores = self.scorer(batch)
+                verdicts = self.judge(batch) if self.judge is not None else {}
                 for j, r in enumerate(part):
-                    by_id[r[S.ID]] = {c: float(scores[c][j]) for c in (S.CLIP_T, S.DINO, S.CLIP_I)}
+                    by_id[r[S.ID]] = {**{c: float(scores[c][j]) for c in SCORE_COLUMNS},
+                                      **{c: verdicts[c][j] for c in verdicts}}
             if complete:
                 ids = sorted(by_id)
                 self.out.write_parquet(key, pa.table({
                     S.ID: pa.array(ids, pa.string()),
-                    **{c: pa.array([by_id[i][c] for i in ids], pa.float32()) for c in (S.CLIP_T, S.DINO, S.CLIP_I)}}))
+                    **{c: pa.array([by_id[i].get(c) for i in ids], t) for c, t in columns.items()}}))
         for r in rows:
-            r.update({c: by_id[r[S.ID]][c] for c in (S.CLIP_T, S.DINO, S.CLIP_I)})
+            r.update({c: by_id[r[S.ID]].get(c) for c in columns})
         return records
 
 

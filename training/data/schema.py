@@ -41,6 +41,12 @@ CLIP_I = "clip_i"
 KEEP = "keep"
 FILTER_REASON = "filter_reason"
 
+# --- the synthetic world's oracle verdicts (candidates only; null unless build.scoring.oracle is set)
+ORACLE_IDENTITY = "oracle_identity"  # the oracle reads the same class, colour and mark on source and target
+ORACLE_INSTRUCTION = "oracle_instruction"  # it reads the attribute value the instruction asks for on the target
+ORACLE_READING = "oracle_reading"  # what it read, as text
+ORACLE_COLUMNS = (ORACLE_IDENTITY, ORACLE_INSTRUCTION, ORACLE_READING)
+
 # --- dialogue
 USER_TEXT = "user_text"
 ASSISTANT_TEXT = "assistant_text"
@@ -68,7 +74,7 @@ DATASET_COLUMNS = (
 )
 #: candidates keep ids, lineage, scores and the decision: no second copy of the images
 CANDIDATE_COLUMNS = (ID, ROUND, SOURCE_ID, CLASS, INSTRUCTION, FILLED_PROMPT, SEED, CLIP_T, DINO, CLIP_I, KEEP,
-                     FILTER_REASON, DIALOGUE_STYLE)
+                     FILTER_REASON, DIALOGUE_STYLE, *ORACLE_COLUMNS)
 QUARANTINE_COLUMNS = (Q_ID, Q_STAGE, Q_REASON, Q_DETAIL, Q_INPUT)
 
 
@@ -95,7 +101,8 @@ def arrow_schema(kind: str):
         (SOURCE_PNG, pa.binary()), (TARGET_PNG, pa.binary()), (GENERATOR, pa.string()),
         (GENERATOR_PARAMS, pa.string()), (CLIP_T, pa.float32()), (DINO, pa.float32()), (CLIP_I, pa.float32()),
         (KEEP, pa.bool_()), (FILTER_REASON, pa.string()), (USER_TEXT, pa.string()), (ASSISTANT_TEXT, pa.string()),
-        (DIALOGUE_STYLE, pa.string()),
+        (DIALOGUE_STYLE, pa.string()), (ORACLE_IDENTITY, pa.bool_()), (ORACLE_INSTRUCTION, pa.bool_()),
+        (ORACLE_READING, pa.string()),
     ])
 
 

@@ -12,6 +12,10 @@ Fusion sampling, per DDIM step t (grid: the scheduler's, ``t_prev = t − T // N
   ``x ← refine_update(x, ε̃, ᾱ_t, ᾱ_prev, σ_t, z)`` with σ_t = refine_eta·√Var(t, t_prev) (DDIM variance);
 * main step: ε = ε_u + s₁(ε_S* − ε_u) + s₂(ε_ref − ε_u), then ``scheduler.step(..., eta=0)`` (deterministic).
 
+A ``v_prediction`` UNet (the synthetic world's, with a zero-terminal-SNR schedule) is supported: guidance is
+linear, so it is applied to the UNet outputs as they are and only the refinement update converts them to ε
+(:meth:`ProFusionGenerator.to_eps`); fine-tuning then regresses the velocity instead of the noise.
+
 S* is recomputed from the current z_t before every UNet call. It replaces the *output* of the text
 encoder's embedding layer at the ``holder`` slot (so S* carries no position embedding — as the authors'
 code does), and that slot of the encoder output is multiplied by the scale.
@@ -140,6 +144,17 @@ class ProFusionGenerator:
         self.holder_id = self._holder_token_id()
         self.scaling = float(getattr(self.vae.config, "scaling_factor", 0.18215))
         self._base_state: dict[str, torch.Tensor] | None = None
+        self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"ProFusion: scheduler prediction_type {self.prediction_type!r} is not supported "
+                             "(epsilon or v_prediction)")
+
+    def to_eps(self, out: torch.Tensor, x: torch.Tensor, alpha_t: float) -> torch.Tensor:
+        """The UNet's output as a noise prediction ε (a v-prediction model gives v = √ᾱ·ε − √(1−ᾱ)·x₀, so
+        ε = √ᾱ·v + √(1−ᾱ)·x_t). Guidance combines outputs linearly, so it commutes with this conversion."""
+        if self.prediction_type == "epsilon":
+            return out
+        return math.sqrt(alpha_t) * out + math.sqrt(1.0 - alpha_t) * x
 
     # -- prompts ----------------------------------------------------------------------------------
 
@@ -266,7 +281,7 @@ class ProFusionGenerator:
                 cond_gamma = self.encode(sstar_prompts, s_star, scale=cfg.gamma)
                 eps_u, eps_g = unet(torch.cat([x, x]), t_int,
                                     encoder_hidden_states=torch.cat([uncond, cond_gamma])).sample.chunk(2)
-                eps = eps_u + cfg.w_r * (eps_g - eps_u)
+                eps = self.to_eps(eps_u + cfg.w_r * (eps_g - eps_u), x, alpha_t)
                 sigma = cfg.refine_eta * math.sqrt(ddim_variance(alpha_t, alpha_prev))
                 z = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(x)
                 x = refine_update(x, eps, alpha_t, alpha_prev, sigma, z)
@@ -370,7 +385,9 @@ class ProFusionGenerator:
                         s_star = self.promptnet(latents[ref_idx], z_t, t, clip_hidden[ref_idx])  # (b, 1, D)
                         hidden = self.encode(prompts, s_star, pad=False)  # (b, L_prompt, D): no padding
                         eps = self.unet(z_t, t, encoder_hidden_states=hidden).sample
-                    loss = F.mse_loss(eps.float(), noise)
+                    target = noise if self.prediction_type == "epsilon" else \
+                        self.scheduler.get_velocity(latents[tgt_idx], noise, t)
+                    loss = F.mse_loss(eps.float(), target)
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
                     scaler.step(optimizer)  # skipped (weights untouched) when fp16 gradients overflowed

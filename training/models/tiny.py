@@ -97,11 +97,11 @@ def _clip_bpe_vocab(num_merges: int = TINY_CLIP_MERGES, words=TINY_WORDS):
     return vocab, merges
 
 
-def build_clip_tokenizer(max_length: int = 77):
-    """Tiny offline ``CLIPTokenizer`` (transformers), CLIP BPE format."""
+def build_clip_tokenizer(max_length: int = 77, words=TINY_WORDS, num_merges: int = TINY_CLIP_MERGES):
+    """Tiny offline ``CLIPTokenizer`` (transformers), CLIP BPE format; every one of ``words`` is one token."""
     from transformers import CLIPTokenizer
 
-    vocab, merges = _clip_bpe_vocab()
+    vocab, merges = _clip_bpe_vocab(num_merges, words)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 

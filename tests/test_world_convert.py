@@ -1,0 +1,56 @@
+"""The conditioners are exact conversions of the trained filters (random weights prove the equivalence)."""
+from __future__ import annotations
+
+import torch
+
+from training.world import domain as D
+from training.world import encoders as E
+
+
+def _images(n=6):
+    return D.render_pairs(D.sample_pairs(n, 3, "all"), 3)[0]
+
+
+def test_open_clip_tower_equals_transformers_clip_vision():
+    import open_clip
+
+    torch.manual_seed(0)
+    clip = open_clip.CLIP(**E.open_clip_config(E.CLIPTrainConfig())).eval()
+    for p in clip.parameters():  # move every weight off its init so nothing matches by accident
+        p.data.add_(0.02 * torch.randn_like(p))
+    x = E.normalize(_images(), E.OPENAI_MEAN, E.OPENAI_STD)
+    with torch.no_grad():
+        want = clip.encode_image(x)
+        got = E.open_clip_to_hf_vision(clip, projection=True)(pixel_values=x).image_embeds
+        plain = E.open_clip_to_hf_vision(clip, projection=False)(pixel_values=x)
+        tower = E.open_clip_to_hf_vision(clip, projection=True).vision_model(pixel_values=x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(plain.last_hidden_state, tower.last_hidden_state)
+    assert want.abs().max() > 0.1
+
+
+def test_vit_equals_dinov2_with_unit_layer_scale():
+    torch.manual_seed(1)
+    vit = E.make_vit(E.DinoTrainConfig()).eval()
+    for p in vit.parameters():
+        p.data.add_(0.02 * torch.randn_like(p))
+    x = E.normalize(_images(), E.IMAGENET_MEAN, E.IMAGENET_STD)
+    with torch.no_grad():
+        want = vit(pixel_values=x).last_hidden_state
+        got = E.vit_to_dinov2(vit)(pixel_values=x).last_hidden_state
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_supcon_loss_prefers_grouped_embeddings():
+    labels = torch.tensor([0, 0, 1, 1])
+    grouped = torch.nn.functional.normalize(torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1.0], [0.1, 0.9]]), dim=-1)
+    mixed = grouped[[0, 2, 1, 3]]
+    assert E.supcon_loss(grouped, labels, 0.1) < E.supcon_loss(mixed, labels, 0.1)
+
+
+def test_multi_positive_targets():
+    # image truth rows; caption j states some labels (-1 = not said)
+    truth = torch.tensor([[0, 1], [0, 2], [3, 1]])
+    stated = torch.tensor([[0, -1], [-1, 1], [3, 1]])
+    c = E.compatible(stated, truth)
+    assert c.tolist() == [[True, True, False], [True, False, False], [False, True, True]]
