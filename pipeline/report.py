@@ -363,6 +363,8 @@ def _oracle_section(candidates: "_Shards | None", max_rows: int) -> list[str]:
     """
     if candidates is None or not set(schema.ORACLE_COLUMNS) <= set(candidates.schema.names):
         return []
+    if not any(b.column(0).null_count < b.num_rows for b in candidates.batches([schema.ORACLE_IDENTITY])):
+        return []  # a build without the world's oracle: one bool column read, no section
     cols = [schema.ID, schema.INSTRUCTION, schema.CLIP_T, schema.DINO, schema.KEEP, schema.FILTER_REASON,
             *schema.ORACLE_COLUMNS]
     keep, ident, instr, first = [], [], [], []
@@ -374,14 +376,13 @@ def _oracle_section(candidates: "_Shards | None", max_rows: int) -> list[str]:
         first = heapq.nsmallest(max_rows, first + [dict(zip(cols, r)) for r in zip(*(d[c] for c in cols))],
                                 key=lambda r: r[schema.ID])
     judged = [i for i in range(len(keep)) if ident[i] is not None and instr[i] is not None and keep[i] is not None]
-    if not judged:
-        return ["## Oracle (synthetic world)", "", "The candidates carry no oracle verdicts.", ""]
     from training.world.gates import oracle_agreement
 
     k = np.array([bool(keep[i]) for i in judged])
     good_id = np.array([bool(ident[i]) for i in judged])
     good_in = np.array([bool(instr[i]) for i in judged])
     a = oracle_agreement(k, good_id & good_in)
+    ratio = lambda v: f"{v:.3f}" if math.isfinite(v) else "— (no rows)"  # noqa: E731
     lines = ["## Oracle (synthetic world)", "",
              "The world's oracle reads each generated target: **identity kept** (same class, colour and mark as "
              "the source) and **instruction followed** (the attribute the phrase asks for). \"good\" = both. "
@@ -392,9 +393,9 @@ def _oracle_section(candidates: "_Shards | None", max_rows: int) -> list[str]:
              f"| oracle: identity kept | {int(good_id.sum())} ({good_id.mean():.1%}) |",
              f"| oracle: instruction followed | {int(good_in.sum())} ({good_in.mean():.1%}) |",
              f"| oracle: good (both) | {a['oracle_good']} ({a['oracle_good'] / max(1, a['rows']):.1%}) |",
-             f"| precision of kept (good among kept) | {_num(a['precision'], 3)} |",
-             f"| recall of kept (kept among good) | {_num(a['recall'], 3)} |",
-             f"| agreement (kept == good) | {_num(a['agreement'], 3)} |", "",
+             f"| precision of kept (good among kept) | {ratio(a['precision'])} |",
+             f"| recall of kept (kept among good) | {ratio(a['recall'])} |",
+             f"| agreement (kept == good) | {ratio(a['agreement'])} |", "",
              f"First {len(first)} candidates by id:", "",
              "| id | instruction | clip_t | dino | filter | identity | instruction followed | oracle read |",
              "|---|---|---|---|---|---|---|---|"]

@@ -83,7 +83,7 @@ def make_out(root: Path) -> Path:
         r[schema.KEEP], r[schema.FILTER_REASON] = keep, reason
     cand_schema = schema.arrow_schema("candidates")
     write_shards(out, "candidates", {
-        f"{chunk:06d}.parquet": pa.Table.from_pylist([{c: r[c] for c in cand_schema.names} for r in part],
+        f"{chunk:06d}.parquet": pa.Table.from_pylist([{c: r.get(c) for c in cand_schema.names} for r in part],
                                                      schema=cand_schema)
         for chunk, part in enumerate(split(rows, 2))})
     write_kept(out, ["c2", "c0", "c1"])  # unordered on disk on purpose
@@ -312,7 +312,7 @@ def test_reads_lazily_only_needed_columns(tmp_path, monkeypatch):
     assert 2 <= sum(image_batches) <= 30  # only the shard (row group) holding the samples, not all 90 rows
     column_sets = {cols for cols, _ in reads}
     assert column_sets <= {(schema.CLIP_T, schema.DINO), (schema.Q_STAGE, schema.Q_REASON), (schema.ID,),
-                           tuple(schema.DATASET_COLUMNS)}
+                           tuple(schema.DATASET_COLUMNS), (schema.ORACLE_IDENTITY,)}  # no verdicts: one bool column
     assert sum(n for cols, n in reads if cols == (schema.ID,)) == 90  # one pass over the ids
 
 
