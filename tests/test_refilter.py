@@ -91,7 +91,7 @@ def make_src(root: Path) -> Path:
         cand_schema = S.arrow_schema("candidates")
         counts["dataset_bytes"] += store.write_parquet(f"dataset/data/train-{chunk}.parquet", data)
         store.write_parquet(f"candidates/data/{chunk}.parquet", pa.Table.from_pylist(
-            [{c: r[c] for c in cand_schema.names} for r in rows], schema=cand_schema))
+            [{c: r.get(c) for c in cand_schema.names} for r in rows], schema=cand_schema))
         store.write_parquet(f"quarantine/data/{chunk}.parquet",
                             pa.Table.from_pylist(quarantine, schema=S.arrow_schema("quarantine")))
         h.update(f"{chunk}:{table_hash(data)}\n".encode())
