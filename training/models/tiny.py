@@ -165,10 +165,14 @@ def _write_t2i(out: Path, seed: int) -> None:
         safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
-    # the published SD2 layout ships the CLIP BPE as vocab.json + merges.txt: write them too
-    vocab, merges = _clip_bpe_vocab()
-    (out / "tokenizer" / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (out / "tokenizer" / "merges.txt").write_text(
+    write_clip_bpe_files(out / "tokenizer")
+
+
+def write_clip_bpe_files(tokenizer_dir: Path, num_merges: int = TINY_CLIP_MERGES, words=TINY_WORDS) -> None:
+    """The published SD2 layout ships the CLIP BPE as vocab.json + merges.txt: write them beside the tokenizer."""
+    vocab, merges = _clip_bpe_vocab(num_merges, words)
+    (tokenizer_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (tokenizer_dir / "merges.txt").write_text(
         "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n", encoding="utf-8"
     )
 
@@ -200,13 +204,12 @@ def _write_open_clip(out: Path, seed: int) -> None:
     write_open_clip_dir(out, TINY_OPEN_CLIP_CFG, seed)
 
 
-def _image_processor_kwargs(mean, std, center_crop: bool = False) -> dict:
-    """Resize to IMAGE_SIZE² (or shortest side + centre crop, as CLIP/DINOv2 processors do), bicubic, normalise."""
-    kw = dict(do_resize=True, size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=False,
+def image_processor_kwargs(mean, std, center_crop: bool = False, size: int = IMAGE_SIZE) -> dict:
+    """Resize to size² (or shortest side + centre crop, as CLIP/DINOv2 processors do), bicubic, normalise."""
+    kw = dict(do_resize=True, size={"height": size, "width": size}, do_center_crop=False,
               do_rescale=True, do_normalize=True, image_mean=list(mean), image_std=list(std), resample=3)
     if center_crop:
-        kw.update(size={"shortest_edge": IMAGE_SIZE}, do_center_crop=True,
-                  crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+        kw.update(size={"shortest_edge": size}, do_center_crop=True, crop_size={"height": size, "width": size})
     return kw
 
 
@@ -225,7 +228,7 @@ def _write_dino_filter(out: Path, seed: int) -> None:
         add_pooling_layer=False,
     )
     model.save_pretrained(out, safe_serialization=True)
-    ViTImageProcessor(**_image_processor_kwargs(IMAGENET_MEAN, IMAGENET_STD)).save_pretrained(out)
+    ViTImageProcessor(**image_processor_kwargs(IMAGENET_MEAN, IMAGENET_STD)).save_pretrained(out)
 
 
 def _write_clip_cond(out: Path, seed: int) -> None:
@@ -238,7 +241,7 @@ def _write_clip_cond(out: Path, seed: int) -> None:
                          num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
     )
     model.save_pretrained(out, safe_serialization=True)
-    kw = _image_processor_kwargs(OPENAI_MEAN, OPENAI_STD, center_crop=True)
+    kw = image_processor_kwargs(OPENAI_MEAN, OPENAI_STD, center_crop=True)
     CLIPImageProcessor(**kw).save_pretrained(out)
 
 
@@ -251,7 +254,7 @@ def _write_dino_cond(out: Path, seed: int) -> None:
                      num_attention_heads=2, intermediate_size=128)
     )
     model.save_pretrained(out, safe_serialization=True)
-    kw = _image_processor_kwargs(IMAGENET_MEAN, IMAGENET_STD, center_crop=True)
+    kw = image_processor_kwargs(IMAGENET_MEAN, IMAGENET_STD, center_crop=True)
     BitImageProcessor(**kw).save_pretrained(out)
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.world.optim import warmup_cosine
+from training.world.optim import optimizer_step, warmup_cosine
 
 from training.world import domain as D
 
@@ -150,12 +150,9 @@ def train_clip(images: np.ndarray, pairs: list[tuple[D.Instance, D.Context]], cf
         pos = compatible(stated, truth_all[idx]).float().to(device)  # (B, B); the diagonal is always compatible
         loss = 0.5 * (F.cross_entropy(logits, pos / pos.sum(1, keepdim=True))
                       + F.cross_entropy(logits.T, (pos / pos.sum(0, keepdim=True)).T))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        value = optimizer_step(opt, sched, loss)
         if progress is not None:
-            progress(step, {"loss": loss.item(), "scale": model.logit_scale.exp().item()})
+            progress(step, {"loss": value, "scale": model.logit_scale.exp().item()})
     return model.eval().cpu()
 
 
@@ -206,12 +203,9 @@ def train_dino(images: np.ndarray, instance_ids: np.ndarray, cfg: DinoTrainConfi
             lab += [g, g]
         z = F.normalize(model(pixel_values=pixels[idx].to(device)).last_hidden_state[:, 0], dim=-1)
         loss = supcon_loss(z, torch.tensor(lab, device=device), cfg.temperature)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        value = optimizer_step(opt, sched, loss)
         if progress is not None:
-            progress(step, {"loss": loss.item()})
+            progress(step, {"loss": value})
     return model.eval().cpu()
 
 

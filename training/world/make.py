@@ -293,7 +293,7 @@ class WorldMaker:
     def _stage_t2i(self):
         from diffusers import AutoencoderKL, StableDiffusionPipeline
 
-        from training.models.tiny import _clip_bpe_vocab, build_clip_tokenizer
+        from training.models.tiny import build_clip_tokenizer, write_clip_bpe_files
         from training.world.t2i import encode_latents, train_t2i
 
         dtype = getattr(torch, self.cfg.store_dtype)
@@ -313,10 +313,7 @@ class WorldMaker:
         ).to(dtype)
         tmp = _tmp(self.world, "t2i")
         pipe.save_pretrained(tmp, safe_serialization=True)
-        vocab, merges = _clip_bpe_vocab(0, D.VOCABULARY)  # the SD2 layout's vocab.json + merges.txt as well
-        (tmp / "tokenizer" / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-        (tmp / "tokenizer" / "merges.txt").write_text(
-            "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n", encoding="utf-8")
+        write_clip_bpe_files(tmp / "tokenizer", 0, D.VOCABULARY)
         _replace_dir(tmp, self.world / "t2i")
 
     def _stage_clip_filter(self):
@@ -439,12 +436,9 @@ def write_gate_files(world: Path, gates, state: dict) -> None:
 
 
 def _processor(cls, mean, std, crop: bool = False):
-    kw = dict(do_resize=True, size={"height": D.IMAGE_SIZE, "width": D.IMAGE_SIZE}, do_center_crop=False,
-              do_rescale=True, do_normalize=True, image_mean=list(mean), image_std=list(std), resample=3)
-    if crop:
-        kw.update(size={"shortest_edge": D.IMAGE_SIZE}, do_center_crop=True,
-                  crop_size={"height": D.IMAGE_SIZE, "width": D.IMAGE_SIZE})
-    return cls(**kw)
+    from training.models.tiny import image_processor_kwargs
+
+    return cls(**image_processor_kwargs(mean, std, center_crop=crop, size=D.IMAGE_SIZE))
 
 
 def make_world(world_dir: str | os.PathLike, cfg: WorldConfig | None = None, only: list[str] | None = None,

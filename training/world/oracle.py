@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.world.optim import warmup_cosine
+from training.world.optim import optimizer_step, warmup_cosine
 from torch import nn
 
 from training.world import domain as D
@@ -151,12 +151,9 @@ def train_oracle(images: np.ndarray, labels: dict[str, np.ndarray], *, steps: in
         idx = torch.randint(len(x_all), (batch_size,), generator=gen)
         logits = net(augment(x_all[idx], gen).to(device))
         loss = sum(F.cross_entropy(logits[k], y_all[k][idx].to(device)) for k in net.attributes)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        value = optimizer_step(opt, sched, loss)
         if progress is not None:
-            progress(step, {"loss": loss.item()})
+            progress(step, {"loss": value})
     return net.eval().cpu()
 
 

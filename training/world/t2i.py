@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.world.optim import warmup_cosine
+from training.world.optim import optimizer_step, warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -113,12 +113,9 @@ def train_vae(images: np.ndarray, cfg: VAEConfig, seed: int, progress=None, devi
         (rgx, rgy), (xgx, xgy) = _grad(rec), _grad(x)
         loss = loss + (rgx - xgx).abs().mean() + (rgy - xgy).abs().mean()
         loss = loss + cfg.kl_weight * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        value = optimizer_step(opt, sched, loss)
         if progress is not None:
-            progress(step, {"loss": loss.item()})
+            progress(step, {"loss": value})
     vae.eval()
     with torch.no_grad():
         lat = encode_latents(vae, images[:2048], scaled=False)
@@ -218,13 +215,9 @@ def train_t2i(latents: torch.Tensor, caption_fn, tokenizer, cfg: DiffusionConfig
         target = scheduler.get_velocity(x0, noise, t)
         pred = unet(xt, t, encoder_hidden_states=hidden).sample
         loss = F.mse_loss(pred, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        value = optimizer_step(opt, sched, loss, clip_params=params)
         if progress is not None:
-            progress(step, {"loss": loss.item()})
+            progress(step, {"loss": value})
     unet.eval()
     text_encoder.eval()
     return unet.cpu(), text_encoder.cpu(), scheduler
