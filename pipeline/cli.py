@@ -173,6 +173,43 @@ def cmd_report(args) -> int:
 # ------------------------------------------------------------------------------------------ parser
 
 
+def cmd_train(args) -> int:
+    from pipeline.config import load_config
+    from pipeline.train import train_model
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        train_model(cfg, args.model, address=args.address)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"cafe: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def cmd_cache(args) -> int:
+    from pipeline.config import load_config
+    from pipeline.train import cache_embeddings
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        for line in cache_embeddings(cfg, address=args.address):
+            print(line)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"cafe: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def cmd_generate(args) -> int:
+    from pipeline.generate import GenerateError, generate_cli
+
+    try:
+        return generate_cli(args)
+    except GenerateError as exc:
+        print(f"cafe: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
 def cmd_world_make(args) -> int:
     from training.world.make import STAGES, WorldConfig, make_world
 
@@ -266,6 +303,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = nouns.add_parser("report", help="regenerate the report of a built dataset")
     p.add_argument("dataset")
     p.set_defaults(func=cmd_report)
+
+    p = nouns.add_parser("train", help="train CAFE's MLLM, conditioned diffusion model or PromptNet (Ray Train + "
+                         "DeepSpeed); re-running the same command resumes from the latest checkpoint")
+    p.add_argument("model", choices=["mllm", "diffusion", "promptnet"])
+    p.add_argument("config")
+    p.add_argument("--address", help="Ray address of an existing cluster (default: a local loopback cluster)")
+    _add_set(p)
+    p.set_defaults(func=cmd_train)
+
+    p = nouns.add_parser("cache", help="compute VAE latents, CLIP embeddings, DINO patch tokens and MLLM vision "
+                         "features of every training row once (Ray Data), beside each dataset")
+    p.add_argument("config")
+    p.add_argument("--address", help="Ray address of an existing cluster (default: a local loopback cluster)")
+    _add_set(p)
+    p.set_defaults(func=cmd_cache)
+
+    p = nouns.add_parser("generate", help="assistant inference: image + text → response + generated image")
+    p.add_argument("--config", default="configs/tiny.yaml", help="config whose models and train.output_dir to use")
+    p.add_argument("--image", help="the input image (x)")
+    p.add_argument("--text", help="the user's request")
+    p.add_argument("--clip-from-image", dest="clip_from_image",
+                   help="direct mode: the CLIP embedding of this image replaces the MLLM's prediction")
+    p.add_argument("--requests", help="batch mode: a Parquet or JSONL file of requests (image, text[, clip_image, "
+                   "seed, id]) run on Ray Data")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="outputs/generate", help="output directory")
+    p.add_argument("--address", help="Ray address for batch mode (default: a local loopback cluster)")
+    _add_set(p)
+    p.set_defaults(func=cmd_generate)
 
     world = nouns.add_parser("world", help="the synthetic world: trained tiny models, oracle, gates").add_subparsers(
         dest="verb", required=True)

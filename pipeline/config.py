@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from pipeline.build_config import BuildConfig, _Strict
+from pipeline.train_config import TrainConfig
 
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -170,6 +171,7 @@ class CafeConfig(_Strict):
     ray: RayConfig = RayConfig()
     models: ModelsConfig = ModelsConfig()
     build: BuildConfig = BuildConfig()
+    train: TrainConfig = TrainConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "CafeConfig":

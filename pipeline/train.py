@@ -1,0 +1,474 @@
+"""Ray Train launch of CAFE's trainers (``cafe train mllm|diffusion|promptnet``) and the embedding cache stage.
+
+Usage::
+
+    summary = train_model(cfg, "diffusion")        # runs to the end, or resumes the run of the same name
+    cache_embeddings(cfg)                          # `cafe cache`: encoder outputs once, beside each dataset
+
+How a run goes:
+
+* Data: the kept rows of every build output in ``train.data.datasets`` (``<out>/dataset/data``), read with one
+  ``ray.data.read_parquet`` over all their shards (a union without copying), or each output's embedding cache
+  (``<out>/cache/<fingerprint>/data``) when ``cafe cache`` wrote it. Ray Train splits the dataset into one
+  equal shard per worker, in a fixed order (``preserve_order``), so a resumed run sees the batches it expects.
+* Workers: a ``TorchTrainer`` with ``train.workers.num_workers`` workers (CPU, or one GPU each). Each worker
+  builds the recipe (frozen models loaded through the model kit; under ZeRO-3 inside ``deepspeed.zero.Init``
+  via transformers' ``HfDeepSpeedConfig``), calls ``deepspeed.initialize`` itself and runs
+  :func:`training.trainers.engine.run_training`.
+* Checkpoints: every ``train.checkpoint.every_steps`` steps, through ``ray.train.report`` into
+  ``<train.storage_path>/<run name>/`` (keeping the last ``keep``); the run name is ``<run.name>-<model>``.
+  Re-running the same command resumes from the latest checkpoint (Ray Train restores it by run name +
+  storage path; storage may be an ``s3://`` URI).
+* At the end, the latest checkpoint's ``weights/`` are exported to ``<train.output_dir>/<model>``.
+* Logs: TensorBoard scalars (each loss term, lr, samples/s, GPU memory) under ``train.log_dir/<run name>``
+  from rank 0; the driver prints one progress line per ``train.log_every`` steps.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.store import Storage, is_uri
+from pipeline.train_config import MODELS
+from training.data import schema
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR = "cache"
+CACHE_META = "cache.json"
+SUCCESS = "_SUCCESS"
+#: the text columns a cache keeps beside the features (what the recipes read besides tensors)
+CACHE_TEXT = (schema.ID, schema.USER_TEXT, schema.ASSISTANT_TEXT, schema.CLASS, schema.INSTRUCTION)
+
+
+@dataclass
+class TrainSummary:
+    model: str
+    run_name: str
+    steps: int
+    total_steps: int
+    losses: list[dict] = field(default_factory=list)
+    checkpoint: str | None = None
+    output: str | None = None
+    seconds: float = 0.0
+    resumed_from: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# what a worker needs (plain data, shipped to Ray workers)
+# ---------------------------------------------------------------------------------------------
+
+
+def role_refs(cfg) -> dict:
+    from training.trainers.base import RoleRef
+
+    return {r: RoleRef(str(cfg.models.role_dir(r).absolute()), cfg.models.role_spec(r).dtype)
+            for r in ("t2i", "clip_cond", "dino_cond", "llm", "promptnet")}
+
+
+def recipe_class(model: str):
+    if model == "mllm":
+        from training.trainers.mllm import MLLMRecipe
+
+        return MLLMRecipe
+    if model == "diffusion":
+        from training.trainers.diffusion import DiffusionRecipe
+
+        return DiffusionRecipe
+    if model == "promptnet":
+        from training.trainers.promptnet import PromptNetRecipe
+
+        return PromptNetRecipe
+    raise ValueError(f"unknown model {model!r}; allowed: {', '.join(MODELS)}")
+
+
+def run_name(cfg, model: str) -> str:
+    return cfg.train.run_name or f"{cfg.run.name}-{model}"
+
+
+def _abs(location: str) -> str:
+    return location if is_uri(location) else str(Path(location).absolute())
+
+
+def encoder_fingerprint(cfg, model: str | None = None) -> str:
+    """The cache key: the encoders' weight fingerprints + the settings that change their outputs."""
+    import hashlib
+
+    from training.models.fingerprint import fingerprint
+
+    key = {r: fingerprint(cfg.models.role_dir(r)) for r in ("t2i", "clip_cond", "dino_cond")}
+    key["select_layer"] = cfg.train.mllm.select_layer
+    key["version"] = 1
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_location(dataset_out: str, fp: str) -> Storage:
+    return Storage(_abs(dataset_out)).sub(f"{CACHE_DIR}/{fp}")
+
+
+def data_paths(cfg, model: str) -> tuple[list[str], bool]:
+    """Parquet directories to read and whether they are caches."""
+    if model == "promptnet" and cfg.train.promptnet.images:
+        return [_abs(cfg.train.promptnet.images)], False
+    mode = cfg.train.data.cache
+    paths, cached = [], []
+    fp = encoder_fingerprint(cfg) if mode != "off" and model != "promptnet" else None
+    for out in cfg.train.data.datasets:
+        root = Storage(_abs(out))
+        if not root.exists("dataset/data"):
+            raise FileNotFoundError(f"train.data.datasets: {out} has no dataset/data (run `cafe build --out {out}`)")
+        cache = cache_location(out, fp) if fp else None
+        if cache is not None and cache.exists(SUCCESS):
+            paths.append(cache.uri_of("data"))
+            cached.append(True)
+        elif mode == "require" and model != "promptnet":
+            raise FileNotFoundError(f"train.data.cache = require, but {out} has no cache for encoders {fp} "
+                                    f"(run `cafe cache CONFIG`)")
+        else:
+            paths.append(root.uri_of("dataset/data"))
+            cached.append(False)
+    if len(set(cached)) > 1:
+        raise ValueError("some datasets have an embedding cache and some do not: run `cafe cache` for all, "
+                         "or set train.data.cache=off")
+    return paths, bool(cached and cached[0])
+
+
+def _read(paths: list[str], model: str, cached: bool, images_folder: bool):
+    import ray.data
+
+    if images_folder:
+        return ray.data.read_images(paths, mode="RGB", include_paths=True)
+    columns = None
+    if not cached:
+        wanted = {
+            "mllm": [schema.ID, schema.INPUT_IMAGE, schema.TARGET_IMAGE, schema.USER_TEXT, schema.ASSISTANT_TEXT],
+            "diffusion": [schema.ID, schema.INPUT_IMAGE, schema.TARGET_IMAGE],
+            "promptnet": [schema.ID, schema.INPUT_IMAGE],
+        }
+        columns = wanted[model]
+    return ray.data.read_parquet(paths, columns=columns)
+
+
+# ---------------------------------------------------------------------------------------------
+# the worker loop (runs inside each Ray Train worker)
+# ---------------------------------------------------------------------------------------------
+
+
+def _worker_loop(config: dict) -> None:
+    import ray.train
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if config["use_gpu"] else "cpu")
+    import deepspeed
+    import torch
+
+    from training.trainers import engine
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    deepspeed.init_distributed(dist_backend="nccl" if config["use_gpu"] else "gloo")
+    device = f"cuda:{ctx.get_local_rank()}" if config["use_gpu"] else "cpu"
+    if config["use_gpu"]:
+        torch.cuda.set_device(device)
+    ds_config = config["ds_config"]
+    keep_alive = None
+    if engine.zero_stage(ds_config) == 3:
+        # frozen transformers models load under deepspeed.zero.Init: partitioned as they are read, never whole
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (must stay alive while models load)
+    recipe = recipe_class(config["model"])(config["section"], config["roles"]).setup(
+        device, encoders=not config["cached"])
+    shard = ray.train.get_dataset_shard("train")
+    micro = config["micro_batch"]
+
+    memory: list = []
+
+    def batches(epoch: int):
+        if config["in_memory"] and memory:
+            yield from memory
+            return
+        kwargs = {}
+        if config["shuffle_buffer"]:
+            kwargs = {"local_shuffle_buffer_size": config["shuffle_buffer"], "local_shuffle_seed": config["seed"] + epoch}
+        for batch in shard.iter_batches(batch_size=micro, batch_format="numpy", drop_last=True, **kwargs):
+            if config["in_memory"]:
+                memory.append(batch)
+            yield batch
+
+    writer = None
+    if rank == 0 and config["log_dir"]:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(config["log_dir"])
+    progress = config["progress"]
+
+    def on_metrics(metrics: dict) -> None:
+        if rank != 0:
+            return
+        if writer is not None:
+            for k, v in metrics.items():
+                if k not in ("step", "epoch"):
+                    writer.add_scalar(f"{config['model']}/{k}", v, metrics["step"])
+            writer.flush()
+        if progress is not None:
+            progress.update.remote(metrics)
+
+    def on_checkpoint(directory: Path, state: dict) -> None:
+        ray.train.report({"step": state["step"], "epoch": state["epoch"]},
+                         checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
+
+    resume_dir = None
+    checkpoint = ray.train.get_checkpoint()
+    tmp = None
+    if checkpoint is not None:
+        tmp = tempfile.mkdtemp(prefix="cafe-resume-")
+        checkpoint.to_directory(tmp)
+        resume_dir = Path(tmp)
+        if progress is not None and rank == 0:
+            progress.resumed.remote(json.loads((resume_dir / engine.STATE_FILE).read_text())["step"])
+    plan = engine.Plan(max_steps=config["total_steps"], epochs=config["epochs"], accumulation=config["accumulation"],
+                       every=config["every"], stop_at=config["stop_at"], log_every=config["log_every"],
+                       seed=config["seed"])
+    try:
+        engine.run_training(recipe, ds_config, batches, plan, resume_dir, on_checkpoint, on_metrics)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if writer is not None:
+            writer.close()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver
+# ---------------------------------------------------------------------------------------------
+
+
+def _progress_actor():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Progress:
+        def __init__(self):
+            self.metrics: list[dict] = []
+            self.resumed_at = None
+
+        def update(self, metrics: dict) -> None:
+            self.metrics.append(metrics)
+
+        def resumed(self, step: int) -> None:
+            self.resumed_at = step
+
+        def since(self, n: int) -> tuple[list[dict], int | None]:
+            return self.metrics[n:], self.resumed_at
+
+    return Progress.remote()
+
+
+def _format(model: str, m: dict, total: int) -> str:
+    terms = " ".join(f"{k} {m[k]:.4f}" for k in m if k not in ("step", "epoch", "lr", "samples_per_s", "gpu_mem_gb"))
+    extra = f" gpu {m['gpu_mem_gb']:.1f} GB" if "gpu_mem_gb" in m else ""
+    return f"[{model}] step {m['step']}/{total} {terms} lr {m['lr']:.2e} {m['samples_per_s']:.1f} rows/s{extra}"
+
+
+def train_model(cfg, model: str, address: str | None = None, echo=print) -> TrainSummary:
+    """Run (or resume) ``cafe train MODEL``; return what happened. ``echo``: where progress lines go."""
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; allowed: {', '.join(MODELS)}")
+    import ray
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.local_ray import ray_session
+    from training.trainers import engine
+
+    section = getattr(cfg.train, model)
+    workers = cfg.train.workers
+    name = run_name(cfg, model)
+    paths, cached = data_paths(cfg, model)
+    images_folder = model == "promptnet" and cfg.train.promptnet.images is not None
+    ds_path = Path(cfg.train.deepspeed.config)
+    base = json.loads(ds_path.read_text())
+    precision = cfg.train.deepspeed.precision
+    bf16 = precision == "bf16" or (precision == "auto" and workers.use_gpu)
+    ds_config = engine.deepspeed_config(
+        base, micro_batch=section.micro_batch_size, accumulation=section.gradient_accumulation,
+        world_size=workers.num_workers, lr=section.lr, weight_decay=section.weight_decay,
+        warmup_steps=section.warmup_steps, grad_clip=section.grad_clip, bf16=bf16)
+    storage = _abs(cfg.train.storage_path)
+    t0 = time.perf_counter()
+    with ray_session(cfg, address):
+        ds = _read(paths, model, cached, images_folder)
+        rows = ds.count()
+        if rows == 0:
+            raise ValueError(f"no training rows in {paths}")
+        per_worker = rows // workers.num_workers
+        total = engine.steps_for(per_worker, section.micro_batch_size, section.gradient_accumulation,
+                                 section.epochs, section.max_steps)
+        if per_worker < section.micro_batch_size:
+            raise ValueError(f"{rows} rows over {workers.num_workers} worker(s) fill no micro-batch of "
+                             f"{section.micro_batch_size}: lower train.{model}.micro_batch_size")
+        epochs_needed = section.epochs if section.max_steps is None else 10**9
+        progress = _progress_actor()
+        loop_config = {
+            "model": model, "section": section, "roles": role_refs(cfg), "cached": cached,
+            "use_gpu": workers.use_gpu, "ds_config": ds_config, "micro_batch": section.micro_batch_size,
+            "accumulation": section.gradient_accumulation, "epochs": epochs_needed, "total_steps": total,
+            "every": cfg.train.checkpoint.every_steps, "stop_at": cfg.train.stop_at_step,
+            "log_every": cfg.train.log_every, "seed": cfg.run.seed, "shuffle_buffer": cfg.train.data.shuffle_buffer,
+            "in_memory": cfg.train.data.in_memory,
+            "log_dir": str(Path(cfg.train.log_dir).absolute() / name) if cfg.train.log_dir else None,
+            "progress": progress,
+        }
+        resources = {"CPU": workers.cpus_per_worker}
+        if workers.use_gpu:
+            resources["GPU"] = workers.gpus_per_worker
+        trainer = TorchTrainer(
+            _worker_loop, train_loop_config=loop_config,
+            scaling_config=ray.train.ScalingConfig(num_workers=workers.num_workers, use_gpu=workers.use_gpu,
+                                                   resources_per_worker=resources),
+            torch_config=TorchConfig(backend="nccl" if workers.use_gpu else "gloo"),
+            run_config=ray.train.RunConfig(
+                name=name, storage_path=storage,
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoint.keep)),
+            datasets={"train": ds},
+            dataset_config=ray.train.DataConfig(
+                execution_options=ExecutionOptions(preserve_order=True), enable_shard_locality=False),
+        )
+        echo(f"[{model}] run {name}: {rows} rows ({'cache' if cached else 'images'}), {workers.num_workers} "
+             f"worker(s), {total} steps, ZeRO-{engine.zero_stage(ds_config)}, {'bf16' if bf16 else 'fp32'}")
+        box: dict = {}
+        thread = threading.Thread(target=lambda: box.update(result=_fit(trainer, box)), daemon=True)
+        thread.start()
+        seen, losses, resumed = 0, [], None
+        while thread.is_alive():
+            thread.join(timeout=1.0)
+            new, resumed_at = ray.get(progress.since.remote(seen))
+            if resumed_at is not None and resumed is None:
+                resumed = resumed_at
+                echo(f"[{model}] resumed from the checkpoint at step {resumed_at}")
+            for m in new:
+                echo(_format(model, m, total))
+            seen += len(new)
+            losses += new
+        if "error" in box:
+            raise box["error"]
+        result = box["result"]
+        summary = TrainSummary(model, name, losses[-1]["step"] if losses else (resumed or 0), total, losses,
+                               seconds=time.perf_counter() - t0, resumed_from=resumed)
+        if result.checkpoint is not None:
+            summary.checkpoint = result.checkpoint.path
+            with result.checkpoint.as_directory() as d:
+                state = json.loads((Path(d) / engine.STATE_FILE).read_text())
+                summary.steps = state["step"]
+                out = Storage(_abs(cfg.train.output_dir)).sub(model)
+                _export(Path(d) / engine.WEIGHTS_DIR, out)
+                summary.output = out.uri
+        ray.kill(progress)
+        echo(f"[{model}] step {summary.steps}/{total} in {summary.seconds:.0f} s; weights: {summary.output}")
+    return summary
+
+
+def _fit(trainer, box: dict):
+    try:
+        return trainer.fit()
+    except BaseException as exc:  # surfaced on the driver thread
+        box["error"] = exc
+        return None
+
+
+def _export(src: Path, out: Storage) -> None:
+    """Copy a checkpoint's ``weights/`` to ``out`` (local: into a temporary sibling, then renamed)."""
+    if out.is_local:
+        dest = Path(out.root)
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, dest)
+        return
+    for f in sorted(src.rglob("*")):
+        if f.is_file():
+            out.write_bytes(str(f.relative_to(src)), f.read_bytes())
+
+
+# ---------------------------------------------------------------------------------------------
+# the embedding cache (`cafe cache`)
+# ---------------------------------------------------------------------------------------------
+
+
+class _CacheEncoder:
+    """Ray Data actor: every feature of :data:`training.encoders.FEATURES` for a batch of dataset rows."""
+
+    def __init__(self, roles: dict, select_layer: int, device: str):
+        from training.encoders import FEATURES
+        from training.trainers.base import load_encoders
+
+        self.want = FEATURES
+        self.encoders = load_encoders(roles, device, FEATURES, select_layer=select_layer)
+
+    def __call__(self, batch: dict) -> dict:
+        from training.trainers.base import batch_features
+
+        feats = batch_features(batch, self.encoders, self.want)
+        out = {c: batch[c] for c in CACHE_TEXT if c in batch}
+        out.update({k: v.numpy().astype(np.float32) for k, v in feats.items()})
+        return out
+
+
+def cache_embeddings(cfg, address: str | None = None, force: bool = False):
+    """Write ``<out>/cache/<fingerprint>/`` for every dataset in ``train.data.datasets``; yield progress lines.
+
+    One Ray Data pass per dataset: read the kept rows, encode them on an actor pool, write Parquet, then
+    ``cache.json`` and ``_SUCCESS`` last. A cache whose ``_SUCCESS`` exists is up to date (the fingerprint
+    covers the encoders' weights and settings) and is skipped; a partial one is rewritten.
+    """
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    from pipeline.local_ray import ray_session
+
+    fp = encoder_fingerprint(cfg)
+    c = cfg.train.cache
+    device = "cuda" if c.num_gpus_per_actor > 0 else "cpu"
+    with ray_session(cfg, address):
+        for out in cfg.train.data.datasets:
+            root = Storage(_abs(out))
+            if not root.exists("dataset/data"):
+                raise FileNotFoundError(f"train.data.datasets: {out} has no dataset/data")
+            cache = cache_location(out, fp)
+            if cache.exists(SUCCESS) and not force:
+                yield f"{out}: cache {fp} is up to date"
+                continue
+            t0 = time.perf_counter()
+            if cache.exists("data"):
+                cache.delete_dir("data")
+            ds = ray.data.read_parquet(root.uri_of("dataset/data"),
+                                       columns=[*CACHE_TEXT, schema.INPUT_IMAGE, schema.TARGET_IMAGE])
+            encoded = ds.map_batches(_CacheEncoder, fn_constructor_args=(role_refs(cfg), cfg.train.mllm.select_layer,
+                                                                           device),
+                                     batch_size=c.batch_size, batch_format="numpy",
+                                     compute=ActorPoolStrategy(size=c.num_actors), num_gpus=c.num_gpus_per_actor,
+                                     num_cpus=c.num_cpus_per_actor)
+            encoded.write_parquet(cache.uri_of("data"))
+            rows = ray.data.read_parquet(cache.uri_of("data")).count()
+            cache.write_json(CACHE_META, {"fingerprint": fp, "rows": rows, "dataset": root.uri,
+                                          "select_layer": cfg.train.mllm.select_layer,
+                                          "seconds": round(time.perf_counter() - t0, 2)})
+            cache.write_bytes(SUCCESS, b"")
+            yield f"{out}: cached {rows} rows as {cache.uri} in {time.perf_counter() - t0:.1f} s"

@@ -1,0 +1,142 @@
+"""The ``train`` section of the config tree: CAFE's training jobs (SPEC §2, §4.5, D1–D2) and inference.
+
+``cafe train mllm|diffusion|promptnet CONFIG`` reads ``train.<model>`` (optimiser, batch, length) plus the
+shared keys (workers, DeepSpeed, data, checkpoints, logs). Defaults are the paper's where it gives them.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.build_config import MAX_BATCH_SIZE, _Strict
+
+MAX_WORKERS = 4096
+MODELS = ("mllm", "diffusion", "promptnet")
+
+
+class OptimConfig(_Strict):
+    """AdamW over the trainable parameters (DeepSpeed's optimizer; fp32 master weights)."""
+
+    lr: float = Field(2e-5, gt=0, le=1.0)
+    weight_decay: float = Field(1e-2, ge=0, le=1.0)
+    warmup_steps: int = Field(0, ge=0, le=10_000_000)
+    grad_clip: float = Field(1.0, ge=0, le=1e6, description="0 disables clipping")
+    micro_batch_size: int = Field(8, ge=1, le=MAX_BATCH_SIZE, description="rows per worker per forward")
+    gradient_accumulation: int = Field(1, ge=1, le=4096)
+    epochs: int = Field(1, ge=1, le=100_000)
+    max_steps: int | None = Field(None, ge=1, le=100_000_000, description="optimizer steps; null: the epochs decide")
+
+
+class MLLMTrainConfig(OptimConfig):
+    """SPEC §2: AdamW lr 2e-3, batch 128, 5 epochs on round 0 then 5 on the union with self-distilled data."""
+
+    lr: float = Field(2e-3, gt=0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0, le=1.0)
+    epochs: int = Field(5, ge=1, le=100_000)
+    lam: float = Field(1.0, ge=0, le=1e6, description="λ of the embedding MSE term (D2)")
+    select_layer: int = Field(-2, ge=-64, le=64, description="CLIP vision hidden layer whose patch tokens V reads")
+    max_new_tokens: int = Field(48, ge=1, le=4096, description="inference: response length limit")
+
+
+class DiffusionTrainConfig(OptimConfig):
+    """SPEC §2: AdamW lr 2e-5, batch 64; each condition dropped with p = 0.1 independently (D1)."""
+
+    drop_clip: float = Field(0.1, ge=0, le=1)
+    drop_dino: float = Field(0.1, ge=0, le=1)
+    n_clip_tokens: int = Field(1, ge=1, le=256)
+
+
+class PromptNetTrainConfig(OptimConfig):
+    """SPEC §4.5: AdamW lr 2e-5, wd 1e-2, batch 8, 80k steps, grad-clip 1.0, prompt "A photo of holder".
+
+    ``images``: an image folder or URI (``ray.data.read_images``); unset, the input images of ``train.data``.
+    """
+
+    prompt: str = "A photo of holder"
+    images: str | None = None
+    max_steps: int | None = Field(80_000, ge=1, le=100_000_000)
+    epochs: int = Field(100_000, ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _holder(self) -> "PromptNetTrainConfig":
+        if "holder" not in self.prompt.split():
+            raise ValueError("train.promptnet.prompt must contain the word 'holder' (S*'s slot)")
+        return self
+
+
+class WorkersConfig(_Strict):
+    """Ray Train workers: one DeepSpeed rank each."""
+
+    num_workers: int = Field(1, ge=1, le=MAX_WORKERS)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, ge=0, le=256)
+    gpus_per_worker: float = Field(1.0, ge=0, le=8, description="used when use_gpu")
+
+
+class DeepSpeedConfig(_Strict):
+    config: str = "configs/deepspeed/zero2.json"
+    #: auto: bf16 on GPU (fp32 master copy of the trained weights), fp32 on CPU
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+
+
+class TrainDataConfig(_Strict):
+    """Training rows: the kept rows of one or more built datasets (``cafe build --out``), unioned.
+
+    Each entry is a build output (local path or URI); its ``dataset/data`` Parquet shards are read with Ray Data.
+    ``cache``: ``auto`` uses ``<output>/cache/<encoder fingerprint>`` when ``cafe cache`` wrote it, ``off`` always
+    encodes on the fly, ``require`` fails when a cache is missing.
+    """
+
+    datasets: list[str] = Field(default_factory=lambda: ["outputs/tiny"], min_length=1, max_length=1024)
+    cache: Literal["auto", "off", "require"] = "auto"
+    shuffle_buffer: int = Field(0, ge=0, le=10_000_000, description="rows in Ray Data's local shuffle buffer (0: off)")
+    #: each worker keeps its shard's micro-batches in memory after the first epoch and replays them (a small
+    #: fine-tuning set trained for many epochs: saves one Ray Data pass per epoch). Off for large datasets.
+    in_memory: bool = False
+
+
+class CheckpointConfig(_Strict):
+    every_steps: int = Field(100, ge=0, le=100_000_000, description="0: only at the end")
+    keep: int = Field(2, ge=1, le=10_000)
+
+
+class CacheConfig(_Strict):
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH_SIZE)
+    num_actors: int = Field(1, ge=1, le=1024)
+    num_gpus_per_actor: float = Field(0.0, ge=0, le=8)
+    num_cpus_per_actor: float = Field(1.0, ge=0, le=256)
+
+
+class GenerateConfig(_Strict):
+    """``cafe generate``: the sampler and the guidance of the conditioned diffusion model."""
+
+    num_inference_steps: int = Field(30, ge=1, le=1000)
+    guidance_scale: float = Field(3.0, ge=0, le=50)
+    scale_dino: float = Field(1.0, ge=0, le=10)
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH_SIZE)
+    num_actors: int = Field(1, ge=1, le=1024)
+    num_gpus_per_actor: float = Field(0.0, ge=0, le=8)
+
+
+class TrainConfig(_Strict):
+    """``storage_path``: where Ray Train keeps runs (local path or ``s3://``); a run's name is
+    ``<run.name>-<model>`` unless ``run_name`` is set, and re-running the same command resumes it.
+    ``output_dir``: where each model's final weights are exported (``<output_dir>/<model>``), read by
+    ``cafe generate``. ``stop_at_step``: stop (with a checkpoint) after that step — a preemption drill."""
+
+    data: TrainDataConfig = TrainDataConfig()
+    workers: WorkersConfig = WorkersConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    storage_path: str = "outputs/train/runs"
+    output_dir: str = "outputs/train"
+    log_dir: str = "outputs/train/tensorboard"
+    run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    log_every: int = Field(1, ge=1, le=1_000_000)
+    stop_at_step: int | None = Field(None, ge=1)
+    mllm: MLLMTrainConfig = MLLMTrainConfig()
+    diffusion: DiffusionTrainConfig = DiffusionTrainConfig()
+    promptnet: PromptNetTrainConfig = PromptNetTrainConfig()
+    cache: CacheConfig = CacheConfig()
+    generate: GenerateConfig = GenerateConfig()

@@ -1,0 +1,115 @@
+"""CAFE assistant inference (SPEC §2 "Inference"): image x + user text → MLLM → (response, predicted CLIP
+embedding) → conditioned diffusion with (that embedding, DINO patches of x) → image.
+
+Usage::
+
+    assistant = Assistant.load(roles, mllm_dir="outputs/train/mllm", diffusion_dir="outputs/train/diffusion")
+    out = assistant.generate(image, "Can you generate an image for this circle on the left?", seed=0)
+    out.response, out.image                                    # str, (H, W, 3) uint8
+    assistant.generate(image, "", seed=0, clip_image=other)    # direct mode: CLIP of `other` replaces the MLLM
+
+Sampling: the t2i role's scheduler (DDIM), classifier-free guidance with one scale on (both conditions) vs
+(neither: zero inputs, the null condition the model was trained with), the DINO stream scaled by ``scale_dino``;
+each request draws its initial latent from its own generator seeded by its seed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from training.encoders import ConditionEncoders, images_to_tensor
+from training.models.conditioned import ConditionedUNet
+from training.models.mllm import CafeMLLM
+
+
+@dataclass
+class Generation:
+    response: str
+    image: np.ndarray
+    clip_source: str  # "mllm" or "image"
+
+
+class Assistant:
+    def __init__(self, diffusion: ConditionedUNet, encoders: ConditionEncoders, vae, scheduler,
+                 mllm: CafeMLLM | None = None, device: str = "cpu", max_new_tokens: int = 48):
+        self.diffusion, self.encoders, self.vae, self.scheduler = diffusion, encoders, vae, scheduler
+        self.mllm, self.device, self.max_new_tokens = mllm, torch.device(device), max_new_tokens
+        self.scaling = float(getattr(vae.config, "scaling_factor", 0.18215))
+        self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
+
+    @classmethod
+    def load(cls, roles: dict, mllm_dir: str | None, diffusion_dir: str, device: str = "cpu",
+             max_new_tokens: int = 48) -> "Assistant":
+        """``roles``: role → :class:`training.trainers.base.RoleRef` (t2i, clip_cond, dino_cond, llm)."""
+        import json
+        from pathlib import Path
+
+        from training.trainers.base import load, load_encoders
+
+        select_layer = -2
+        if mllm_dir is not None:
+            select_layer = json.loads((Path(mllm_dir) / "mllm.json").read_text()).get("select_layer", -2)
+        t2i = load("t2i", roles["t2i"], device)
+        enc = load_encoders(roles, device, ("latent_mean", "clip_target", "dino_input", "vision_input"),
+                            select_layer=select_layer, t2i=t2i)
+        dtype = t2i.components.unet.dtype
+        diffusion = ConditionedUNet.load(diffusion_dir, dtype=dtype).to(device)
+        mllm = None
+        if mllm_dir is not None:
+            llm = load("llm", roles["llm"], device)
+            mllm = CafeMLLM(llm.components.model, llm.components.tokenizer, enc.vision_width, enc.clip_dim)
+            mllm.load_trainable(mllm_dir)
+            mllm = mllm.to(device).eval().requires_grad_(False)
+        return cls(diffusion, enc, t2i.components.vae, t2i.components.scheduler, mllm, device, max_new_tokens)
+
+    # -- diffusion --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, clip_embed: torch.Tensor, dino_tokens: torch.Tensor, seeds: Sequence[int], steps: int = 30,
+               guidance: float = 3.0, scale_dino: float = 1.0) -> list[np.ndarray]:
+        """Images (H, W, 3) uint8 for a batch of conditions; row i's noise comes from ``seeds[i]`` alone."""
+        unet = self.diffusion.unet
+        b = clip_embed.shape[0]
+        size, ch = unet.config.sample_size, unet.config.in_channels
+        latents = torch.stack([torch.randn(ch, size, size, generator=torch.Generator().manual_seed(int(s)))
+                               for s in seeds]).to(self.device, unet.dtype)
+        sched = self.scheduler
+        sched.set_timesteps(steps)
+        latents = latents * sched.init_noise_sigma
+        clip = clip_embed.to(self.device, unet.dtype)
+        dino = dino_tokens.to(self.device, unet.dtype)
+        clip2, dino2 = torch.cat([torch.zeros_like(clip), clip]), torch.cat([torch.zeros_like(dino), dino])
+        for t in sched.timesteps:
+            x = sched.scale_model_input(torch.cat([latents, latents]), t)
+            out = self.diffusion(x, t.expand(2 * b).to(self.device), clip2, dino2, scale_dino=scale_dino)
+            uncond, cond = out.chunk(2)
+            latents = sched.step(uncond + guidance * (cond - uncond), t, latents, eta=0.0).prev_sample
+        images = self.vae.decode((latents / self.scaling).to(self.vae.dtype)).sample
+        images = ((images.float() + 1) / 2).clamp(0, 1)
+        return list((images * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+
+    # -- the assistant ----------------------------------------------------------------------------
+
+    def generate(self, image: np.ndarray, text: str, seed: int = 0, clip_image: np.ndarray | None = None,
+                 steps: int = 30, guidance: float = 3.0, scale_dino: float = 1.0) -> Generation:
+        if clip_image is None and self.mllm is None:
+            raise ValueError("no MLLM loaded: give clip_image (direct mode)")
+        if clip_image is None and not str(text).strip():
+            raise ValueError("the user text is empty")
+        pixels = images_to_tensor([image])
+        dino = self.encoders.dino_tokens(pixels)
+        if clip_image is not None:
+            clip = self.encoders.clip_embed(images_to_tensor([clip_image]))
+            response, source = "", "image"
+            if self.mllm is not None and str(text).strip():
+                response, _ = self.mllm.respond(self.encoders.vision_features(pixels)[0].to(self.device), text,
+                                                self.max_new_tokens)
+        else:
+            response, pred = self.mllm.respond(self.encoders.vision_features(pixels)[0].to(self.device), text,
+                                               self.max_new_tokens)
+            clip, source = pred[None].cpu(), "mllm"
+        out = self.sample(clip, dino, [seed], steps, guidance, scale_dino)[0]
+        return Generation(response, out, source)

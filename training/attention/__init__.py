@@ -1,0 +1,1 @@
+"""Attention processors, one per behaviour (installed with diffusers' ``set_attn_processor``)."""

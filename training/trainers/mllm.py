@@ -1,0 +1,61 @@
+"""Recipe: CAFE's MLLM (SPEC §2): only V, H and the learnable token train; the LLM and the vision tower are
+frozen in their role dtypes. Loss ``L_LM(response) + λ·MSE(H(h), E_clip(y))`` (:class:`CafeMLLM`)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from training.data import schema
+from training.models.mllm import CafeMLLM
+from training.trainers.base import Recipe, batch_features, load, load_encoders, texts
+
+WANT = ("vision_input", "clip_target")
+
+
+class MLLMModule(nn.Module):
+    def __init__(self, mllm: CafeMLLM):
+        super().__init__()
+        self.mllm = mllm
+
+    def forward(self, vision_feats, user_texts, responses, clip_targets):
+        return self.mllm.loss(vision_feats, user_texts, responses, clip_targets)
+
+
+class MLLMRecipe(Recipe):
+    name = "mllm"
+    features = WANT
+
+    def setup(self, device: str = "cpu", encoders: bool = True) -> "MLLMRecipe":
+        llm = load("llm", self.roles["llm"], device)
+        self.encoders = load_encoders(self.roles, device, WANT, select_layer=self.section.select_layer) \
+            if encoders else None
+        vision_width, clip_dim = self._dims()
+        with torch.random.fork_rng(devices=[]):  # V and H initialise the same on every worker and every run
+            torch.manual_seed(0)
+            mllm = CafeMLLM(llm.components.model, llm.components.tokenizer, vision_width, clip_dim, self.section.lam)
+        self.module = MLLMModule(mllm.freeze_base().to(device))
+        return self
+
+    def _dims(self) -> tuple[int, int]:
+        if self.encoders is not None:
+            return self.encoders.vision_width, self.encoders.clip_dim
+        import json
+        from pathlib import Path
+
+        cfg = json.loads((Path(self.roles["clip_cond"].path) / "config.json").read_text())
+        vision = cfg.get("vision_config", cfg)
+        return int(vision["hidden_size"]), int(cfg["projection_dim"])
+
+    def module_train_mode(self, module) -> None:
+        module.train()
+        module.mllm.llm.eval()  # frozen: no dropout
+
+    def prepare(self, batch: dict, epoch: int, seed: int) -> dict:
+        feats = batch_features(batch, self.encoders, WANT)
+        dev = next(self.module.parameters()).device
+        return {"vision_feats": feats["vision_input"].to(dev), "user_texts": texts(batch[schema.USER_TEXT]),
+                "responses": texts(batch[schema.ASSISTANT_TEXT]), "clip_targets": feats["clip_target"].to(dev)}
+
+    def save_weights(self, module, out) -> None:
+        module.mllm.save_trainable(out, extra={"llm": self.roles["llm"].path,
+                                               "select_layer": self.section.select_layer})
