@@ -179,14 +179,9 @@ def _worker_loop(config: dict) -> None:
     if config["use_gpu"]:
         torch.cuda.set_device(device)
     ds_config = config["ds_config"]
-    keep_alive = None
-    if engine.zero_stage(ds_config) == 3:
-        # frozen transformers models load under deepspeed.zero.Init: partitioned as they are read, never whole
-        from transformers.integrations import HfDeepSpeedConfig
-
-        keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (must stay alive while models load)
+    zero3 = ds_config if engine.zero_stage(ds_config) == 3 else None
     recipe = recipe_class(config["model"])(config["section"], config["roles"]).setup(
-        device, encoders=not config["cached"])
+        device, encoders=not config["cached"], zero3_config=zero3)
     shard = ray.train.get_dataset_shard("train")
     micro = config["micro_batch"]
 
@@ -311,6 +306,12 @@ def train_model(cfg, model: str, address: str | None = None, echo=print) -> Trai
     storage = _abs(cfg.train.storage_path)
     t0 = time.perf_counter()
     with ray_session(cfg, address):
+        free = ray.cluster_resources().get("CPU", 0) - workers.num_workers * workers.cpus_per_worker
+        if free < 0.5 and not (address or cfg.ray.address):
+            raise ValueError(
+                f"train.workers: {workers.num_workers} worker(s) × {workers.cpus_per_worker} CPU leave {free:g} of the "
+                f"local cluster's CPUs for Ray Data's read tasks, and the run would hang: lower "
+                f"train.workers.cpus_per_worker or raise ray.num_cpus")
         ds = _read(paths, model, cached, images_folder)
         rows = ds.count()
         if rows == 0:

@@ -70,6 +70,7 @@ class WorkersConfig(_Strict):
 
     num_workers: int = Field(1, ge=1, le=MAX_WORKERS)
     use_gpu: bool = False
+    #: leave CPUs for Ray Data's read tasks: on a 2-CPU local cluster, 2 workers need 0.5 each
     cpus_per_worker: float = Field(1.0, ge=0, le=256)
     gpus_per_worker: float = Field(1.0, ge=0, le=8, description="used when use_gpu")
 

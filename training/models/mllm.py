@@ -48,8 +48,7 @@ class CafeMLLM(nn.Module):
         self.lam = float(lam)
         self.vision_proj = nn.Linear(vision_width, hidden)
         self.head = nn.Linear(hidden, clip_dim)
-        emb = llm.get_input_embeddings().weight
-        std = float(emb.float().std()) if emb.numel() > 1 else 0.02
+        std = float(getattr(llm.config, "initializer_range", 0.02))  # (weights may be ZeRO-3 partitioned here)
         self.query_token = nn.Parameter(torch.randn(hidden, generator=torch.Generator().manual_seed(0)) * std)
         for m in (self.vision_proj, self.head):
             m.float()

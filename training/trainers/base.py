@@ -86,7 +86,9 @@ class Recipe:
         self.module: torch.nn.Module | None = None
         self.encoders: ConditionEncoders | None = None
 
-    def setup(self, device: str = "cpu", encoders: bool = True) -> "Recipe":
+    def setup(self, device: str = "cpu", encoders: bool = True, zero3_config: dict | None = None) -> "Recipe":
+        """Load the frozen models and build :attr:`module`. ``encoders=False``: the batches carry cached
+        features. ``zero3_config``: the DeepSpeed config when it is ZeRO-3 (large frozen models load partitioned)."""
         raise NotImplementedError
 
     def prepare(self, batch: dict, epoch: int, seed: int) -> dict:

@@ -41,7 +41,7 @@ class DiffusionRecipe(Recipe):
     name = "diffusion"
     features = WANT
 
-    def setup(self, device: str = "cpu", encoders: bool = True) -> "DiffusionRecipe":
+    def setup(self, device: str = "cpu", encoders: bool = True, zero3_config: dict | None = None) -> "DiffusionRecipe":
         t2i = load("t2i", self.roles["t2i"], device)
         self.encoders = load_encoders(self.roles, device, WANT, t2i=t2i) if encoders else None
         clip_dim, dino_width = self._dims(device)

@@ -53,7 +53,7 @@ class Plan:
 @dataclass
 class TrainResult:
     step: int
-    losses: list[dict[str, float]] = field(default_factory=list)  # one dict per optimizer step (rank-local)
+    losses: list[dict[str, float]] = field(default_factory=list)  # per optimizer step, averaged over ranks
     finished: bool = False
 
 
@@ -175,6 +175,7 @@ def run_training(recipe, ds_config: dict, batches: Callable[[int], Iterable[dict
             if micro_in_step < plan.accumulation:
                 continue
             step += 1
+            acc_terms = _mean_over_ranks(acc_terms)
             seconds = time.perf_counter() - t0
             metrics = {**acc_terms, "step": step, "epoch": epoch, "lr": float(scheduler.get_last_lr()[0])
                        if scheduler is not None else float("nan"), "samples_per_s": rows_in_step / max(seconds, 1e-9)}
@@ -197,6 +198,18 @@ def run_training(recipe, ds_config: dict, batches: Callable[[int], Iterable[dict
     if step != last_ckpt[0]:  # the data ran out before `stop`: checkpoint the end state too
         checkpoint({"step": step, "epoch": epoch, "micro_batches_in_epoch": 0, "model": recipe.name})
     return result
+
+
+def _mean_over_ranks(terms: dict[str, float]) -> dict[str, float]:
+    """Loss terms averaged over the data-parallel ranks (each rank saw its own rows): the global batch's loss."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return terms
+    keys = sorted(terms)
+    t = torch.tensor([terms[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t)}
 
 
 def steps_for(rows_per_worker: int, micro_batch: int, accumulation: int, epochs: int,

@@ -25,8 +25,20 @@ class MLLMRecipe(Recipe):
     name = "mllm"
     features = WANT
 
-    def setup(self, device: str = "cpu", encoders: bool = True) -> "MLLMRecipe":
-        llm = load("llm", self.roles["llm"], device)
+    def setup(self, device: str = "cpu", encoders: bool = True, zero3_config: dict | None = None) -> "MLLMRecipe":
+        if zero3_config is not None:
+            # the frozen LLM loads under deepspeed.zero.Init (transformers' HfDeepSpeedConfig switch): partitioned
+            # over the workers as it is read, so a 13B model is never whole on one worker. Only the LLM: the
+            # encoders run outside the engine and must stay whole.
+            from transformers.integrations import HfDeepSpeedConfig
+
+            switch = HfDeepSpeedConfig(zero3_config)
+            try:
+                llm = load("llm", self.roles["llm"], device)
+            finally:
+                del switch
+        else:
+            llm = load("llm", self.roles["llm"], device)
         self.encoders = load_encoders(self.roles, device, WANT, select_layer=self.section.select_layer) \
             if encoders else None
         vision_width, clip_dim = self._dims()

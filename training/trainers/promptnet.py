@@ -48,7 +48,7 @@ class PromptNetModule(nn.Module):
 class PromptNetRecipe(Recipe):
     name = "promptnet"
 
-    def setup(self, device: str = "cpu", encoders: bool = True) -> "PromptNetRecipe":
+    def setup(self, device: str = "cpu", encoders: bool = True, zero3_config: dict | None = None) -> "PromptNetRecipe":
         t2i = load("t2i", self.roles["t2i"], device)
         pn = load("promptnet", self.roles["promptnet"], device)
         pn.components.promptnet.float().requires_grad_(True)  # trained: float32
