@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 export PATH := $(abspath $(BIN)):$(PATH)
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup run test test-fast test-rebuild world world-check bench clean
+.PHONY: setup run train test test-fast test-rebuild world world-check bench clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,15 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/cafe models check $(CONFIG)
 	$(BIN)/cafe build $(CONFIG)
+
+# after `make run`: train PromptNet, the MLLM and the conditioned diffusion model on the build's dataset
+# (a couple of minutes each on 2 cores), then ask the assistant for one image
+train: setup
+	$(BIN)/cafe train promptnet $(CONFIG)
+	$(BIN)/cafe train mllm $(CONFIG)
+	$(BIN)/cafe train diffusion $(CONFIG)
+	$(BIN)/cafe generate --config $(CONFIG) --image "models/world/sources/circle/red-circle-none__striped-left-large-solid.png" \
+	  --text "Can you generate an image for this circle on the right?" --out outputs/generate
 
 # the synthetic world: retrain what changed (about 20 min on 2 cores from scratch) / re-measure every gate
 world: setup

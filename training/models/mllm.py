@@ -49,8 +49,12 @@ class CafeMLLM(nn.Module):
         self.vision_proj = nn.Linear(vision_width, hidden)
         self.head = nn.Linear(hidden, clip_dim)
         std = float(getattr(llm.config, "initializer_range", 0.02))  # (weights may be ZeRO-3 partitioned here)
-        self.query_token = nn.Parameter(torch.randn(hidden, generator=torch.Generator().manual_seed(0)) * std)
-        for m in (self.vision_proj, self.head):
+        # the learnable token as a one-row embedding module (not a bare Parameter): ZeRO-3 gathers a partitioned
+        # parameter in its module's forward hook, so the token must be read through a module call
+        self.query_token = nn.Embedding(1, hidden)
+        with torch.no_grad():
+            self.query_token.weight.copy_(torch.randn(1, hidden, generator=torch.Generator().manual_seed(0)) * std)
+        for m in (self.vision_proj, self.head, self.query_token):
             m.float()
 
     # -- parameters -------------------------------------------------------------------------------
@@ -92,7 +96,8 @@ class CafeMLLM(nn.Module):
         if response:
             parts.append(self._embed_ids(response))
         if query:
-            parts.append(self.query_token.to(dtype)[None])
+            index = torch.zeros(1, dtype=torch.long, device=self.query_token.weight.device)
+            parts.append(self.query_token(index).to(dtype))
         seq = torch.cat(parts)
         start = image.shape[0] + len(prompt)
         return seq, start, seq.shape[0] - 1

@@ -1,0 +1,79 @@
+"""The CAFE assistant on the synthetic world, end to end, judged by the world's oracle (issue 9's quality study).
+
+    python bench/world_assistant.py [--out outputs/wa] [--skip-train] [--seeds 0 1]
+
+1. ``cafe train promptnet`` on the world's 108 source images (500 steps, lr 3e-4);
+2. ``cafe build`` round 0 with that PromptNet (S* guidance s1 = 2, s2 = 2, 4 instructions per source);
+3. ``cafe cache``, then ``cafe train diffusion`` (800 steps, lr 5e-4) and ``cafe train mllm`` (400 steps) on it;
+4. :func:`training.world.assistant_eval.evaluate_assistant` on the world's eval set (12 subjects × 11
+   instructions, reference image 0, the given seeds): the assistant, the direct mode, and two baselines (input
+   unchanged; the world t2i on the instruction text).
+
+Writes ``<out>/assistant_eval.json`` and prints the table recorded in bench/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+CAFE = str(ROOT / ".venv" / "bin" / "cafe")
+
+
+def sh(*args: str) -> None:
+    print("$", " ".join(args), flush=True)
+    subprocess.run(args, check=True, cwd=ROOT)
+
+
+def train_all(out: str) -> None:
+    common = ["--set", f"train.output_dir={out}/train", "--set", f"train.storage_path={out}/runs",
+              "--set", f"train.log_dir={out}/tb", "--set", "run.name=wa", "--set", "train.log_every=100"]
+    sh(CAFE, "train", "promptnet", "configs/tiny.yaml", *common, "--set", "train.promptnet.max_steps=500",
+       "--set", "train.promptnet.lr=0.0003", "--set", "train.checkpoint.every_steps=250")
+    sh(CAFE, "build", "configs/tiny.yaml", "--out", f"{out}/round0", "--set",
+       f"models.promptnet.path={ROOT / out / 'train' / 'promptnet'}", "--set", "build.profusion.s1=2.0",
+       "--set", "build.profusion.s2=2.0", "--set", "build.instructions.per_source=4")
+    data = ["--set", f"train.data.datasets=[{out}/round0]", "--set", "train.checkpoint.every_steps=200"]
+    sh(CAFE, "cache", "configs/tiny.yaml", *common, *data)
+    sh(CAFE, "train", "diffusion", "configs/tiny.yaml", *common, *data, "--set", "train.diffusion.max_steps=800",
+       "--set", "train.diffusion.lr=0.0005")
+    sh(CAFE, "train", "mllm", "configs/tiny.yaml", *common, *data, "--set", "train.mllm.max_steps=400")
+
+
+def evaluate(out: str, seeds: list[int]) -> dict:
+    from pipeline.config import load_config
+    from pipeline.generate import load_assistant
+    from pipeline.train import role_refs
+    from training.trainers.base import load
+    from training.world.assistant_eval import evaluate_assistant, format_report
+    from training.world.oracle import load_oracle
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"train.output_dir={out}/train"])
+    t0 = time.time()
+    assistant = load_assistant(cfg)
+    t2i = load("t2i", role_refs(cfg)["t2i"], "cpu")
+    rep = evaluate_assistant(assistant, load_oracle(ROOT / "models" / "world" / "oracle"), t2i.components,
+                             ROOT / "models" / "world" / "eval", seeds=seeds, steps=20,
+                             guidance=cfg.train.generate.guidance_scale, scale_dino=cfg.train.generate.scale_dino,
+                             progress=print)
+    rep["seconds"] = round(time.time() - t0, 1)
+    (ROOT / out / "assistant_eval.json").write_text(json.dumps(rep, indent=2))
+    print(format_report(rep))
+    print("examples:", rep["examples"][:3])
+    return rep
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="outputs/wa")
+    ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    a = ap.parse_args()
+    if not a.skip_train:
+        train_all(a.out)
+    evaluate(a.out, a.seeds)
