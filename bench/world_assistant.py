@@ -45,7 +45,63 @@ def train_all(out: str) -> None:
     sh(CAFE, "train", "mllm", "configs/tiny.yaml", *common, *data, "--set", "train.mllm.max_steps=400")
 
 
-def evaluate(out: str, seeds: list[int]) -> dict:
+def write_ideal_dataset(out: str, n: int = 1024, seed: int = 0) -> str:
+    """A round-0 dataset with the *ideal* generator: (instance in context A) → (the same instance with the
+    instruction applied), rendered from ground truth; only training-split pairs. Diagnostic: what the CAFE models
+    learn when round-0 data keep identity and follow the instruction (the world's ProFusion rows rarely do)."""
+    import dataclasses
+    import io
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from training.data import schema
+    from training.world import domain as D
+
+    rng = random.Random(seed)
+    phrases = list(D.PHRASES)
+    rows = []
+    i = 0
+    while len(rows) < n:
+        (inst, ctx), = D.sample_pairs(1, seed * 1_000_003 + i, "train")
+        i += 1
+        phrase = rng.choice(phrases)
+        attr, value = D.phrase_attribute(phrase)
+        target_ctx = dataclasses.replace(ctx, **{attr: value})
+        if D.is_held_out(inst, target_ctx):
+            continue
+        (x, _), (y, _) = (D.render_pairs([(inst, c)], rng.randrange(2**31)) for c in (ctx, target_ctx))
+
+        def png(a):
+            buf = io.BytesIO()
+            Image.fromarray(a[0]).save(buf, format="PNG")
+            return {"bytes": buf.getvalue(), "path": None}
+
+        rows.append({schema.ID: f"ideal{len(rows):05d}", schema.CLASS: inst.cls, schema.INSTRUCTION: phrase,
+                     schema.INPUT_IMAGE: png(x), schema.TARGET_IMAGE: png(y),
+                     schema.USER_TEXT: f"Can you generate an image for this {inst.cls} {phrase}?",
+                     schema.ASSISTANT_TEXT: f"Here is the {inst.cls} {phrase}."})
+    data = ROOT / out / "ideal" / "dataset" / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), data / "train-000000.parquet")
+    return f"{out}/ideal"
+
+
+def train_ideal(out: str) -> None:
+    dataset = write_ideal_dataset(out)
+    common = ["--set", f"train.output_dir={out}/ideal-train", "--set", f"train.storage_path={out}/runs",
+              "--set", f"train.log_dir={out}/tb", "--set", "run.name=ideal", "--set", "train.log_every=100",
+              "--set", f"train.data.datasets=[{dataset}]", "--set", "train.checkpoint.every_steps=400"]
+    sh(CAFE, "cache", "configs/tiny.yaml", *common)
+    sh(CAFE, "train", "diffusion", "configs/tiny.yaml", *common, "--set", "train.diffusion.max_steps=1200",
+       "--set", "train.diffusion.lr=0.0005")
+    sh(CAFE, "train", "mllm", "configs/tiny.yaml", *common, "--set", "train.mllm.max_steps=400")
+
+
+def evaluate(out: str, seeds: list[int], scale_dino: float | None = None, train_dir: str | None = None,
+             tag: str = "") -> dict:
     from pipeline.config import load_config
     from pipeline.generate import load_assistant
     from pipeline.train import role_refs
@@ -53,7 +109,10 @@ def evaluate(out: str, seeds: list[int]) -> dict:
     from training.world.assistant_eval import evaluate_assistant, format_report
     from training.world.oracle import load_oracle
 
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"train.output_dir={out}/train"])
+    overrides = [f"train.output_dir={train_dir or out + '/train'}"]
+    if scale_dino is not None:
+        overrides.append(f"train.generate.scale_dino={scale_dino}")
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
     t0 = time.time()
     assistant = load_assistant(cfg)
     t2i = load("t2i", role_refs(cfg)["t2i"], "cpu")
@@ -62,7 +121,9 @@ def evaluate(out: str, seeds: list[int]) -> dict:
                              guidance=cfg.train.generate.guidance_scale, scale_dino=cfg.train.generate.scale_dino,
                              progress=print)
     rep["seconds"] = round(time.time() - t0, 1)
-    (ROOT / out / "assistant_eval.json").write_text(json.dumps(rep, indent=2))
+    name = "assistant_eval" + (f"_{tag}" if tag else "") + ("" if scale_dino is None else f"_dino{scale_dino:g}")
+    name += ".json"
+    (ROOT / out / name).write_text(json.dumps(rep, indent=2))
     print(format_report(rep))
     print("examples:", rep["examples"][:3])
     return rep
@@ -73,7 +134,15 @@ if __name__ == "__main__":
     ap.add_argument("--out", default="outputs/wa")
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--scale-dino", type=float, default=None, help="override train.generate.scale_dino")
+    ap.add_argument("--ideal", action="store_true",
+                    help="diagnostic: train on ground-truth round-0 pairs instead of the ProFusion build")
     a = ap.parse_args()
-    if not a.skip_train:
-        train_all(a.out)
-    evaluate(a.out, a.seeds)
+    if a.ideal:
+        if not a.skip_train:
+            train_ideal(a.out)
+        evaluate(f"{a.out}", a.seeds, a.scale_dino, train_dir=f"{a.out}/ideal-train", tag="ideal")
+    else:
+        if not a.skip_train:
+            train_all(a.out)
+        evaluate(a.out, a.seeds, a.scale_dino)

@@ -80,12 +80,13 @@ def evaluate_assistant(assistant, oracle, t2i_components, eval_dir: str | Path, 
                 progress(f"seed {seed}: {i + 1}/{len(rows)}")
     report = {"n": len(meta), "n_held_out": sum(m["held_out"] for m in meta), "seeds": list(seeds),
               "steps": steps, "guidance": guidance, "scale_dino": scale_dino, "methods": {}}
+    instances = {inst.id: inst for inst in D.all_instances()}  # "cyan-circle-whitedot" → Instance(mark "white dot")
     for method, ims in images.items():
         read = oracle.predict_names(np.stack(ims))
         identity, followed = [], []
         for i, m in enumerate(meta):
-            cls, colour, mark = m["subject"].split("-")[1], m["subject"].split("-")[0], m["subject"].split("-")[2]
-            identity.append(read["class"][i] == cls and read["colour"][i] == colour and read["mark"][i] == mark)
+            labels = instances[m["subject"]].labels()
+            identity.append(all(read[a][i] == labels[a] for a in D.IDENTITY_ATTRIBUTES))
             followed.append(read[m["attribute"]][i] == m["value"])
         identity, followed = np.array(identity), np.array(followed)
         held = np.array([m["held_out"] for m in meta])
