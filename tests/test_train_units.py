@@ -25,8 +25,18 @@ def dataset(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory):
+    """One gloo rank for this module; the process group and every environment variable it set are undone after."""
+    import os
+
+    import torch.distributed
+
+    saved = dict(os.environ)
     tu.init_single_process(tmp_path_factory.mktemp("dist"))
     yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def _recipe(model: str, llm: str | None = None, encoders: bool = True):
