@@ -66,6 +66,7 @@ bench: setup
 	$(BIN)/python bench/bench_storage.py
 	$(BIN)/python bench/bench_sink.py
 	$(BIN)/python bench/bench_plan.py
+	$(BIN)/python bench/bench_train.py
 
 clean:
 	rm -rf outputs models/tiny .pytest_cache

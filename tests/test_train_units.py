@@ -225,3 +225,15 @@ def test_zero3_loads_the_frozen_llm_partitioned_and_trains(dataset, dist, tmp_pa
     result = engine.run_training(recipe, cfg, lambda e: [batch], plan)
     losses = [m["loss"] for m in result.losses]
     assert len(losses) == 5 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+def test_no_warmup_trains_at_the_full_rate_from_the_first_step(dataset, dist):
+    from training.trainers import engine
+
+    recipe = _recipe("diffusion")
+    before = {n: p.detach().clone() for n, p in recipe.module.named_parameters()}
+    cfg = tu.ds_config(8, 1e-3, warmup=0)
+    assert "scheduler" not in cfg
+    result = engine.run_training(recipe, cfg, lambda e: [tu.numpy_batch(dataset)], engine.Plan(max_steps=1, epochs=1))
+    assert result.losses[0]["lr"] == 1e-3
+    assert any(not torch.equal(before[n], p) for n, p in recipe.module.named_parameters())  # step 1 moved weights

@@ -77,11 +77,15 @@ def deepspeed_config(base: dict, *, micro_batch: int, accumulation: int, world_s
         "optimizer.params.lr": lr,
         "optimizer.params.weight_decay": weight_decay,
         "scheduler.params.warmup_max_lr": lr,
-        "scheduler.params.warmup_num_steps": max(1, warmup_steps),
+        "scheduler.params.warmup_num_steps": warmup_steps,
         "gradient_clipping": grad_clip,
         "bf16.enabled": bf16,
     }
-    return _fill_auto(base, values)
+    config = _fill_auto(base, values)
+    if warmup_steps <= 0 and config.get("scheduler", {}).get("type") == "WarmupLR":
+        # DeepSpeed's WarmupLR starts at lr 0 even with 0 warm-up steps: no warm-up means no scheduler
+        config = {k: v for k, v in config.items() if k != "scheduler"}
+    return config
 
 
 def zero_stage(ds_config: dict) -> int:
@@ -177,8 +181,8 @@ def run_training(recipe, ds_config: dict, batches: Callable[[int], Iterable[dict
             step += 1
             acc_terms = _mean_over_ranks(acc_terms)
             seconds = time.perf_counter() - t0
-            metrics = {**acc_terms, "step": step, "epoch": epoch, "lr": float(scheduler.get_last_lr()[0])
-                       if scheduler is not None else float("nan"), "samples_per_s": rows_in_step / max(seconds, 1e-9)}
+            metrics = {**acc_terms, "step": step, "epoch": epoch, "lr": float(engine.get_lr()[0]),
+                       "samples_per_s": rows_in_step / max(seconds, 1e-9)}
             if torch.cuda.is_available():
                 metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
             result.losses.append(metrics)
