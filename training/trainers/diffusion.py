@@ -49,6 +49,7 @@ class DiffusionRecipe(Recipe):
         with torch.random.fork_rng(devices=[]):  # new layers initialise the same on every worker and every run
             torch.manual_seed(0)
             model = ConditionedUNet.from_unet(unet, clip_dim, dino_width, self.section.n_clip_tokens).float()
+        model = model.to(device)  # the new layers are created on the CPU
         model.requires_grad_(True)
         self.scheduler = t2i.components.scheduler
         self.scaling = float(getattr(t2i.components.vae.config, "scaling_factor", 0.18215))
