@@ -49,36 +49,22 @@ def write_ideal_dataset(out: str, n: int = 1024, seed: int = 0) -> str:
     """A round-0 dataset with the *ideal* generator: (instance in context A) → (the same instance with the
     instruction applied), rendered from ground truth; only training-split pairs. Diagnostic: what the CAFE models
     learn when round-0 data keep identity and follow the instruction (the world's ProFusion rows rarely do)."""
-    import dataclasses
     import io
-    import random
 
     import pyarrow as pa
     import pyarrow.parquet as pq
     from PIL import Image
 
     from training.data import schema
-    from training.world import domain as D
+    from training.world.assistant_eval import ideal_pairs
 
-    rng = random.Random(seed)
-    phrases = list(D.PHRASES)
+    def png(a):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        return {"bytes": buf.getvalue(), "path": None}
+
     rows = []
-    i = 0
-    while len(rows) < n:
-        (inst, ctx), = D.sample_pairs(1, seed * 1_000_003 + i, "train")
-        i += 1
-        phrase = rng.choice(phrases)
-        attr, value = D.phrase_attribute(phrase)
-        target_ctx = dataclasses.replace(ctx, **{attr: value})
-        if D.is_held_out(inst, target_ctx):
-            continue
-        (x, _), (y, _) = (D.render_pairs([(inst, c)], rng.randrange(2**31)) for c in (ctx, target_ctx))
-
-        def png(a):
-            buf = io.BytesIO()
-            Image.fromarray(a[0]).save(buf, format="PNG")
-            return {"bytes": buf.getvalue(), "path": None}
-
+    for inst, phrase, x, y in ideal_pairs(n, seed):
         rows.append({schema.ID: f"ideal{len(rows):05d}", schema.CLASS: inst.cls, schema.INSTRUCTION: phrase,
                      schema.INPUT_IMAGE: png(x), schema.TARGET_IMAGE: png(y),
                      schema.USER_TEXT: f"Can you generate an image for this {inst.cls} {phrase}?",

@@ -12,9 +12,7 @@ direct mode runs on the world's eval set: CLIP of the world t2i's image for the 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -28,21 +26,12 @@ def ideal_batch(n: int, seed: int = 0) -> dict:
     import numpy as np
 
     from training.data import schema
-    from training.world import domain as D
+    from training.world.assistant_eval import ideal_pairs
 
-    rng = random.Random(seed)
-    phrases = list(D.PHRASES)
     ids, xs, ys = [], [], []
-    i = 0
-    while len(ids) < n:
-        (inst, ctx), = D.sample_pairs(1, seed * 1_000_003 + i, "train")
-        i += 1
-        attr, value = D.phrase_attribute(rng.choice(phrases))
-        tgt = dataclasses.replace(ctx, **{attr: value})
-        if D.is_held_out(inst, tgt):
-            continue
-        xs.append(D.render_pairs([(inst, ctx)], rng.randrange(2**31))[0][0])
-        ys.append(D.render_pairs([(inst, tgt)], rng.randrange(2**31))[0][0])
+    for _, _, x, y in ideal_pairs(n, seed):
+        xs.append(x)
+        ys.append(y)
         ids.append(f"ideal{len(ids):06d}")
     return {schema.ID: np.array(ids, dtype=object), schema.INPUT_IMAGE: np.array(xs), schema.TARGET_IMAGE: np.array(ys)}
 

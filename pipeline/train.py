@@ -99,7 +99,7 @@ def _abs(location: str) -> str:
     return location if is_uri(location) else str(Path(location).absolute())
 
 
-def encoder_fingerprint(cfg, model: str | None = None) -> str:
+def encoder_fingerprint(cfg) -> str:
     """The cache key: the encoders' weight fingerprints + the settings that change their outputs."""
     import hashlib
 

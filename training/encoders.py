@@ -20,13 +20,12 @@ key                  value
                      MLLM's image features
 ===================  =================================================================================
 
-Every encoder runs in its role's dtype under ``torch.no_grad`` and returns float32. :attr:`fingerprint` keys a
-cache: the encoders' weight fingerprints + the settings that change their outputs.
+Every encoder runs in its role's dtype under ``torch.no_grad`` and returns float32. The cache is keyed by
+:func:`pipeline.train.encoder_fingerprint` (the roles' weight fingerprints + ``select_layer``).
 """
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -54,18 +53,11 @@ class ConditionEncoders:
     clip: object | None = None  # LoadedRole components (CLIPVisionModelWithProjection + processor)
     dino: object | None = None  # LoadedRole components (Dinov2Model + processor)
     select_layer: int = -2
-    fingerprints: dict | None = None
     device: str = "cpu"
 
     @property
     def scaling(self) -> float:
         return float(getattr(self.vae.config, "scaling_factor", 0.18215))
-
-    @property
-    def fingerprint(self) -> str:
-        key = json.dumps({"encoders": self.fingerprints or {}, "select_layer": self.select_layer,
-                          "features": FEATURES, "version": 1}, sort_keys=True)
-        return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     @property
     def clip_dim(self) -> int:

@@ -46,19 +46,16 @@ def texts(column: Any) -> list[str]:
 def load_encoders(roles: dict[str, RoleRef], device: str, want: Sequence[str], select_layer: int = -2,
                   t2i=None) -> ConditionEncoders:
     """The frozen encoders a recipe needs (VAE from ``t2i``, ``clip_cond``, ``dino_cond``)."""
-    enc = ConditionEncoders(select_layer=select_layer, fingerprints={}, device=device)
+    enc = ConditionEncoders(select_layer=select_layer, device=device)
     if {"latent_mean", "latent_std"} & set(want):
         t2i = t2i or load("t2i", roles["t2i"], device)
         enc.vae = t2i.components.vae
-        enc.fingerprints["t2i"] = t2i.fingerprint
     if {"clip_target", "vision_input"} & set(want):
         clip = load("clip_cond", roles["clip_cond"], device)
         enc.clip = clip.components
-        enc.fingerprints["clip_cond"] = clip.fingerprint
     if "dino_input" in want:
         dino = load("dino_cond", roles["dino_cond"], device)
         enc.dino = dino.components
-        enc.fingerprints["dino_cond"] = dino.fingerprint
     return enc
 
 
@@ -72,6 +69,17 @@ def batch_features(batch: dict, encoders: ConditionEncoders | None, want: Sequen
     targets = [decode_image(c) for c in batch[schema.TARGET_IMAGE]] \
         if {"latent_mean", "latent_std", "clip_target"} & set(want) else None
     return encoders.encode(inputs, targets, want)
+
+
+def condition_dims(roles: dict[str, RoleRef]) -> dict[str, int]:
+    """clip_dim, vision_width, dino_width read from the roles' configs (no weights loaded: the cache path)."""
+    import json
+    from pathlib import Path
+
+    clip = json.loads((Path(roles["clip_cond"].path) / "config.json").read_text())
+    dino = json.loads((Path(roles["dino_cond"].path) / "config.json").read_text())
+    return {"clip_dim": int(clip["projection_dim"]), "vision_width": int(clip.get("vision_config", clip)["hidden_size"]),
+            "dino_width": int(dino["hidden_size"])}
 
 
 class Recipe:

@@ -15,7 +15,7 @@ from torch import nn
 from training.data import schema
 from training.encoders import row_generator, sample_latents
 from training.models.conditioned import ConditionedUNet, drop_conditions
-from training.trainers.base import Recipe, batch_features, load, load_encoders
+from training.trainers.base import Recipe, batch_features, condition_dims, load, load_encoders
 
 WANT = ("latent_mean", "latent_std", "clip_target", "dino_input")
 
@@ -59,12 +59,8 @@ class DiffusionRecipe(Recipe):
     def _dims(self, device: str) -> tuple[int, int]:
         if self.encoders is not None:
             return self.encoders.clip_dim, self.encoders.dino_width
-        import json
-        from pathlib import Path
-
-        clip = json.loads((Path(self.roles["clip_cond"].path) / "config.json").read_text())
-        dino = json.loads((Path(self.roles["dino_cond"].path) / "config.json").read_text())
-        return int(clip["projection_dim"]), int(dino["hidden_size"])
+        dims = condition_dims(self.roles)
+        return dims["clip_dim"], dims["dino_width"]
 
     def prepare(self, batch: dict, epoch: int, seed: int) -> dict:
         feats = batch_features(batch, self.encoders, WANT)

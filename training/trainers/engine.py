@@ -104,13 +104,13 @@ def initialize(recipe, ds_config: dict):
 
 
 def _gathered(engine, params):
-    import deepspeed
-
-    if zero_stage(engine.config if isinstance(engine.config, dict) else {}) == 3 or \
-            getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    """Under ZeRO-3, the full trainable tensors for the export; otherwise they are whole already."""
     import contextlib
 
+    import deepspeed
+
+    if engine.zero_optimization_stage() == 3:
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
     return contextlib.nullcontext()
 
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from training.data import schema
 from training.models.mllm import CafeMLLM
-from training.trainers.base import Recipe, batch_features, load, load_encoders, texts
+from training.trainers.base import Recipe, batch_features, condition_dims, load, load_encoders, texts
 
 WANT = ("vision_input", "clip_target")
 
@@ -51,12 +51,8 @@ class MLLMRecipe(Recipe):
     def _dims(self) -> tuple[int, int]:
         if self.encoders is not None:
             return self.encoders.vision_width, self.encoders.clip_dim
-        import json
-        from pathlib import Path
-
-        cfg = json.loads((Path(self.roles["clip_cond"].path) / "config.json").read_text())
-        vision = cfg.get("vision_config", cfg)
-        return int(vision["hidden_size"]), int(cfg["projection_dim"])
+        dims = condition_dims(self.roles)
+        return dims["vision_width"], dims["clip_dim"]
 
     def module_train_mode(self, module) -> None:
         module.train()

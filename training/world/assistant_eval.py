@@ -98,6 +98,31 @@ def evaluate_assistant(assistant, oracle, t2i_components, eval_dir: str | Path, 
     return report
 
 
+def ideal_pairs(n: int, seed: int = 0):
+    """``n`` ideal round-0 pairs from ground truth: (instance, phrase, input image, target image), the input an
+    instance in a training-split context, the target the same instance with the phrase's attribute applied (only
+    targets in the training split). The diagnostic data of ``bench/world_assistant.py --ideal`` and
+    ``bench/world_conditioned_gpu.py``."""
+    import dataclasses
+    import random
+
+    rng = random.Random(seed)
+    phrases = list(D.PHRASES)
+    made, i = 0, 0
+    while made < n:
+        (inst, ctx), = D.sample_pairs(1, seed * 1_000_003 + i, "train")
+        i += 1
+        phrase = rng.choice(phrases)
+        attr, value = D.phrase_attribute(phrase)
+        target_ctx = dataclasses.replace(ctx, **{attr: value})
+        if D.is_held_out(inst, target_ctx):
+            continue
+        x = D.render_pairs([(inst, ctx)], rng.randrange(2**31))[0][0]
+        y = D.render_pairs([(inst, target_ctx)], rng.randrange(2**31))[0][0]
+        made += 1
+        yield inst, phrase, x, y
+
+
 def _rate(x: np.ndarray) -> dict:
     n = int(x.size)
     p = float(x.mean()) if n else float("nan")
