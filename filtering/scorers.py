@@ -20,6 +20,9 @@ column         role (paper)       score
 ``clip_i``     ``clip_filter``    cosine(CLIP image embedding of ``target_png``, of ``source_png``)
 =============  =================  =================================================================
 
+The embedders (:class:`ClipEmbedder`, :class:`DinoEmbedder`) live in :mod:`training.embedders`, shared with the
+evaluation metrics (:mod:`training.metrics`), and are re-exported here.
+
 Images arrive as PNG bytes (:func:`filtering.images.encode_png`) in object arrays. Embeddings are computed in
 the model's dtype and compared in float32. An embedding of zero norm has no direction: it normalises to NaN
 (not to the zero vector that ``F.normalize`` would give), and the score stays NaN so the rules drop the row
@@ -37,7 +40,7 @@ from PIL import Image
 
 from filtering.images import decode_png_rgb
 from filtering.rules import CLIP_T, DINO
-from training.models.kit import load_role
+from training.embedders import ClipEmbedder, DinoEmbedder  # re-exported: shared with training.metrics
 
 __all__ = [
     "CLIP_I",
@@ -64,99 +67,6 @@ SCORE_COLUMNS: tuple[str, ...] = (CLIP_T, DINO, CLIP_I)
 TARGET_PNG = "target_png"
 SOURCE_PNG = "source_png"
 FILLED_PROMPT = "filled_prompt"
-
-
-# --- embedders (shared with metrics) ---------------------------------------------------------------
-
-
-class ClipEmbedder:
-    """Normalised CLIP image and text embeddings from the ``clip_filter`` role (open_clip CLIP).
-
-    Usage: ``emb = ClipEmbedder(role_dir).embed_images(images)``  # (N, D) float32
-
-    Args:
-        role_dir: The ``clip_filter`` directory (open_clip ``local-dir:`` layout; CLIP ViT-B/32 in the paper).
-        dtype: Model dtype: ``float32``, ``float16`` or ``bfloat16``.
-        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
-    """
-
-    def __init__(self, role_dir: str, dtype: str = "float32", device: str = "cpu") -> None:
-        loaded = load_role("clip_filter", role_dir, dtype=dtype, device=device)
-        self.model = loaded.components.model
-        self.preprocess = loaded.components.preprocess
-        self.tokenizer = loaded.components.tokenizer
-        self.fingerprint = loaded.fingerprint
-        self.embed_dim = int(getattr(self.model.visual, "output_dim", 0))  # D, for empty batches
-        param = next(self.model.parameters())
-        self.device, self.dtype = param.device, param.dtype
-
-    @torch.inference_mode()
-    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Embed RGB images with the CLIP image tower in one forward pass.
-
-        Args:
-            images: N PIL images (any size; the open_clip preprocess resizes and crops).
-
-        Returns:
-            ``(N, D)`` float32 CPU tensor of unit rows (NaN rows for zero-norm embeddings).
-        """
-        if len(images) == 0:
-            return torch.empty(0, self.embed_dim)
-        pixels = torch.stack([self.preprocess(im) for im in images])  # (N, 3, H, W)
-        feats = self.model.encode_image(pixels.to(self.device, self.dtype), normalize=False)  # (N, D)
-        return _unit_rows(feats)
-
-    @torch.inference_mode()
-    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """Embed texts with the CLIP text tower in one forward pass (the open_clip tokenizer truncates).
-
-        Args:
-            texts: N strings; for CLIP-T the filled instruction ``"a {class} {phrase}"``.
-
-        Returns:
-            ``(N, D)`` float32 CPU tensor of unit rows (NaN rows for zero-norm embeddings).
-        """
-        if len(texts) == 0:
-            return torch.empty(0, self.embed_dim)
-        tokens = self.tokenizer([str(t) for t in texts])  # (N, context_length) int64
-        feats = self.model.encode_text(tokens.to(self.device), normalize=False)  # (N, D)
-        return _unit_rows(feats)
-
-
-class DinoEmbedder:
-    """Normalised DINO CLS embeddings from the ``dino_filter`` role (transformers ``ViTModel``).
-
-    Usage: ``emb = DinoEmbedder(role_dir).embed_images(images)``  # (N, D) float32
-
-    Args:
-        role_dir: The ``dino_filter`` directory (transformers layout; DINO ViT-S/16 in the paper).
-        dtype: Model dtype: ``float32``, ``float16`` or ``bfloat16``.
-        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
-    """
-
-    def __init__(self, role_dir: str, dtype: str = "float32", device: str = "cpu") -> None:
-        loaded = load_role("dino_filter", role_dir, dtype=dtype, device=device)
-        self.model = loaded.components.model
-        self.processor = loaded.components.processor
-        self.fingerprint = loaded.fingerprint
-        param = next(self.model.parameters())
-        self.device, self.dtype = param.device, param.dtype
-
-    @torch.inference_mode()
-    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Embed RGB images with DINO in one forward pass; the embedding is the CLS token.
-
-        Args:
-            images: N PIL images (the image processor resizes and normalises).
-
-        Returns:
-            ``(N, D)`` float32 CPU tensor of unit rows (NaN rows for zero-norm embeddings).
-        """
-        if len(images) == 0:
-            return torch.empty(0, int(self.model.config.hidden_size))
-        pixels = self.processor(images=list(images), return_tensors="pt").pixel_values  # (N, 3, H, W)
-        hidden = self.model(pixel_values=pixels.to(self.device, self.dtype)).last_hidden_state  # (N, 1+P, D)
-        return _unit_rows(hidden[:, 0])
 
 
 # --- scorers (Ray Data callable classes) -----------------------------------------------------------
@@ -336,12 +246,6 @@ def paired_cosine(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
         raise ValueError(f"paired_cosine: shapes differ, {tuple(a.shape)} vs {tuple(b.shape)}")
     dots = (a.float() * b.float()).sum(dim=-1).cpu().numpy()  # (N,)
     return np.clip(dots, -1.0, 1.0).astype(np.float32)  # np.clip keeps NaN
-
-
-def _unit_rows(x: torch.Tensor) -> torch.Tensor:
-    """``(N, D)`` → float32 CPU unit rows; a zero-norm row becomes NaN (0/0) instead of a zero vector."""
-    x = x.float()
-    return (x / torch.linalg.vector_norm(x, dim=-1, keepdim=True)).cpu()
 
 
 def _image_pair_cosine(embed, batch: dict[str, np.ndarray]) -> np.ndarray:

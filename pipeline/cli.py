@@ -12,6 +12,8 @@ Usage::
     cafe report DATASET_DIR
     cafe world make models/world [--seed N] [--only STAGE] [--force]
     cafe world check models/world [--write]
+    cafe concepts run configs/concepts/tiny.yaml [--set ...]      # ICO / Infusion jobs on Ray actors
+    cafe concepts status | generate --concept ID --prompt "a photo of {}" [--dci] | eval --concept ID
 
 Exit codes (stable, for scripts): 0 success · 1 runtime failure · 2 usage error · 3 invalid config ·
 4 unusable model directory · 130 interrupted. A file-system failure (read-only or full disk, a path that is
@@ -250,6 +252,69 @@ def cmd_world_check(args) -> int:
     return EXIT_FAILURE if failed else EXIT_OK
 
 
+# ------------------------------------------------------------------------------------------ concepts
+
+
+def cmd_concepts_run(args) -> int:
+    from pipeline.concepts import run_jobs
+    from pipeline.store import OutputBusy
+
+    try:
+        summary = run_jobs(args.jobs, args.config, args.overrides, address=args.address)
+    except OutputBusy as exc:
+        print(f"cafe: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_FAILURE if summary["failed"] else EXIT_OK
+
+
+def cmd_concepts_status(args) -> int:
+    from pipeline.concepts import job_status
+
+    print(job_status(args.jobs, args.config, args.overrides))
+    return EXIT_OK
+
+
+def cmd_concepts_generate(args) -> int:
+    from pipeline.concepts import ConceptError, generate, generate_batch
+
+    try:
+        if args.requests:
+            import json
+
+            from pipeline.concepts import read_requests
+
+            rows = generate_batch(args.config, read_requests(args.requests), args.out or "outputs/concepts-generate",
+                                  args.overrides, address=args.address)
+            bad = [r for r in rows if r["error"]]
+            for r in rows:
+                print(json.dumps(r))
+            return EXIT_FAILURE if bad else EXIT_OK
+        if not args.concept or not args.prompt:
+            print("cafe: error: --concept and --prompt are required (or --requests FILE)", file=sys.stderr)
+            return EXIT_USAGE
+        paths = generate(args.config, args.concept, args.prompt, seed=args.seed, out=args.out, dci=args.dci,
+                         lam=args.lam, aux_noun=args.aux_noun, method=args.method, overrides=args.overrides,
+                         num_images=args.num_images)
+    except ConceptError as exc:
+        print(f"cafe: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    for p in paths:
+        print(p)
+    return EXIT_OK
+
+
+def cmd_concepts_eval(args) -> int:
+    from pipeline.concepts import ConceptError, evaluate, format_metrics
+
+    try:
+        result = evaluate(args.config, args.concept, method=args.method, overrides=args.overrides)
+    except ConceptError as exc:
+        print(f"cafe: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(format_metrics(result))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cafe", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -332,6 +397,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray address for batch mode (default: a local loopback cluster)")
     _add_set(p)
     p.set_defaults(func=cmd_generate)
+
+    concepts = nouns.add_parser("concepts", help="per-concept customization jobs on Ray actors: ICO (+ DCI), "
+                                "Infusion").add_subparsers(dest="verb", required=True)
+    p = concepts.add_parser("run", help="run every job of JOBS on an actor pool; re-running resumes (finished jobs "
+                            "are never run twice)")
+    p.add_argument("jobs", help="a YAML job file (config + jobs), a .jsonl or a .parquet table of jobs")
+    p.add_argument("--config", help="config for a JSONL/Parquet source (default configs/tiny.yaml); merged under a "
+                   "YAML job file")
+    p.add_argument("--address", help="Ray address of an existing cluster (default: a local loopback cluster)")
+    _add_set(p)
+    p.set_defaults(func=cmd_concepts_run)
+    p = concepts.add_parser("status", help="print the job table")
+    p.add_argument("jobs", nargs="?", default="configs/concepts/tiny.yaml")
+    p.add_argument("--config")
+    _add_set(p)
+    p.set_defaults(func=cmd_concepts_status)
+    p = concepts.add_parser("generate", help="images of finished concepts ('{}' in the prompt = the concept phrase)")
+    p.add_argument("--config", default="configs/concepts/tiny.yaml", help="job file or config naming concepts.output")
+    p.add_argument("--concept", action="append", metavar="ID", help="concept id; repeat to compose Infusion concepts")
+    p.add_argument("--prompt")
+    p.add_argument("--method", choices=["ico", "infusion"], help="when a concept has runs of both methods")
+    p.add_argument("--dci", action="store_true", help="DCI dual-branch sampling (ICO concepts)")
+    p.add_argument("--lambda", dest="lam", type=float, help="DCI injection ratio λ (default concepts.dci.lam)")
+    p.add_argument("--aux-noun", dest="aux_noun", help="DCI auxiliary noun (default: automatic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", dest="num_images", type=int, default=1)
+    p.add_argument("--requests", help="batch mode: a JSONL/Parquet file of requests (concepts, prompt[, seed, dci, "
+                   "lam, aux_noun]) served by the actor pool")
+    p.add_argument("--out", help="output directory (default <run.output_dir>/concepts-generate)")
+    p.add_argument("--address", help="Ray address for batch mode")
+    _add_set(p)
+    p.set_defaults(func=cmd_concepts_generate)
+    p = concepts.add_parser("eval", help="CLIP-T, CLIP-I, DINO (and LFD/W2 with concepts.eval.divergence) of a concept")
+    p.add_argument("--config", default="configs/concepts/tiny.yaml")
+    p.add_argument("--concept", required=True)
+    p.add_argument("--method", choices=["ico", "infusion"])
+    _add_set(p)
+    p.set_defaults(func=cmd_concepts_eval)
 
     world = nouns.add_parser("world", help="the synthetic world: trained tiny models, oracle, gates").add_subparsers(
         dest="verb", required=True)

@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from pipeline.build_config import BuildConfig, _Strict
+from pipeline.concepts_config import ConceptsConfig
 from pipeline.train_config import TrainConfig
 
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -172,6 +173,7 @@ class CafeConfig(_Strict):
     models: ModelsConfig = ModelsConfig()
     build: BuildConfig = BuildConfig()
     train: TrainConfig = TrainConfig()
+    concepts: ConceptsConfig = ConceptsConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "CafeConfig":
@@ -311,8 +313,21 @@ def load_config_dict(data: dict, source: str = "<dict>", overrides: list[str] | 
     return cfg
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> CafeConfig:
-    """Load ``path`` (YAML) with ``--set`` style overrides; raise :class:`ConfigError` listing every problem."""
+def _deep_merge_dicts(base: dict, given: dict) -> dict:
+    out = dict(base)
+    for key, value in given.items():
+        both = isinstance(out.get(key), dict) and isinstance(value, dict)
+        out[key] = _deep_merge_dicts(out[key], value) if both else value
+    return out
+
+
+def read_config_data(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict:
+    """A YAML config file's mapping with its ``base:`` chain merged under it (the file's own keys win).
+
+    ``base: other.yaml`` (relative to the file) lets a file extend another one: a concept job file extends the
+    embedded default this way. A top-level ``jobs:`` list (concept job files) is returned as it is; only the
+    file itself may carry it, not its bases.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), ["file not found"])
@@ -322,6 +337,32 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise ConfigError(str(path), [f"not valid YAML: {exc}"]) from None
     except UnicodeDecodeError:
         raise ConfigError(str(path), ["not UTF-8 text"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        return data
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(str(path), [f"base = {base!r}: expected a path to a config file"])
+    base_path = (path.parent / base).resolve()
+    if base_path in _seen:
+        raise ConfigError(str(path), [f"base = {base!r}: a cycle of base files"])
+    parent = read_config_data(base_path, _seen + (base_path,))
+    if not isinstance(parent, dict):
+        raise ConfigError(str(base_path), ["<root>: the file must hold a mapping"])
+    parent.pop("jobs", None)
+    return _deep_merge_dicts(parent, data)
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> CafeConfig:
+    """Load ``path`` (YAML, with its ``base:`` chain) with ``--set`` style overrides; raise :class:`ConfigError`
+    listing every problem. A concept job file's ``jobs:`` list is not part of the tree and is ignored here (see
+    :func:`pipeline.concept_jobs.load_jobs`)."""
+    data = read_config_data(path)
+    if isinstance(data, dict):
+        data.pop("jobs", None)
     return load_config_dict(data, str(path), overrides)
 
 
