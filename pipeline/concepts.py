@@ -271,7 +271,7 @@ class ConceptWorker:
         phrase = concept_phrase(job.method, concept)
         prompts = [cfg.eval.prompts[i % len(cfg.eval.prompts)].format(phrase) for i in range(cfg.samples_per_job)]
         seeds = [job.seed + i for i in range(len(prompts))]
-        samples = sample_concepts(self.t2i, job.method, [concept], prompts, seeds, self.cfg, self.device)
+        samples = sample_concepts(self.t2i, job.method, [concept], prompts, seeds, self.cfg, self.device) if prompts else []
         metrics = concept_metrics(self.embedders, job.method, concept, samples, prompts, refs) if samples else {}
         if hasattr(concept, "base_fingerprint"):
             concept.base_fingerprint = self.fingerprint
@@ -613,34 +613,57 @@ def evaluate(config: str | os.PathLike, concept_id: str, method: str | None = No
               "samples_per_prompt": ev.samples_per_prompt,
               **concept_metrics(local.embedders, m, concept, images, prompts, refs)}
     if ev.divergence:
-        result.update(_divergence(cfg, local, m, concept, meta))
+        result.update(_divergence(cfg, local, m, concept, meta, refs))
     storage.sub(artifact).write_json("eval.json", result)
     return result
 
 
-def _divergence(cfg: CafeConfig, local: _Local, method: str, concept, meta: dict) -> dict:
-    """W2 between VAE latents of base and customized samples of the super-class prompts, and LFD where the
-    method exposes its customized model output (``customized_eps``)."""
+def _divergence(cfg: CafeConfig, local: _Local, method: str, concept, meta: dict, refs: list[np.ndarray]) -> dict:
+    """W2 and LFD of the customized model against its base (SPEC §3, D5).
+
+    * W2: Gaussians fitted to VAE latents (posterior mean × the VAE scaling factor, pooled to 4×8×8) of
+      ``w2_samples`` base and customized samples of the super-class prompts ``eval.w2_prompts`` (same seeds).
+    * LFD: over the non-customized prompts ``eval.lfd_prompts``, data latents from the reference images, t uniform,
+      ``lfd_samples`` draws; reported as the mean over latent elements.
+    """
     import torch
 
     from training import metrics
+    from training.methods.infusion import foundational_eps
 
     ev = cfg.concepts.eval
     t2i = local.t2i
+    s = cfg.concepts.sample
+    kw = {k: v for k, v in (("steps", s.steps), ("guidance", s.guidance), ("eta", s.eta)) if v is not None}
     prompts = [ev.w2_prompts[i % len(ev.w2_prompts)].format(noun=concept.noun) for i in range(ev.w2_samples)]
     seeds = [meta["seed"] + 5000 + i for i in range(len(prompts))]
     mod = _method(method)
-    base = mod.sample(t2i, None if method == "ico" else [], prompts, seeds, device=local.device) if method == "ico" \
-        else mod.sample(t2i, [concept], prompts, seeds, device=local.device)[1]
-    custom = sample_concepts(t2i, method, [concept], prompts, seeds, cfg, local.device)
+    if method == "ico":
+        base = mod.sample(t2i, None, prompts, seeds, device=local.device, **kw)
+        custom = mod.sample(t2i, concept, prompts, seeds, device=local.device, **kw)
+    else:
+        custom, base = mod.sample(t2i, [concept], prompts, seeds, device=local.device, **kw)
+    scale = float(getattr(t2i.vae.config, "scaling_factor", 1.0))
 
     def latents(images):
         x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         with torch.no_grad():
-            return t2i.vae.encode(x.to(t2i.vae.device, t2i.vae.dtype)).latent_dist.mean.float().cpu()
+            return t2i.vae.encode(x.to(t2i.vae.device, t2i.vae.dtype)).latent_dist.mean.float().cpu() * scale
 
-    out = {"w2": metrics.gaussian_w2(latents(base), latents(custom)), "w2_samples": len(prompts)}
-    return out
+    custom_eps = (mod.customized_eps(t2i, concept, local.device, output="raw") if method == "ico"
+                  else mod.customized_eps(t2i, [concept], local.device, output="raw"))
+    lfd = metrics.latent_fisher_divergence(foundational_eps(t2i, local.device, output="raw"), custom_eps,
+                                           latents(refs), list(ev.lfd_prompts), mod_scheduler(t2i),
+                                           ev.lfd_samples, torch.Generator().manual_seed(int(meta["seed"])))
+    return {"w2": metrics.gaussian_w2(latents(base), latents(custom)), "w2_samples": len(prompts),
+            "lfd": lfd["lfd"], "lfd_se": lfd["lfd_se"], "lfd_samples": lfd["num_samples"],
+            "lfd_prompts": list(ev.lfd_prompts)}
+
+
+def mod_scheduler(t2i):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(t2i.scheduler.config)
 
 
 def read_requests(path: str) -> list[dict]:

@@ -101,7 +101,10 @@ class ConceptEvalConfig(_Strict):
     divergence: bool = Field(False, description="also measure LFD and W2 against the base model")
     lfd_samples: int = Field(32, ge=1, le=1_000_000)
     w2_samples: int = Field(32, ge=2, le=1_000_000)
-    w2_prompts: list[str] = Field(default_factory=lambda: ["a photo of a {noun}"], min_length=1)
+    w2_prompts: list[str] = Field(default_factory=lambda: ["a photo of a {noun}"], min_length=1,
+                                  description="super-class prompts whose base/customized latents W2 compares")
+    lfd_prompts: list[str] = Field(default_factory=lambda: ["a photo of a dog", "a photo of a car"], min_length=1,
+                                   description="non-customized prompts for the Latent Fisher divergence")
 
     @model_validator(mode="after")
     def _placeholders(self) -> "ConceptEvalConfig":

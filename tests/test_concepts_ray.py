@@ -121,6 +121,11 @@ def test_pool_runs_good_jobs_and_fails_bad_ones_alone(tmp_path, tiny_models, ref
     assert Path(multi[0]).is_file()
     result = evaluate(path, "red", method="infusion")
     assert result["num_images"] == 1 and -1 <= result["clip_t"] <= 1
+    div = ["concepts.eval.divergence=true", "concepts.eval.w2_samples=4", "concepts.eval.lfd_samples=8"]
+    inf = evaluate(path, "red", method="infusion", overrides=div)
+    ico = evaluate(path, "red", method="ico", overrides=div)
+    assert inf["lfd"] == 0.0 and ico["lfd"] > 0.0          # Infusion leaves non-customized prompts to F alone
+    assert inf["w2"] >= 0.0 and ico["w2"] > 0.0
     rows = generate_batch(path, [{"concepts": ["red"], "prompt": "a photo of {}", "method": "ico"},
                                  {"concepts": ["nobody"], "prompt": "a photo of {}"},
                                  {"concepts": ["red", "blue"], "prompt": "a cat and a dog", "method": "infusion"}],

@@ -636,3 +636,39 @@ def class_prior_images(t2i, noun: str, n: int, seed: int, steps: int = 50, guida
                       device=device)
         out += [(img, caption) for img in imgs]
     return out
+
+
+def customized_eps(t2i, concept: IcoConcept | None, device: str | torch.device = "cpu", output: str = "epsilon"):
+    """The ICO model (base + the concept's attn2 k/v and V rows; ``None``: the base) as
+    ``fn(z_t (B, C, h, w), t (B,) long | int, prompts) -> (B, C, h, w) float32`` — the signature of
+    :func:`training.methods.infusion.customized_eps`, for the Latent Fisher divergence (SPEC §3).
+
+    Unlike Infusion, every prompt goes through the fine-tuned k/v, so a non-customized prompt's output moves too.
+    ``output="epsilon"`` converts a v-prediction to ε; ``"raw"`` returns the UNet output.
+    """
+    if output not in ("epsilon", "raw"):
+        raise ValueError(f"output={output!r}: allowed 'epsilon', 'raw'")
+    device = torch.device(device)
+    sched = make_scheduler(t2i)
+    alphas = sched.alphas_cumprod
+
+    @torch.no_grad()
+    def fn(z_t: torch.Tensor, t, prompts: Sequence[str]) -> torch.Tensor:
+        if len(prompts) != z_t.shape[0]:
+            raise ValueError(f"prompts ({len(prompts)}) and z_t rows ({z_t.shape[0]}) must match")
+        unet = t2i.unet
+        tt = torch.as_tensor(t, device=device).long()
+        tt = tt.expand(z_t.shape[0]) if tt.ndim == 0 else tt.to(device)
+        z = z_t.to(device, unet.dtype)
+        cond = encode_prompts(t2i, concept, prompts, device).to(unet.dtype)
+        procs = concept.processors_for(unet, device) if concept is not None else {}
+        with installed_processors(unet, procs):
+            out = unet(z, tt, encoder_hidden_states=cond).sample.float()
+        if output == "raw" or sched.config.prediction_type == "epsilon":
+            return out
+        if sched.config.prediction_type != "v_prediction":
+            raise ValueError(f"prediction_type {sched.config.prediction_type!r}: allowed epsilon, v_prediction")
+        a = alphas.to(device)[tt].view(-1, 1, 1, 1).float()
+        return a.sqrt() * out + (1 - a).sqrt() * z.float()   # ε = √ᾱ·v + √(1−ᾱ)·z_t
+
+    return fn
