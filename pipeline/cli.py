@@ -260,7 +260,7 @@ def cmd_concepts_run(args) -> int:
     from pipeline.store import OutputBusy
 
     try:
-        summary = run_jobs(args.jobs, args.config, args.overrides, address=args.address)
+        summary = run_jobs(args.jobs, args.config, args.overrides, address=args.address, retry_failed=args.retry_failed)
     except OutputBusy as exc:
         print(f"cafe: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -406,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="config for a JSONL/Parquet source (default configs/tiny.yaml); merged under a "
                    "YAML job file")
     p.add_argument("--address", help="Ray address of an existing cluster (default: a local loopback cluster)")
+    p.add_argument("--retry-failed", dest="retry_failed", action="store_true",
+                   help="queue failed jobs again with fresh attempts (after fixing their cause)")
     _add_set(p)
     p.set_defaults(func=cmd_concepts_run)
     p = concepts.add_parser("status", help="print the job table")

@@ -130,6 +130,8 @@ class ConceptJob:
     images: list[str] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)   # resolved: config defaults + job params
     seed: int = 0
+    image_hashes: list[str] = field(default_factory=list)   # sha256 of each reference file ("unreadable" if none)
+    settings: dict[str, Any] = field(default_factory=dict)  # config values outside params that change the result
     run_id: str = ""
     error: str | None = None
 
@@ -232,8 +234,34 @@ def parse_job(raw: Any, cfg: CafeConfig, base_fingerprint: str, index: int = 0) 
     except ValueError as exc:
         return fail(str(exc))
     job.params = _jsonable(dataclasses.asdict(resolved))
+    job.image_hashes = [_content_hash(loc) for loc in job.images]
+    c = cfg.concepts
+    job.settings = {"t2i_dtype": cfg.models.t2i.dtype, "sample": c.sample.model_dump(mode="json"),
+                    "samples_per_job": c.samples_per_job, "eval_prompts": list(c.eval.prompts)}
     job.run_id = run_id(job, base_fingerprint)
     return job
+
+
+def _content_hash(location: str) -> str:
+    """sha256 of a reference file, so an edited image makes a new run; ``unreadable`` when it cannot be read
+    here (the actor then reports why, as the job's error)."""
+    from pipeline.store import is_uri
+
+    h = hashlib.sha256()
+    try:
+        if is_uri(location):
+            import pyarrow.fs as pafs
+
+            fs, path = pafs.FileSystem.from_uri(location)
+            with fs.open_input_stream(path) as f:
+                h.update(f.read())
+        else:
+            with open(location, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    except (OSError, ValueError):
+        return "unreadable"
+    return h.hexdigest()
 
 
 def _jsonable(obj):
@@ -241,9 +269,11 @@ def _jsonable(obj):
 
 
 def run_id(job: ConceptJob, base_fingerprint: str) -> str:
-    """sha256 (16 hex) over what determines a job's result (not how it runs)."""
-    what = {"method": job.method, "noun": job.noun, "images": job.images, "params": job.params, "seed": job.seed,
-            "base": base_fingerprint}
+    """sha256 (16 hex) over what determines a job's result, not how it runs: method, noun, images (paths and
+    contents), resolved params, seed, the base model (fingerprint, dtype) and the sampling/eval settings that shape
+    the artifact (ICO's prior images are sampled with ``concepts.sample``)."""
+    what = {"method": job.method, "noun": job.noun, "images": job.images, "image_hashes": job.image_hashes,
+            "params": job.params, "seed": job.seed, "base": base_fingerprint, "settings": job.settings}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -280,10 +310,16 @@ class JobTable:
     def done(self, job: ConceptJob) -> bool:
         return self.storage.exists(f"{job.artifact}/{SUCCESS_MARKER}")
 
-    def record(self, job: ConceptJob, max_attempts: int) -> dict:
-        """Insert or reconcile ``job``'s record at start-up; return it (``state`` tells what to do)."""
+    def record(self, job: ConceptJob, max_attempts: int, retry_failed: bool = False) -> dict:
+        """Insert or reconcile ``job``'s record at start-up; return it (``state`` tells what to do).
+
+        ``retry_failed`` queues a failed job again with a fresh attempt count (after fixing its cause, or when its
+        transient failures used up ``max_attempts``); a job that is invalid as written fails again at once.
+        """
         now = time.time()
         rec = self.get(job.key)
+        if rec is not None and retry_failed and rec["state"] == "failed" and job.error is None:
+            rec.update(state="queued", attempts=0, error=None, finished_at=None, durations_s=[])
         if rec is None:
             rec = {"key": job.key, "concept_id": job.concept_id, "method": job.method, "run_id": job.run_id,
                    "artifact": job.artifact, "state": "queued", "attempts": 0, "owner": None, "heartbeat": None,

@@ -33,6 +33,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -142,10 +143,22 @@ class Embedders:
         return self._dino
 
 
+SAMPLE_CHUNK = 16
+
+
 def sample_concepts(t2i, method: str, concepts: Sequence[Any], prompts: Sequence[str], seeds: Sequence[int],
                     cfg: CafeConfig, device: str, dci: bool = False, lam: float | None = None,
                     aux_noun: str | None = None) -> list[np.ndarray]:
-    """Images of ``concepts`` (one for ICO; one or more for Infusion) for each prompt/seed."""
+    """Images of ``concepts`` (one for ICO; one or more for Infusion) for each prompt/seed, in chunks of
+    :data:`SAMPLE_CHUNK` rows per UNet batch."""
+    out: list[np.ndarray] = []
+    for i in range(0, len(prompts), SAMPLE_CHUNK):
+        out += _sample_chunk(t2i, method, concepts, prompts[i:i + SAMPLE_CHUNK], seeds[i:i + SAMPLE_CHUNK], cfg,
+                             device, dci, lam, aux_noun)
+    return out
+
+
+def _sample_chunk(t2i, method, concepts, prompts, seeds, cfg, device, dci, lam, aux_noun) -> list[np.ndarray]:
     s = cfg.concepts.sample
     kw = {k: v for k, v in (("steps", s.steps), ("guidance", s.guidance), ("eta", s.eta)) if v is not None}
     if method == "ico":
@@ -193,10 +206,10 @@ class ConceptWorker:
 
     def __init__(self, cfg_json: dict, device: str = "cpu"):
         from pipeline.config import load_config_dict
-        from training.models.kit import fingerprint, load_role
+        from training.models.kit import fingerprint, load_role, resolve_device
 
         self.cfg = load_config_dict(cfg_json, "<concepts actor>")
-        self.device = device
+        self.device = str(resolve_device(device))      # "auto": cuda when this actor sees one
         spec = self.cfg.models.t2i
         self.t2i_dir = self.cfg.models.role_dir("t2i")
         self.t2i = load_role("t2i", self.t2i_dir, dtype=spec.dtype, device=device).components
@@ -308,7 +321,7 @@ class ConceptWorker:
                    "seed": req.get("seed", 0), "dci": bool(req.get("dci", False)), "image": None, "error": None}
             try:
                 method, concepts, prompt = resolve_request(self.storage, req["concepts"], req["prompt"],
-                                                           req.get("method"))
+                                                           req.get("method"), self.fingerprint)
                 img = sample_concepts(self.t2i, method, concepts, [prompt], [row["seed"]], self.cfg, self.device,
                                       dci=row["dci"], lam=req.get("lam"), aux_noun=req.get("aux_noun"))[0]
                 name = f"{req['index']:06d}.png"
@@ -326,12 +339,22 @@ class ConceptWorker:
 _CONCEPT_CACHE: dict[tuple[str, str], Any] = {}
 
 
-def latest_run(storage: Storage, concept_id: str, method: str | None = None) -> tuple[str, str]:
-    """``(method, artifact path)`` of the most recently finished run of ``concept_id``."""
+def latest_run(storage: Storage, concept_id: str, method: str | None = None,
+               base_fingerprint: str | None = None) -> tuple[str, str]:
+    """``(method, artifact path)`` of the most recently finished run of ``concept_id`` trained on the base whose
+    fingerprint is ``base_fingerprint`` (any base when None)."""
     table = JobTable(storage)
     done = [r for r in table.records() if r["concept_id"] == concept_id and r["state"] == "done"
             and (method is None or r["method"] == method)]
     done = [r for r in done if storage.exists(f"{r['artifact']}/{SUCCESS_MARKER}")]
+    if base_fingerprint is not None and done:
+        bases = {r["key"]: storage.sub(r["artifact"]).read_json("job.json", {}).get("base_fingerprint") for r in done}
+        matching = [r for r in done if bases[r["key"]] == base_fingerprint]
+        if not matching:
+            raise ConceptError(f"concept {concept_id!r} was trained on another base model "
+                               f"({', '.join(sorted(set(map(str, bases.values()))))}), not on models.t2i "
+                               f"({base_fingerprint}): retrain it on this base")
+        done = matching
     if not done:
         known = sorted({r["concept_id"] for r in table.records() if r["state"] == "done"})
         raise ConceptError(f"no finished run of concept {concept_id!r}" + (f" ({method})" if method else "")
@@ -360,11 +383,12 @@ def load_concept(storage: Storage, method: str, artifact: str):
     return concept
 
 
-def resolve_request(storage: Storage, concept_ids: Sequence[str], prompt: str, method: str | None = None):
-    """``(method, concepts, prompt with '{}' filled)`` for a generate request."""
+def resolve_request(storage: Storage, concept_ids: Sequence[str], prompt: str, method: str | None = None,
+                    base_fingerprint: str | None = None):
+    """``(method, concepts, prompt with '{}' filled)`` for a generate request (concepts of this base only)."""
     if not concept_ids:
         raise ConceptError("name at least one concept")
-    found = [latest_run(storage, cid, method) for cid in concept_ids]
+    found = [latest_run(storage, cid, method, base_fingerprint) for cid in concept_ids]
     methods = {m for m, _ in found}
     if len(methods) != 1:
         raise ConceptError(f"concepts {', '.join(concept_ids)} mix methods {sorted(methods)}; compose Infusion concepts")
@@ -375,7 +399,7 @@ def resolve_request(storage: Storage, concept_ids: Sequence[str], prompt: str, m
             raise ConceptError("'{}' is ambiguous with several concepts: write each class noun in the prompt")
         prompt = prompt.replace("{}", concept_phrase(m, concepts[0]))
     if m == "infusion":
-        words = prompt.replace(",", " ").split()
+        words = re.findall(r"[\w'-]+", prompt)
         missing = [c.noun for c in concepts if c.noun not in words]
         if missing:
             raise ConceptError(f"prompt {prompt!r} does not contain the class noun(s) {missing}: Infusion puts each "
@@ -397,7 +421,7 @@ def _actor_options(cfg: CafeConfig) -> tuple[dict, str]:
 
 
 def run_jobs(source: str | os.PathLike, config: str | os.PathLike | None = None, overrides: list[str] | None = None,
-             address: str | None = None, echo=print) -> dict:
+             address: str | None = None, echo=print, retry_failed: bool = False) -> dict:
     """Run every job of ``source`` on an actor pool; return ``{"done", "failed", "skipped", "records"}``.
 
     Re-running the same source resumes: finished jobs are skipped, a dead driver's running jobs are retried.
@@ -420,7 +444,7 @@ def run_jobs(source: str | os.PathLike, config: str | os.PathLike | None = None,
     lease = Lease(storage.sub("_jobs"), ttl_s=cfg.concepts.lease_ttl_s, heartbeat_s=min(10.0, cfg.concepts.lease_ttl_s / 4))
     with lease.held():
         table = JobTable(storage)
-        records = {j.key: table.record(j, cfg.concepts.max_attempts) for j in jobs}
+        records = {j.key: table.record(j, cfg.concepts.max_attempts, retry_failed) for j in jobs}
         todo = [j for j in jobs if records[j.key]["state"] == "queued"]
         skipped = sum(1 for j in jobs if records[j.key]["state"] == "done")
         echo(f"concepts: {len(jobs)} job(s): {len(todo)} to run, {skipped} already done, "
@@ -529,11 +553,12 @@ class _Local:
     """The base model and embedders in this process (``generate``/``eval`` without a pool)."""
 
     def __init__(self, cfg: CafeConfig):
-        from training.models.kit import load_role
+        from training.models.kit import fingerprint, load_role, resolve_device
 
         spec = cfg.models.t2i
-        self.device = spec.device if spec.device != "auto" else "cpu"
+        self.device = str(resolve_device(spec.device))
         self.t2i = load_role("t2i", cfg.models.role_dir("t2i"), dtype=spec.dtype, device=self.device).components
+        self.fingerprint = fingerprint(cfg.models.role_dir("t2i"))
         self.embedders = Embedders(cfg, self.device)
 
 
@@ -547,8 +572,8 @@ def generate(config: str | os.PathLike, concepts: Sequence[str], prompt: str, se
     """
     cfg, _ = load_jobs(config, None, overrides)
     storage = Storage(cfg.concepts.output)
-    m, loaded, text = resolve_request(storage, concepts, prompt, method)
     local = _Local(cfg)
+    m, loaded, text = resolve_request(storage, concepts, prompt, method, local.fingerprint)
     seeds = [seed + i for i in range(num_images)]
     images = sample_concepts(local.t2i, m, loaded, [text] * num_images, seeds, cfg, local.device, dci=dci, lam=lam,
                              aux_noun=aux_noun)
@@ -598,10 +623,10 @@ def evaluate(config: str | os.PathLike, concept_id: str, method: str | None = No
     ``concepts.eval.divergence``); written to the artifact's ``eval.json`` and returned."""
     cfg, _ = load_jobs(config, None, overrides)
     storage = Storage(cfg.concepts.output)
-    m, artifact = latest_run(storage, concept_id, method)
+    local = _Local(cfg)
+    m, artifact = latest_run(storage, concept_id, method, local.fingerprint)
     concept = load_concept(storage, m, artifact)
     meta = storage.sub(artifact).read_json("job.json")
-    local = _Local(cfg)
     size = image_size(local.t2i)
     refs = [_decode_reference(read_image_bytes(loc), loc, size) for loc in meta["images"]]
     ev = cfg.concepts.eval
@@ -638,26 +663,39 @@ def _divergence(cfg: CafeConfig, local: _Local, method: str, concept, meta: dict
     prompts = [ev.w2_prompts[i % len(ev.w2_prompts)].format(noun=concept.noun) for i in range(ev.w2_samples)]
     seeds = [meta["seed"] + 5000 + i for i in range(len(prompts))]
     mod = _method(method)
-    if method == "ico":
-        base = mod.sample(t2i, None, prompts, seeds, device=local.device, **kw)
-        custom = mod.sample(t2i, concept, prompts, seeds, device=local.device, **kw)
-    else:
-        custom, base = mod.sample(t2i, [concept], prompts, seeds, device=local.device, **kw)
+    base, custom = [], []
+    for i in range(0, len(prompts), SAMPLE_CHUNK):
+        p, sd = prompts[i:i + SAMPLE_CHUNK], seeds[i:i + SAMPLE_CHUNK]
+        if method == "ico":
+            base += mod.sample(t2i, None, p, sd, device=local.device, **kw)
+            custom += mod.sample(t2i, concept, p, sd, device=local.device, **kw)
+        else:
+            c, b = mod.sample(t2i, [concept], p, sd, device=local.device, **kw)
+            custom += c
+            base += b
     scale = float(getattr(t2i.vae.config, "scaling_factor", 1.0))
 
-    def latents(images):
+    def latents(images):  # re-encoded from the uint8 images: both sides of W2 alike (documented)
         x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        parts = []
         with torch.no_grad():
-            return t2i.vae.encode(x.to(t2i.vae.device, t2i.vae.dtype)).latent_dist.mean.float().cpu() * scale
+            for i in range(0, len(x), SAMPLE_CHUNK):
+                chunk = x[i:i + SAMPLE_CHUNK].to(t2i.vae.device, t2i.vae.dtype)
+                parts.append(t2i.vae.encode(chunk).latent_dist.mean.float().cpu() * scale)
+        return torch.cat(parts)
 
+    lfd_prompts = [p for p in ev.lfd_prompts if concept.noun not in re.findall(r"[\w'-]+", p)]
+    if not lfd_prompts:
+        raise ConceptError(f"concepts.eval.lfd_prompts all contain the concept's noun {concept.noun!r}: LFD needs "
+                           f"non-customized prompts")
     custom_eps = (mod.customized_eps(t2i, concept, local.device, output="raw") if method == "ico"
                   else mod.customized_eps(t2i, [concept], local.device, output="raw"))
     lfd = metrics.latent_fisher_divergence(foundational_eps(t2i, local.device, output="raw"), custom_eps,
-                                           latents(refs), list(ev.lfd_prompts), mod_scheduler(t2i),
+                                           latents(refs), lfd_prompts, mod_scheduler(t2i),
                                            ev.lfd_samples, torch.Generator().manual_seed(int(meta["seed"])))
     return {"w2": metrics.gaussian_w2(latents(base), latents(custom)), "w2_samples": len(prompts),
             "lfd": lfd["lfd"], "lfd_se": lfd["lfd_se"], "lfd_samples": lfd["num_samples"],
-            "lfd_prompts": list(ev.lfd_prompts)}
+            "lfd_prompts": lfd_prompts}
 
 
 def mod_scheduler(t2i):

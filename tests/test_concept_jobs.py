@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -59,6 +60,11 @@ def test_run_id_depends_on_what_determines_the_result(job_file):
     assert parse_job(dict(raw[0], params={"steps": 8}), cfg, "fp0").run_id != a.run_id
     cfg2, _ = load_jobs(path, overrides=["concepts.actors.num_actors=3", "concepts.heartbeat_s=1.0"])
     assert parse_job(raw[0], cfg2, "fp0").run_id == a.run_id         # how it runs is not what it computes
+    for change in ("models.t2i.dtype=float16", "concepts.sample.steps=7", "concepts.samples_per_job=5"):
+        cfg3, _ = load_jobs(path, overrides=[change])
+        assert parse_job(raw[0], cfg3, "fp0").run_id != a.run_id, change
+    _png(Path(raw[0]["images"][0]), colour=(1, 2, 3))                  # same path, new content
+    assert parse_job(raw[0], cfg, "fp0").run_id != a.run_id
 
 
 @pytest.mark.parametrize("change, needle", [
@@ -139,6 +145,11 @@ def test_job_table_state_machine(job_file, tmp_path):
     table.put(rec)
     rec = table.record(job, max_attempts=2)
     assert rec["state"] == "failed" and rec["attempts"] == 2
+    assert table.record(job, max_attempts=2)["state"] == "failed"            # stays failed ...
+    rec = table.record(job, max_attempts=2, retry_failed=True)             # ... unless asked to retry
+    assert rec["state"] == "queued" and rec["attempts"] == 0
+    rec.update(state="failed", attempts=2)
+    table.put(rec)
     # a success marker wins over the table (killed between the marker and the table update)
     storage.sub(job.artifact).write_bytes(SUCCESS_MARKER, b"{}")
     rec = table.record(job, max_attempts=2)

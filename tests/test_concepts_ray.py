@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from safetensors import safe_open
 from PIL import Image
 
 from pipeline.concept_jobs import SUCCESS_MARKER, JobTable, load_jobs, parse_job
-from pipeline.concepts import ConceptWorker, evaluate, generate, generate_batch, job_status, run_jobs
+from pipeline.concepts import ConceptError, ConceptWorker, evaluate, generate, generate_batch, job_status, run_jobs
 from pipeline.store import OutputBusy, Storage
 from tests.buildutil import kill_session, wait_for
 
@@ -114,11 +116,16 @@ def test_pool_runs_good_jobs_and_fails_bad_ones_alone(tmp_path, tiny_models, ref
     # generate: ICO with and without DCI, two Infusion concepts in one prompt; eval prints metrics
     plain = generate(path, ["red"], "a photo of {}", method="ico", seed=3, out=str(tmp_path / "g"))
     dci = generate(path, ["red"], "a photo of {}", method="ico", seed=3, dci=True, lam=1.0, out=str(tmp_path / "g"))
-    assert plain != dci and all(Path(p).is_file() for p in plain + dci)
+    assert Path(plain[0]).read_bytes() != Path(dci[0]).read_bytes()      # λ = 1 moves the image
     img = np.asarray(Image.open(plain[0]))
     assert img.shape == (64, 64, 3)                                # the tiny t2i: 8x8 latents, 3 VAE blocks
     multi = generate(path, ["red", "blue"], "a cat and a dog", method="infusion", out=str(tmp_path / "g"))
     assert Path(multi[0]).is_file()
+    other = tmp_path / "other-t2i"                               # same architecture, another base model
+    shutil.copytree(tiny_models / "t2i", other)
+    (other / "model_index.json").write_text((other / "model_index.json").read_text() + "\n")
+    with pytest.raises(ConceptError, match="trained on another base"):
+        generate(path, ["red"], "a photo of {}", method="ico", overrides=[f"models.t2i.path={other}"])
     result = evaluate(path, "red", method="infusion")
     assert result["num_images"] == 1 and -1 <= result["clip_t"] <= 1
     div = ["concepts.eval.divergence=true", "concepts.eval.w2_samples=4", "concepts.eval.lfd_samples=8"]
@@ -139,7 +146,7 @@ def test_same_job_alone_and_after_others_is_bit_identical(tmp_path, tiny_models,
     jobs = [{"id": "red", "method": m, "noun": "cat", "images": refs["red"]} for m in ("ico", "infusion")]
     jobs.append({"id": "blue", "method": "ico", "noun": "dog", "images": refs["blue"]})
     path = _job_file(tmp_path, tiny_models, jobs)
-    cfg, raw = load_jobs(path)
+    cfg, raw = load_jobs(path, overrides=["models.t2i.device=auto"])    # "auto" resolves on the actor (CPU here)
     parsed = [parse_job(r, cfg, "fp", i) for i, r in enumerate(raw)]
     cfg_json = cfg.model_dump(mode="json")
 
@@ -147,7 +154,11 @@ def test_same_job_alone_and_after_others_is_bit_identical(tmp_path, tiny_models,
         concept, _ = worker.train(job)
         d = tmp_path / f"w-{time.monotonic_ns()}"
         concept.save(d)
-        return {p.name: p.read_bytes() for p in sorted(d.glob("*.safetensors"))}
+        out = {}
+        for p in sorted(d.glob("*.safetensors")):   # tensors as bytes (safetensors' header order is not stable)
+            with safe_open(str(p), "pt") as f:
+                out[p.name] = ({k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}, f.metadata())
+        return out
 
     fresh = ConceptWorker(cfg_json)
     alone = {j.method: weights(fresh, j) for j in parsed[:2]}

@@ -40,7 +40,8 @@ for the duration of a call and the previous ones restored, gradients are taken w
 (nothing accumulates on base weights), and every random draw comes from ``torch.Generator``s seeded from the
 job seed — the same job gives bit-identical results alone or after other jobs on the same loaded base.
 
-Precision: the trained tensors are float32. ``precision`` fp16/bf16 runs the frozen base in its stored dtype
+Precision: the trained tensors are float32. ``precision="auto"`` (default) autocasts in the base's own storage
+dtype (fp16/bf16) and computes in float32 for a float32 base. ``precision`` fp16/bf16 runs the frozen base in its stored dtype
 under ``torch.autocast`` (fp16 with a ``GradScaler``); ``fp32`` computes in float32 — a half-stored
 UNet/text encoder is then *copied* to float32 for the job (the shared base stays as it is). On CPU a bf16
 autocast over float16-stored weights is refused (CPU norm layers do not mix half dtypes).
@@ -71,7 +72,7 @@ FORMAT = "ico/1"
 PLACEHOLDER_ID = 0  # id spliced into V/context slots; its embedding is always replaced
 PRIOR_PROMPT = "a photo of a {noun}"
 MANUAL_PROMPT = "a photo of {phrase}"
-_AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+_AUTOCAST = {"auto": None, "fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 _PROMPTS = ("ico", "manual")
 
 
@@ -93,7 +94,7 @@ class IcoParams:
     prompt: str = "ico"
     prior_weight: float = 1.0
     flip_p: float = 0.5
-    precision: str = "fp32"
+    precision: str = "auto"   # "auto": autocast in the base's own half dtype, fp32 for a float32 base
     code_compat: bool = False
 
     def __post_init__(self):
@@ -408,8 +409,10 @@ class IcoConcept:
 
 
 def _autocast_dtype(precision: str, modules, device: torch.device) -> torch.dtype | None:
-    dtype = _AUTOCAST[precision]
     low = {p.dtype for m in modules for p in m.parameters()} - {torch.float32}
+    if precision == "auto":  # the frozen base runs in its stored dtype: no copy of a half-precision base
+        return next(iter(low)) if len(low) == 1 else None
+    dtype = _AUTOCAST[precision]
     if device.type == "cpu" and dtype is not None and low - {dtype}:
         raise ValueError(f"IcoParams.precision={precision!r} on CPU needs the t2i stored in float32 or {dtype}, "
                          f"not {sorted(map(str, low))}; allowed here: 'fp32' or the storage dtype")

@@ -31,7 +31,8 @@ outputs (ε or v). A prompt containing none of the concepts' nouns goes through 
 foundational image). Multi-concept (Eq. 9): each concept's Δ is added at its own noun's token in the prompt.
 
 Precision: Δ is float32 (it is the only trained tensor); the frozen base keeps its storage dtype and runs under
-``torch.autocast`` in ``precision`` (fp16 with a ``GradScaler``). ``precision="fp32"`` needs a float32 base
+``torch.autocast`` in ``precision`` (fp16 with a ``GradScaler``); ``"auto"`` (default) picks the base's own storage
+dtype (fp32 for a float32 base). ``precision="fp32"`` needs a float32 base
 (no weight of the shared base is ever re-cast); on CPU a half base runs only under autocast in its own dtype
 (CPU norm layers do not mix half dtypes). Sampling runs in the base's storage dtype without autocast.
 
@@ -63,7 +64,7 @@ from training.attention.infusion import (
 )
 
 MODES = ("paper", "code_compat")
-PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = {"auto": None, "fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 WEIGHTS_FILE = "infusion.safetensors"
 META_FILE = "infusion.json"
 
@@ -80,7 +81,7 @@ class InfusionParams:
     placement: str = "post_v"  # D6: "post_v" (Δ ∈ inner_dim after to_v) | "pre_v" (Δ ∈ text width before to_v)
     mode: str = "paper"  # "paper" | "code_compat"
     flip_p: float = 0.5
-    precision: str = "fp32"  # autocast dtype of the frozen base: "fp32" | "fp16" | "bf16"
+    precision: str = "auto"  # autocast dtype of the frozen base: "auto" (its own dtype) | "fp32" | "fp16" | "bf16"
     #: draw z0 from the VAE posterior each step (diffusers' scripts) instead of its mean (see module doc)
     sample_posterior: bool = False
 
@@ -310,8 +311,12 @@ def _autocast(device_type: str, dtype: torch.dtype | None):
 
 
 def _check_precision(t2i, precision: str, device: torch.device) -> torch.dtype | None:
-    dtype = PRECISIONS[precision]
     low = {p.dtype for p in t2i.unet.parameters()} - {torch.float32}
+    if precision == "auto":  # autocast in the base's stored half dtype; fp32 for a float32 base
+        if len(low) > 1:
+            raise ValueError(f"precision='auto': the t2i base mixes {sorted(map(str, low))}; choose fp16 or bf16")
+        return next(iter(low)) if low else None
+    dtype = PRECISIONS[precision]
     if dtype is None and low:
         raise ValueError(f"precision='fp32' needs a float32 t2i base, this one holds {sorted(map(str, low))}; "
                          "use precision 'fp16'/'bf16' (autocast) or load the role in float32")
