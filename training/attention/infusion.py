@@ -94,7 +94,13 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _probs(attn, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """softmax(Q K^T · scale) over tokens, in float32, returned in q's dtype: (B, heads, N, L)."""
+    """softmax(Q K^T · scale) over tokens, in float32, returned in q's dtype: (B, heads, N, L).
+
+    With ``attn.upcast_attention`` (some SD2.x configs, against fp16 overflow) the scores are computed in float32
+    too, as diffusers' ``get_attention_scores`` does."""
+    if getattr(attn, "upcast_attention", False):
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale
+        return scores.softmax(dim=-1).to(q.dtype)
     scores = torch.matmul(q, k.transpose(-1, -2)) * attn.scale
     return scores.float().softmax(dim=-1).to(q.dtype)
 
