@@ -302,3 +302,110 @@ def test_class_prior_images_are_base_samples_with_caption(t2i):
         sample(t2i, None, ["a photo of a dog"], [12], steps=2)
     assert all(np.array_equal(a, b) for (a, _), b in zip(prior, direct))
     assert not np.array_equal(prior[0][0], prior[1][0])
+
+
+# ------------------------------------------------------------------------------ prior preservation, learning rates
+
+LONG_CAPTION = "a red dog with a hat on the beach and " * 12  # ≈ 110 tokens: longer than model_max_length (77)
+
+
+def _latents(t2i, images):
+    """Independent VAE posterior means × scaling of the images (centre crop + resize via the module's helper)."""
+    from training.methods.ico import image_size, preprocess_images
+
+    with torch.no_grad():
+        z = t2i.vae.encode(preprocess_images(images, image_size(t2i)) * 2 - 1).latent_dist.mean
+    return z * t2i.vae.config.scaling_factor
+
+
+def test_prior_preservation_mixes_1_to_1_with_own_captions(t2i, monkeypatch):
+    """Two references, three class images: every epoch of the loader (2·max(2, 3) = 6 draws) holds 3 reference
+    rows (cycled 0, 1, 0) and each class image once; a class row's z0 is its image's latent, its ids are its own
+    caption (the long one truncated like ``tokenizer(truncation=True)``), with no contexts and plain positions
+    (``code_compat=True`` gives the reference rows other positions, so this is a real check)."""
+    from diffusers import DDIMScheduler
+
+    tok = t2i.tokenizer
+    length = tok.model_max_length
+    table, pos = _table(t2i.text_encoder)
+    refs = _images(2, seed=1)
+    prior_imgs = _images(3, seed=2, shape=(64, 64, 3))
+    captions = ["a photo of a dog", "a dog on the beach", LONG_CAPTION]
+    assert len(tok(LONG_CAPTION).input_ids) > length
+    want_ids = [tok(c, truncation=True, max_length=length, padding="max_length").input_ids for c in captions]
+    assert want_ids[2][-1] == tok.eos_token_id  # truncated: SOS, 75 words, EOS
+
+    z_ref, z_prior = _latents(t2i, refs), _latents(t2i, prior_imgs)
+    seen_z0 = []
+    real_add_noise = DDIMScheduler.add_noise
+    monkeypatch.setattr(DDIMScheduler, "add_noise",
+                        lambda self, z0, noise, t: (seen_z0.append(z0.detach().clone()),
+                                                    real_add_noise(self, z0, noise, t))[1])
+    seen_ids, seen_pos = [], []
+
+    def record(module, args, kwargs):
+        seen_ids.append(args[0].clone())
+        seen_pos.append(kwargs["position_ids"].clone())
+
+    pre = t2i.text_encoder.register_forward_pre_hook(record, with_kwargs=True)
+    emb, handle = _capture_embeddings(t2i.text_encoder)
+    try:
+        params = IcoParams(steps=12, learning_rate=1e-4, flip_p=0.0, code_compat=True)
+        train_ico(t2i, refs, "cat", params, seed=0, prior=list(zip(prior_imgs, captions)))
+    finally:
+        pre.remove()
+        handle.remove()
+    assert len(seen_z0) == len(seen_ids) == len(emb) == 12
+
+    ref_layout = training_prompt_ids(tok, "cat")
+    drawn = []
+    for z0, ids, position, e in zip(seen_z0, seen_ids, seen_pos, emb):
+        assert z0.shape[0] == ids.shape[0] == 1  # batch_size 1
+        d_ref = (z_ref - z0).flatten(1).abs().amax(1)
+        d_pri = (z_prior - z0).flatten(1).abs().amax(1)
+        if d_ref.min() < 1e-5:
+            drawn.append(("ref", int(d_ref.argmin())))
+            assert torch.equal(ids[0], ref_layout.ids)
+            assert not torch.equal(position[0], torch.arange(length))  # code_compat positions on reference rows
+        else:
+            j = int(d_pri.argmin())
+            assert d_pri[j] < 1e-5
+            drawn.append(("prior", j))
+            assert ids[0].tolist() == want_ids[j]  # its own caption
+            assert torch.equal(position[0], torch.arange(length))  # plain positions
+            # nothing spliced: the encoder input is the plain token + position embedding of the caption
+            torch.testing.assert_close(e[0], table[torch.tensor(want_ids[j])] + pos[:length], rtol=0, atol=1e-6)
+    for epoch in (drawn[:6], drawn[6:]):  # 1:1 at the dataset level, one shuffled loader
+        assert sorted(epoch) == [("prior", 0), ("prior", 1), ("prior", 2), ("ref", 0), ("ref", 0), ("ref", 1)]
+    assert drawn[:6] != drawn[6:]  # reshuffled every epoch (this seed)
+
+
+def test_caption_ids_truncate_like_the_tokenizer(t2i):
+    from training.methods.ico import caption_ids
+
+    tok = t2i.tokenizer
+    for caption in (LONG_CAPTION, "a photo of a dog", ""):
+        want = tok(caption, truncation=True, max_length=tok.model_max_length, padding="max_length").input_ids
+        assert caption_ids(tok, caption).tolist() == want
+    with pytest.raises(ValueError, match="model_max_length"):  # user prompts with V slots are still refused
+        inference_prompt_ids(tok, LONG_CAPTION + " <new1>", ("<new1>",))
+
+
+def test_contexts_take_ten_times_the_learning_rate(t2i):
+    """One AdamW step from a zero state moves each parameter by lr · g/(|g| + eps) ≈ lr (weight decay 0):
+    the V rows and to_k/to_v by learning_rate · batch_size, both images' contexts by 10× that."""
+    tok = t2i.tokenizer
+    table = _table(t2i.text_encoder)[0]
+    lr = 1e-3 * 2  # learning_rate · batch_size
+    params = IcoParams(steps=1, learning_rate=1e-3, batch_size=2, weight_decay=0.0, flip_p=0.0)
+    concept = train_ico(t2i, _images(2), "cat", params, seed=0)
+    d_v = (concept.new_embeddings - table[_one(tok, "cat")]).abs()  # (3, D)
+    d_ctx = torch.cat([(concept.prefix - table[_one(tok, "a")]).abs().flatten(),
+                       (concept.suffix - table[_one(tok, ".")]).abs().flatten()])  # both images, P + S
+    name = concept.layer_names[0]
+    d_k = (concept.layers[name].to_k.weight - attention_module(t2i.unet, name).to_k.weight).abs()
+    for delta, rate in ((d_v, lr), (d_k, lr), (d_ctx, 10 * lr)):
+        assert float(delta.max()) <= rate * (1 + 1e-3)  # Adam's first step is bounded by lr
+        assert abs(float(delta.median()) / rate - 1) < 1e-2  # … and ≈ lr where |g| ≫ eps (1e-8)
+    print(f"median |Δctx| / median |ΔV| = {float(d_ctx.median() / d_v.median()):.4f}")
+    assert abs(float(d_ctx.median() / d_v.median()) - 10) < 1e-2

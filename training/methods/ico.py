@@ -24,7 +24,8 @@ Trained (AdamW, weight decay on every trained tensor): every ``attn2`` ``to_k``/
 prediction target (ε, or v for ``v_prediction``), mask all ones; a prior row's loss is weighted by
 ``prior_weight``. Prior preservation: the reference and class entries are mixed 1:1 at the dataset level —
 ``n = max(#references, #prior)`` entries of each (cycling the shorter list) — in one loader reshuffled every
-epoch from the job's generator; a prior image is trained on its own caption.
+epoch from the job's generator; a prior image is trained on its own caption (no contexts, plain
+positions; a caption longer than the tokenizer's ``model_max_length`` is truncated, as diffusers does).
 
 Decisions (SPEC silent): the training latents are the VAE posterior *means* (no posterior sampling): SD's
 VAE has a posterior std far below the latent scale, so this changes little there, while the synthetic world's
@@ -211,6 +212,13 @@ def inference_prompt_ids(tokenizer, prompt: str, new_tokens: Sequence[str] = ())
             body += _words(tokenizer, piece)
     ids, eos = _finish(tokenizer, body, f"prompt {prompt!r}")
     return PromptLayout(ids=ids, prefix=(), new=tuple(new), noun=(), suffix=(), eos=eos, new_index=tuple(new_index))
+
+
+def caption_ids(tokenizer, caption: str) -> torch.Tensor:
+    """(L,) ids of a plain caption (a prior image's own), cut to ``model_max_length`` as ``tokenizer(caption,
+    truncation=True, padding="max_length")`` does: SOS, the first L − 2 tokens, EOS, padding."""
+    body = _words(tokenizer, caption)[: tokenizer.model_max_length - 2]
+    return _finish(tokenizer, body, f"caption {caption!r}")[0]
 
 
 def concept_phrase(concept: "IcoConcept") -> str:
@@ -506,7 +514,7 @@ def train_ico(t2i, images: Sequence[np.ndarray], noun: str, params: IcoParams, s
         layout = inference_prompt_ids(tokenizer, MANUAL_PROMPT.format(phrase=" ".join((*params.new_tokens, noun))),
                                       params.new_tokens)
     ref_pos = layout.position_ids(params.code_compat and params.prompt == "ico")
-    prior_ids = torch.stack([inference_prompt_ids(tokenizer, caption).ids for _, caption in prior]) if prior \
+    prior_ids = torch.stack([caption_ids(tokenizer, caption) for _, caption in prior]) if prior \
         else layout.ids[None, :0]
 
     # trained state (float32)
