@@ -325,9 +325,9 @@ def decode_latents(vae, x: torch.Tensor) -> list[np.ndarray]:
 
 def make_scheduler(t2i):
     """A private DDIM scheduler built from the t2i's config (the shared one is never stepped or moved)."""
-    from diffusers import DDIMScheduler
+    from training.sampling import ddim_scheduler
 
-    sched = DDIMScheduler.from_config(t2i.scheduler.config)
+    sched = ddim_scheduler(t2i.scheduler.config)
     if sched.config.prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"scheduler prediction_type {sched.config.prediction_type!r} not supported; allowed: "
                          "epsilon, v_prediction")

@@ -298,9 +298,9 @@ def _image_size(t2i) -> tuple[int, int]:
 
 
 def _scheduler(t2i):
-    from diffusers import DDIMScheduler
+    from training.sampling import ddim_scheduler
 
-    sched = DDIMScheduler.from_config(t2i.scheduler.config)
+    sched = ddim_scheduler(t2i.scheduler.config)
     if sched.config.prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"scheduler prediction_type {sched.config.prediction_type!r}: allowed epsilon, v_prediction")
     return sched
