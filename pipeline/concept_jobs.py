@@ -237,7 +237,8 @@ def parse_job(raw: Any, cfg: CafeConfig, base_fingerprint: str, index: int = 0) 
     job.image_hashes = [_content_hash(loc) for loc in job.images]
     c = cfg.concepts
     job.settings = {"t2i_dtype": cfg.models.t2i.dtype, "sample": c.sample.model_dump(mode="json"),
-                    "samples_per_job": c.samples_per_job, "eval_prompts": list(c.eval.prompts)}
+                    "samples_per_job": c.samples_per_job, "eval_prompts": list(c.eval.prompts),
+                    "prior_images": c.prior_images}
     job.run_id = run_id(job, base_fingerprint)
     return job
 

@@ -230,3 +230,23 @@ def test_driver_then_actor_killed_each_job_finishes_exactly_once(tmp_path, tiny_
         # an attempt whose driver died has no duration; every other attempt has one
         assert len(r["durations_s"]) <= r["attempts"] <= len(r["durations_s"]) + 1
     assert killed and after[killed[0]]["attempts"] >= 2         # the killed actor's job ran again, to the end
+
+
+def test_ico_prior_from_a_folder_of_captioned_images(tmp_path, tiny_models, refs):
+    folder = tmp_path / "class-cat"
+    _refs(folder.parent, folder.name, (90, 90, 90))                   # 0.png, 1.png
+    Image.fromarray(np.full((64, 64, 3), 40, np.uint8)).save(folder / "2.png")
+    (folder / "0.txt").write_text("a cat on a sofa\n")
+    (folder / "1.txt").write_text("a cat in the snow")
+    path = _job_file(tmp_path, tiny_models, [{"id": "red", "method": "ico", "noun": "cat", "images": refs["red"]}],
+                     prior_images=str(tmp_path / "class-{noun}"))
+    cfg, raw = load_jobs(path)
+    job = parse_job(raw[0], cfg, "fp")
+    worker = ConceptWorker(cfg.model_dump(mode="json"))
+    prior = worker._prior(job, 2)
+    assert [c for _, c in prior] == ["a cat on a sofa", "a cat in the snow", "a photo of a cat"]   # own captions
+    assert all(img.shape == (64, 64, 3) for img, _ in prior)
+    concept, _ = worker.train(job)
+    assert len(concept.losses) == 4 and all(np.isfinite(concept.losses))
+    generated, _ = load_jobs(_job_file(tmp_path, tiny_models, [raw[0]]))
+    assert parse_job(raw[0], generated, "fp").run_id != job.run_id     # another prior source, another run
