@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 export PATH := $(abspath $(BIN)):$(PATH)
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup run train test test-fast test-rebuild world world-check bench clean
+.PHONY: setup run train concepts test test-fast test-rebuild world world-check bench clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,15 @@ train: setup
 	$(BIN)/cafe train diffusion $(CONFIG)
 	$(BIN)/cafe generate --config $(CONFIG) --image "models/world/sources/circle/red-circle-none__striped-left-large-solid.png" \
 	  --text "Can you generate an image for this circle on the right?" --out outputs/generate
+
+# per-concept jobs on the world's t2i (ICO + Infusion, ~30 s on 2 cores), then images with and without DCI and two
+# Infusion concepts in one prompt, and the metrics of one concept
+concepts: setup
+	$(BIN)/cafe concepts run configs/concepts/tiny.yaml
+	$(BIN)/cafe concepts generate --concept cyan-circle --method ico --prompt "a {} on the right"
+	$(BIN)/cafe concepts generate --concept cyan-circle --method ico --prompt "a {} on the right" --dci --lambda 0.5
+	$(BIN)/cafe concepts generate --concept cyan-circle --concept blue-star --method infusion --prompt "a circle and a star"
+	$(BIN)/cafe concepts eval --concept cyan-circle --method ico
 
 # the synthetic world: retrain what changed (about 20 min on 2 cores from scratch) / re-measure every gate
 world: setup
