@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.concepts_config import build_params, params_class
-from pipeline.config import CafeConfig, ConfigError, _deep_merge_dicts as _deep_merge, load_config_dict, read_config_data
+from pipeline.build_config import _deep_merge
+from pipeline.config import CafeConfig, ConfigError, load_config_dict, read_config_data
 from pipeline.store import Storage
 
 JOB_KEYS = ("id", "method", "noun", "images", "params", "seed")

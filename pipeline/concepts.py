@@ -34,11 +34,8 @@ import json
 import logging
 import os
 import re
-import shutil
-import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -47,7 +44,7 @@ import numpy as np
 from pipeline.concept_jobs import SUCCESS_MARKER, ConceptJob, JobTable, format_status, load_jobs, parse_job
 from pipeline.concepts_config import build_params, dci_params_class, params_class
 from pipeline.config import CafeConfig
-from pipeline.store import Lease, OutputBusy, Storage
+from pipeline.store import Lease, Storage
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +91,8 @@ def read_image_bytes(location: str) -> bytes:
 
 
 def image_size(t2i) -> int:
-    vae_scale = 2 ** (len(t2i.vae.config.block_out_channels) - 1)
-    return int(t2i.unet.config.sample_size) * vae_scale
+    """Pixel size of the base's images (the methods' own definition)."""
+    return _method("ico").image_size(t2i)
 
 
 def concept_phrase(method: str, concept) -> str:
@@ -146,6 +143,12 @@ class Embedders:
 SAMPLE_CHUNK = 16
 
 
+def _sample_kwargs(cfg: CafeConfig) -> dict:
+    """``concepts.sample`` values that are set (the rest stay the method's defaults)."""
+    s = cfg.concepts.sample
+    return {k: v for k, v in (("steps", s.steps), ("guidance", s.guidance), ("eta", s.eta)) if v is not None}
+
+
 def sample_concepts(t2i, method: str, concepts: Sequence[Any], prompts: Sequence[str], seeds: Sequence[int],
                     cfg: CafeConfig, device: str, dci: bool = False, lam: float | None = None,
                     aux_noun: str | None = None) -> list[np.ndarray]:
@@ -159,8 +162,7 @@ def sample_concepts(t2i, method: str, concepts: Sequence[Any], prompts: Sequence
 
 
 def _sample_chunk(t2i, method, concepts, prompts, seeds, cfg, device, dci, lam, aux_noun) -> list[np.ndarray]:
-    s = cfg.concepts.sample
-    kw = {k: v for k, v in (("steps", s.steps), ("guidance", s.guidance), ("eta", s.eta)) if v is not None}
+    kw = _sample_kwargs(cfg)
     if method == "ico":
         if len(concepts) != 1:
             raise ConceptError("ICO generates one concept per prompt (compose concepts with Infusion)")
@@ -675,11 +677,11 @@ def _divergence(cfg: CafeConfig, local: _Local, method: str, concept, meta: dict
 
     from training import metrics
     from training.methods.infusion import foundational_eps
+    from training.sampling import ddim_scheduler
 
     ev = cfg.concepts.eval
     t2i = local.t2i
-    s = cfg.concepts.sample
-    kw = {k: v for k, v in (("steps", s.steps), ("guidance", s.guidance), ("eta", s.eta)) if v is not None}
+    kw = _sample_kwargs(cfg)
     prompts = [ev.w2_prompts[i % len(ev.w2_prompts)].format(noun=concept.noun) for i in range(ev.w2_samples)]
     seeds = [meta["seed"] + 5000 + i for i in range(len(prompts))]
     mod = _method(method)
@@ -711,17 +713,11 @@ def _divergence(cfg: CafeConfig, local: _Local, method: str, concept, meta: dict
     custom_eps = (mod.customized_eps(t2i, concept, local.device, output="raw") if method == "ico"
                   else mod.customized_eps(t2i, [concept], local.device, output="raw"))
     lfd = metrics.latent_fisher_divergence(foundational_eps(t2i, local.device, output="raw"), custom_eps,
-                                           latents(refs), lfd_prompts, mod_scheduler(t2i),
+                                           latents(refs), lfd_prompts, ddim_scheduler(t2i.scheduler.config),
                                            ev.lfd_samples, torch.Generator().manual_seed(int(meta["seed"])))
     return {"w2": metrics.gaussian_w2(latents(base), latents(custom)), "w2_samples": len(prompts),
             "lfd": lfd["lfd"], "lfd_se": lfd["lfd_se"], "lfd_samples": lfd["num_samples"],
             "lfd_prompts": lfd_prompts}
-
-
-def mod_scheduler(t2i):
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler.from_config(t2i.scheduler.config)
 
 
 def read_requests(path: str) -> list[dict]:

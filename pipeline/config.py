@@ -26,7 +26,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from pipeline.build_config import BuildConfig, _Strict
+from pipeline.build_config import BuildConfig, _deep_merge, _Strict
 from pipeline.concepts_config import ConceptsConfig
 from pipeline.train_config import TrainConfig
 
@@ -313,14 +313,6 @@ def load_config_dict(data: dict, source: str = "<dict>", overrides: list[str] | 
     return cfg
 
 
-def _deep_merge_dicts(base: dict, given: dict) -> dict:
-    out = dict(base)
-    for key, value in given.items():
-        both = isinstance(out.get(key), dict) and isinstance(value, dict)
-        out[key] = _deep_merge_dicts(out[key], value) if both else value
-    return out
-
-
 def read_config_data(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict:
     """A YAML config file's mapping with its ``base:`` chain merged under it (the file's own keys win).
 
@@ -353,7 +345,7 @@ def read_config_data(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> d
     if not isinstance(parent, dict):
         raise ConfigError(str(base_path), ["<root>: the file must hold a mapping"])
     parent.pop("jobs", None)
-    return _deep_merge_dicts(parent, data)
+    return _deep_merge(parent, data)
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> CafeConfig:
