@@ -55,6 +55,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from pipeline.build_config import DialogueConfig, OpenAIBackendConfig, TransformersBackendConfig
 from pipeline.redact import redact, secret_values_from_env, stable_detail
+from training.data.dialogue_templates import ASSISTANT_TEMPLATES, USER_TEMPLATES
 
 __all__ = [
     "STYLES",
@@ -361,32 +362,6 @@ class DialogueBackend(Protocol):
 # Template backend
 # ---------------------------------------------------------------------------------------------------
 
-_USER_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "clear": (
-        "Generate an image of this {class_name} {phrase}.",
-        "Please create a picture of this {class_name} {phrase}.",
-        "Show this {class_name} {phrase}, keeping its look the same.",
-    ),
-    "ambiguous": (
-        "Something with this {class_name} {phrase} would be nice.",
-        "Maybe this {class_name}, {phrase}? Whatever you think works.",
-        "I have this {class_name} here... {phrase}, I guess.",
-    ),
-    "question": (
-        "Can you generate an image for this {class_name} {phrase}?",
-        "What would this {class_name} look like {phrase}?",
-        "Could you show me this {class_name} {phrase}?",
-    ),
-}
-
-_ASSISTANT_TEMPLATES: tuple[str, ...] = (
-    "Here is the {class_name} {phrase}. I kept the identity and distinctive features of your "
-    "{class_name} while applying the change.",
-    "I generated an image of this {class_name} {phrase}, preserving its appearance from your photo.",
-    "This image shows the same {class_name} {phrase}: its key features match the reference, and the "
-    "rest follows your request.",
-)
-
 
 class TemplateBackend:
     """Rule-based dialogue: several templates per style, picked by a hash of the row id.
@@ -410,9 +385,9 @@ class TemplateBackend:
         results = []
         for req in requests:
             _check_style(req.style)
-            users = _USER_TEMPLATES[req.style]
+            users = USER_TEMPLATES[req.style]
             user = users[_stable_int("user", req.row_id) % len(users)]
-            assistant = _ASSISTANT_TEMPLATES[_stable_int("assistant", req.row_id) % len(_ASSISTANT_TEMPLATES)]
+            assistant = ASSISTANT_TEMPLATES[_stable_int("assistant", req.row_id) % len(ASSISTANT_TEMPLATES)]
             fields = {"class_name": req.class_name, "phrase": req.phrase}
             raw = json.dumps({"user": user.format(**fields), "assistant": assistant.format(**fields)})
             parsed, reason = parse_dialogue(raw, req.class_name, req.phrase, self.max_chars)

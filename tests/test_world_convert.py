@@ -54,3 +54,35 @@ def test_multi_positive_targets():
     stated = torch.tensor([[0, -1], [-1, 1], [3, 1]])
     c = E.compatible(stated, truth)
     assert c.tolist() == [[True, True, False], [True, False, False], [False, True, True]]
+
+
+def test_hard_clip_batch_holds_every_class_of_a_few_colours():
+    """Hard CLIP batches: every class of ``hard_colours`` colours, the batch split evenly among those groups."""
+    pairs = D.sample_pairs(3000, 5, "train")
+    by_cc = {}
+    for i, (inst, _) in enumerate(pairs):
+        by_cc.setdefault((D.CLASSES.index(inst.cls), list(D.COLOURS).index(inst.colour)), []).append(i)
+    by_cc = {k: torch.tensor(v) for k, v in by_cc.items()}
+    cfg = E.CLIPTrainConfig(batch_size=120, hard_colours=2)
+    idx = E._hard_clip_batch(by_cc, cfg, torch.Generator().manual_seed(0))
+    assert len(idx) == 120
+    groups = [(D.CLASSES.index(pairs[i][0].cls), list(D.COLOURS).index(pairs[i][0].colour)) for i in idx.tolist()]
+    assert len({c for _, c in groups}) == 2
+    counts = {g: groups.count(g) for g in set(groups)}
+    assert len(counts) == 2 * len(D.CLASSES) and set(counts.values()) == {10}
+
+
+def test_dino_proxy_objective_trains_instance_separation():
+    """SupCon + the instance-proxy term on a few steps: the loss falls and the proxies are not saved (a plain
+    ViTModel comes back)."""
+    from transformers import ViTModel
+
+    pairs = D.sample_pairs(400, 3, "train")
+    images, _ = D.render_pairs(pairs, 3)
+    index = {inst.id: k for k, inst in enumerate(D.all_instances())}
+    ids = __import__("numpy").array([index[i.id] for i, _ in pairs])
+    losses = []
+    cfg = E.DinoTrainConfig(width=32, layers=1, heads=2, steps=30, instances_per_batch=16, proxy_weight=1.0)
+    vit = E.train_dino(images, ids, cfg, seed=0, progress=lambda s, m: losses.append(m["loss"]))
+    assert type(vit) is ViTModel
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5

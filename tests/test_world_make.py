@@ -42,13 +42,15 @@ def test_every_stage_ran_and_every_role_loads_through_the_kit(quick_world):
         loaded = load_role(role, d / role)
         shapes = smoke_forward(loaded)
         assert shapes and all(all(n > 0 for n in s) for s in shapes.values())
-    # trained weights are stored in float16 (the llm roles are the random tiny ones, float32)
+    # trained weights are stored in float16 (the llm roles stay float32: 0.5 MB, frozen in the MLLM)
     from safetensors import safe_open
 
     with safe_open(str(d / "t2i" / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
     gates = json.loads((d / "gates.json").read_text())
-    assert {g["name"] for g in gates} >= {"oracle", "t2i.class+colour", "clip.retrieval", "dino_filter.retrieval"}
+    assert {g["name"] for g in gates} >= {"oracle", "t2i.class+colour", "clip.retrieval", "dino_filter.retrieval",
+                                          "llm.reply"}
+    assert json.loads((d / "llm" / "cafe_world.json").read_text())["trained"] is True
 
 
 def test_assets(quick_world):

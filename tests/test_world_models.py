@@ -23,8 +23,8 @@ def measured():
 
 #: gates the shipped world misses (figures and reasons: docs/world.md, bench/RESULTS.md). The test below fails when
 #: this set is wrong in either direction: a gate that starts passing must be moved out, a new miss is a regression.
-KNOWN_FAILING = {"t2i.class+colour", "t2i.style", "clip.retrieval", "clip.context_margin", "dino_filter.retrieval",
-                 "dino_cond.retrieval"}
+KNOWN_FAILING = {"t2i.class+colour", "t2i.style", "clip.retrieval", "dino_filter.retrieval", "dino_cond.retrieval",
+                 "llm.reply"}
 
 
 @pytest.mark.slow
@@ -34,7 +34,8 @@ def test_gate_outcomes_are_the_recorded_ones(measured):
     failed = {g.name for g in measured if not g.passed}
     assert failed == KNOWN_FAILING, "\n" + format_table(measured)
     passing = {g.name for g in measured} - failed
-    assert {"oracle", "t2i.background", "t2i.position", "t2i.size", "clip_cond.consistent"} <= passing
+    assert {"oracle", "t2i.background", "t2i.position", "t2i.size", "clip.context_margin", "clip_cond.consistent",
+            "dino_filter.margin", "dino_cond.margin"} <= passing
 
 
 @pytest.mark.slow

@@ -47,9 +47,13 @@ class CLIPTrainConfig:
     text_width: int = 64
     text_layers: int = 2
     context_length: int = 32
-    steps: int = 1200
+    steps: int = 1800
     batch_size: int = 128
     lr: float = 1e-3
+    #: fraction of batches made of hard negatives: all classes of a few colours, several renders of each
+    #: (class, colour) in other contexts, so a caption must get class and context right to find its images
+    hard_batches: float = 0.5
+    hard_colours: int = 2
 
 
 @dataclass(frozen=True)
@@ -58,10 +62,17 @@ class DinoTrainConfig:
     layers: int = 3
     heads: int = 3
     patch_size: int = 4
-    steps: int = 600
+    steps: int = 2000
     instances_per_batch: int = 64
     lr: float = 1e-3
     temperature: float = 0.1
+    #: fraction of batches drawn from instances of a few colours only (hard negatives: same colour, other shape
+    #: or mark), so that colour alone cannot solve the batch
+    hard_batches: float = 0.0
+    renders_per_instance: int = 2
+    #: weight of a normalised-softmax instance classifier (one learned proxy per instance, cosine logits × 1/τ,
+    #: discarded after training) added to SupCon; 0 = SupCon alone
+    proxy_weight: float = 1.0
 
 
 def normalize(images: np.ndarray, mean, std) -> torch.Tensor:
@@ -139,9 +150,16 @@ def train_clip(images: np.ndarray, pairs: list[tuple[D.Instance, D.Context]], cf
     truth_all = torch.tensor([[D.labels_of(i, c)[a] for a in D.ATTRIBUTES] for i, c in pairs])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)
     sched = warmup_cosine(opt, cfg.steps, 0.1)
+    by_cc: dict[tuple[int, int], list[int]] = {}
+    for i, (inst, _) in enumerate(pairs):
+        by_cc.setdefault((D.CLASSES.index(inst.cls), list(D.COLOURS).index(inst.colour)), []).append(i)
+    by_cc_t = {k: torch.tensor(v) for k, v in by_cc.items()}
     model.train()
     for step in range(cfg.steps):
-        idx = torch.randint(len(pixels), (cfg.batch_size,), generator=gen)
+        if torch.rand((), generator=gen).item() < cfg.hard_batches:
+            idx = _hard_clip_batch(by_cc_t, cfg, gen)
+        else:
+            idx = torch.randint(len(pixels), (cfg.batch_size,), generator=gen)
         caps = [random_caption(*pairs[i], rng) for i in idx.tolist()]
         stated = torch.tensor([s for _, s in caps])
         img = F.normalize(model.encode_image(pixels[idx].to(device)), dim=-1)
@@ -154,6 +172,16 @@ def train_clip(images: np.ndarray, pairs: list[tuple[D.Instance, D.Context]], cf
         if progress is not None:
             progress(step, {"loss": value, "scale": model.logit_scale.exp().item()})
     return model.eval().cpu()
+
+
+def _hard_clip_batch(by_cc: dict[tuple[int, int], torch.Tensor], cfg: CLIPTrainConfig, gen) -> torch.Tensor:
+    """Every class of ``hard_colours`` random colours, ``batch_size`` images split evenly among those
+    (class, colour) groups (random renders: other contexts and marks)."""
+    colours = torch.randperm(len(D.COLOURS), generator=gen)[: cfg.hard_colours].tolist()
+    keys = [(c, col) for col in colours for c in range(len(D.CLASSES)) if (c, col) in by_cc]
+    per = max(1, cfg.batch_size // len(keys))
+    idx = [by_cc[k][torch.randint(len(by_cc[k]), (per,), generator=gen)] for k in keys]
+    return torch.cat(idx)[: cfg.batch_size]
 
 
 # ------------------------------------------------------------------------------------------ DINO
@@ -178,9 +206,11 @@ def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> to
 
 
 def train_dino(images: np.ndarray, instance_ids: np.ndarray, cfg: DinoTrainConfig, seed: int, progress=None,
-               device: str = "cpu"):
-    """``instance_ids``: (N,) int instance index of each image; batches hold 2 renders of each of k instances
-    (drawn on the CPU from a seeded generator, moved to ``device``)."""
+               device: str = "cpu", groups_of: np.ndarray | None = None):
+    """``instance_ids``: (N,) int instance index of each image; batches hold ``renders_per_instance`` renders of
+    each of k instances (drawn on the CPU from a seeded generator, moved to ``device``). ``groups_of``: (K,) a
+    nuisance group per instance index (the colour): a ``hard_batches`` fraction of batches takes its instances
+    from as few groups as fill it, so every negative shares the query's group."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = make_vit(cfg).to(device)
@@ -190,19 +220,39 @@ def train_dino(images: np.ndarray, instance_ids: np.ndarray, cfg: DinoTrainConfi
         by_inst.setdefault(k, []).append(i)
     keys = sorted(k for k, v in by_inst.items() if len(v) >= 2)
     groups = [torch.tensor(by_inst[k]) for k in keys]
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)
+    by_group: dict[int, list[int]] = {}
+    if groups_of is not None:
+        for g, k in enumerate(keys):
+            by_group.setdefault(int(groups_of[k]), []).append(g)
+    proxies = torch.nn.Parameter(torch.randn(len(groups), cfg.width, generator=gen).to(device) * 0.02)
+    params = list(model.parameters()) + ([proxies] if cfg.proxy_weight else [])
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.05)
     sched = warmup_cosine(opt, cfg.steps, 0.1)
     model.train()
     for step in range(cfg.steps):
-        chosen = torch.randperm(len(groups), generator=gen)[: cfg.instances_per_batch]
+        hard = by_group and torch.rand((), generator=gen).item() < cfg.hard_batches
+        if hard:
+            order = sorted(by_group)
+            chosen = []
+            for gi in torch.randperm(len(order), generator=gen).tolist():
+                chosen += by_group[order[gi]]
+                if len(chosen) >= cfg.instances_per_batch:
+                    break
+            chosen = chosen[: cfg.instances_per_batch]
+        else:
+            chosen = torch.randperm(len(groups), generator=gen)[: cfg.instances_per_batch].tolist()
         idx, lab = [], []
-        for g in chosen.tolist():
+        for g in chosen:
             members = groups[g]
-            pick = members[torch.randperm(len(members), generator=gen)[:2]]
+            pick = members[torch.randperm(len(members), generator=gen)[: cfg.renders_per_instance]]
             idx += pick.tolist()
-            lab += [g, g]
+            lab += [g] * len(pick)
         z = F.normalize(model(pixel_values=pixels[idx].to(device)).last_hidden_state[:, 0], dim=-1)
-        loss = supcon_loss(z, torch.tensor(lab, device=device), cfg.temperature)
+        target = torch.tensor(lab, device=device)
+        loss = supcon_loss(z, target, cfg.temperature)
+        if cfg.proxy_weight:
+            logits = z @ F.normalize(proxies, dim=-1).T / cfg.temperature
+            loss = loss + cfg.proxy_weight * F.cross_entropy(logits, target)
         value = optimizer_step(opt, sched, loss)
         if progress is not None:
             progress(step, {"loss": value})

@@ -23,6 +23,8 @@ Gates (targets from the world's specification; none is lowered silently — a mi
   ≠ gallery context, held-out renders), ≥ 0.90; ``*.margin``: mean cosine of same-instance pairs minus
   different-instance pairs of the same class, > 0 (the figure is the fraction of such comparisons won).
 * ``clip_cond.consistent``: max |clip_cond image_embeds − clip_filter encode_image|, ≤ 1e-3.
+* ``llm.reply``: greedy replies of the world ``llm`` to requests for (class, phrase) pairs it never saw in
+  training name the requested class and phrase (and no other class), ≥ 0.90 (:mod:`training.world.llm`).
 """
 from __future__ import annotations
 
@@ -253,6 +255,7 @@ def measure_gates(world_dir: str | os.PathLike, *, n_oracle: int = 2000, n_t2i: 
     q_inst = np.array([insts.index(i) for i, _ in query_pairs])
     g_inst = np.arange(len(insts))
     q_cls = np.array([D.CLASSES.index(i.cls) for i, _ in query_pairs])
+    q_col = np.array([list(D.COLOURS).index(i.colour) for i, _ in query_pairs])
     for role in ("dino_filter", "dino_cond"):
         loaded = load_role(role, world / role, device=device)
         qe, ge = _vision_embed(loaded, q_img), _vision_embed(loaded, g_img)
@@ -260,11 +263,28 @@ def measure_gates(world_dir: str | os.PathLike, *, n_oracle: int = 2000, n_t2i: 
         gates.append(Gate(f"{role}.retrieval", top1, 0.90, 1 / len(insts),
                           detail=f"{len(query_pairs)} held-out queries × {len(insts)} instances, other contexts"))
         s, d, won = margin_stats(qe, q_inst, q_cls)
+        _, d_col, won_col = margin_stats(qe, q_inst, q_col)  # the harder comparison: same colour, other shape/mark
         gates.append(Gate(f"{role}.margin", won, 0.5, 0.5, ">",
                           detail=f"same-instance cos {s:.3f} vs other-instance same-class {d:.3f} "
-                          f"(margin {s - d:.3f}); figure = fraction of images with same > other"))
+                          f"(margin {s - d:.3f}); figure = fraction of images with same > other; "
+                          f"vs other-instance same-colour {d_col:.3f} (won {won_col:.3f})"))
         progress(f"gate {role}: top1={top1:.3f} margin={s - d:.3f}")
+
+    gates.append(_llm_gate(world, device))
+    progress(f"gate llm: {gates[-1].figure:.3f}")
     return gates
+
+
+def _llm_gate(world: Path, device: str) -> Gate:
+    from training.models.kit import load_role
+    from training.world.llm import reply_accuracy, requests
+
+    llm = load_role("llm", world / "llm", device=device).components
+    rate, examples = reply_accuracy(llm.model, llm.tokenizer, "held_out")
+    n = len(requests("held_out"))
+    first = examples[0]
+    return Gate("llm.reply", rate, 0.90, float("nan"), detail=f"{n} held-out requests (class × phrase never in "
+                f"training); e.g. {first[0]!r} → {first[1]!r}")
 
 
 def format_table(gates: list[Gate]) -> str:
