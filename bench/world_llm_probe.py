@@ -1,5 +1,8 @@
 """Probe: does a world LLM trained on dialogue text let the MLLM carry identity and instruction?
 
+Superseded for the LLM itself: `cafe world make` now trains the world `llm` (stage `llm`, training/world/llm.py), so
+step 1 below continues from an already trained model. Steps 2–3 remain the quick assistant check.
+
     python bench/world_llm_probe.py [--out outputs/wa] [--steps 600]
 
 1. Trains the world's tiny Llama (architecture and tokenizer of models/world/llm) as a causal LM on the
