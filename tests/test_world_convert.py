@@ -86,3 +86,25 @@ def test_dino_proxy_objective_trains_instance_separation():
     vit = E.train_dino(images, ids, cfg, seed=0, progress=lambda s, m: losses.append(m["loss"]))
     assert type(vit) is ViTModel
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+def test_dino_hard_batches_share_a_colour(monkeypatch):
+    """``hard_batches=1`` with colour groups: every batch's instances have one colour (18 instances per colour)."""
+    import numpy as np
+
+    pairs = D.sample_pairs(2500, 4, "train")
+    images, _ = D.render_pairs(pairs, 4)
+    insts = D.all_instances()
+    index = {inst.id: k for k, inst in enumerate(insts)}
+    ids = np.array([index[i.id] for i, _ in pairs])
+    assert len(set(ids.tolist())) == len(insts)  # every instance present: batch label g is the instance index
+    colour = np.array([list(D.COLOURS).index(i.colour) for i in insts])
+    seen = []
+    real = E.supcon_loss
+    monkeypatch.setattr(E, "supcon_loss", lambda z, lab, t: seen.append(lab.tolist()) or real(z, lab, t))
+    cfg = E.DinoTrainConfig(width=32, layers=1, heads=2, steps=4, instances_per_batch=18, hard_batches=1.0,
+                            proxy_weight=0.0)
+    E.train_dino(images, ids, cfg, seed=0, groups_of=colour)
+    assert len(seen) == 4
+    for lab in seen:
+        assert len(set(lab)) == 18 and len({int(colour[g]) for g in lab}) == 1

@@ -363,8 +363,11 @@ class WorldMaker:
         images, labels, pairs = self.train_pool()
         inst_index = {inst.id: k for k, inst in enumerate(D.all_instances())}
         ids = np.array([inst_index[i.id] for i, _ in pairs])
+        # colour groups only when hard batches are asked for (passing them draws one more random number per step)
+        colour = (np.array([list(D.COLOURS).index(i.colour) for i in D.all_instances()])
+                  if self.cfg.dino.hard_batches else None)
         model = train_dino(images, ids, self.cfg.dino, self.cfg.seed + 5, _Progress("dino", self.cfg.dino.steps),
-                           self.device)
+                           self.device, groups_of=colour)
         tmp = _tmp(self.world, "dino_filter")
         model.to(getattr(torch, self.cfg.store_dtype)).save_pretrained(tmp, safe_serialization=True)
         _processor(ViTImageProcessor, IMAGENET_MEAN, IMAGENET_STD).save_pretrained(tmp)
