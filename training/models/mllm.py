@@ -38,6 +38,22 @@ MLLM_CONFIG = "mllm.json"
 TRAINABLE = ("vision_proj", "head", "query_token")
 
 
+def chat_prompt_ids(tok, user_text: str) -> list[int]:
+    """The LLM input for one user request: the chat template's generation prompt (a plain ``USER:/ASSISTANT:``
+    prompt for a tokenizer without one)."""
+    if getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": user_text}], add_generation_prompt=True,
+                                      tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        return list(ids)
+    return tok(f"USER: {user_text}\nASSISTANT:").input_ids
+
+
+def chat_response_ids(tok, response: str) -> list[int]:
+    """The reply's ids as the LLM is taught to produce them: ``" " + response`` + EOS."""
+    return tok(" " + response, add_special_tokens=False).input_ids + [tok.eos_token_id]
+
+
 class CafeMLLM(nn.Module):
     def __init__(self, llm, tokenizer, vision_width: int, clip_dim: int, lam: float = 1.0):
         super().__init__()
@@ -73,16 +89,10 @@ class CafeMLLM(nn.Module):
     # -- sequences --------------------------------------------------------------------------------
 
     def prompt_ids(self, user_text: str) -> list[int]:
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template([{"role": "user", "content": user_text}], add_generation_prompt=True,
-                                          tokenize=True)
-            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-            return list(ids)
-        return tok(f"USER: {user_text}\nASSISTANT:").input_ids
+        return chat_prompt_ids(self.tokenizer, user_text)
 
     def response_ids(self, response: str) -> list[int]:
-        return self.tokenizer(" " + response, add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id]
+        return chat_response_ids(self.tokenizer, response)
 
     def _embed_ids(self, ids: list[int]) -> torch.Tensor:
         table = self.llm.get_input_embeddings()

@@ -25,6 +25,7 @@ import torch
 
 from training.data.dialogue_templates import ASSISTANT_TEMPLATES, USER_TEMPLATES
 from training.data.ids import stable_hash
+from training.models.mllm import chat_prompt_ids, chat_response_ids
 from training.world import domain as D
 from training.world.optim import optimizer_step, warmup_cosine
 
@@ -56,22 +57,13 @@ def requests(split: str = "train") -> list[tuple[str, str, str]]:
     return out
 
 
-def prompt_ids(tokenizer, user_text: str) -> list[int]:
-    """The LLM input for a request, as :meth:`CafeMLLM.prompt_ids` builds it (chat generation prompt)."""
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": user_text}], add_generation_prompt=True,
-                                        tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-
 def training_sequences(tokenizer) -> list[list[int]]:
-    """Token ids of every training dialogue: prompt + ``" " + reply`` + EOS."""
+    """Token ids of every training dialogue, built by the MLLM's own sequence functions (prompt, then reply + EOS)."""
     seqs = []
     for user, cls, phrase in requests("train"):
-        prompt = prompt_ids(tokenizer, user)
+        prompt = chat_prompt_ids(tokenizer, user)
         for reply_t in ASSISTANT_TEMPLATES:
-            reply_text = " " + reply_t.format(class_name=cls, phrase=phrase)
-            seqs.append(prompt + tokenizer(reply_text, add_special_tokens=False).input_ids
-                        + [tokenizer.eos_token_id])
+            seqs.append(prompt + chat_response_ids(tokenizer, reply_t.format(class_name=cls, phrase=phrase)))
     return seqs
 
 
@@ -111,7 +103,7 @@ def reply(model, tokenizer, user_texts: list[str], max_new_tokens: int = 48) -> 
     out = []
     dev = next(model.parameters()).device
     for text in user_texts:
-        ids = torch.tensor([prompt_ids(tokenizer, text)], device=dev)
+        ids = torch.tensor([chat_prompt_ids(tokenizer, text)], device=dev)
         gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         out.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip())
