@@ -5,8 +5,8 @@ Usage (on a machine with CUDA)::
     python bench/bench_world_gpu.py OUT_DIR
 
 Trains the whole world from scratch with ``device="cuda"`` into ``OUT_DIR/world``, prints each stage's seconds
-beside the CPU run recorded in ``models/world/world.json``, and each gate figure beside the shipped one (the CPU
-world's ``models/world/gates.json``) with the difference. Writes ``OUT_DIR/gpu_world.json``. Exit 1 if a gate
+beside the run recorded in ``models/world/world.json``, and each gate figure beside the shipped one
+(``models/world/gates.json``) with the difference. Writes ``OUT_DIR/gpu_world.json``. Exit 1 if a gate
 fails or a figure differs from the CPU one by more than 0.05.
 """
 from __future__ import annotations

@@ -156,8 +156,10 @@ def _train(recipe, batch, steps, lr, resume=None, stop_at=None, ckpt_sink=None):
                                on_checkpoint=ckpt_sink)
 
 
-# PromptNet trains alone against a frozen UNet: it can only move one S* token, so its bar is lower (stated).
-@pytest.mark.parametrize("model,lr,steps,bar", [("diffusion", 1e-3, 40, 0.8), ("promptnet", 2e-3, 60, 0.9),
+# PromptNet trains alone against a frozen UNet: it can only move one S* token, so its bar is lower (stated). On the
+# third world (a UNet trained 5,000 steps) its fixed-batch loss goes 1.467 → 1.360 in 60 steps and 1.357 in 150:
+# the floor is the frozen UNet's own error, so the bar is 0.95 (a broken update leaves the loss at 1.467).
+@pytest.mark.parametrize("model,lr,steps,bar", [("diffusion", 1e-3, 40, 0.8), ("promptnet", 2e-3, 60, 0.95),
                                                 ("mllm", 3e-2, 40, 0.8)])
 def test_a_tiny_run_overfits_and_keeps_frozen_weights(model, lr, steps, bar, dataset, dist, tmp_path):
     llm = tu.sensitive_llama(tmp_path / "llm") if model == "mllm" else None

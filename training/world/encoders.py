@@ -15,8 +15,9 @@ Objectives (honest and stated):
   one caption fits several images); soft-target cross-entropy in both directions, learnable temperature.
 * ``dino_filter`` — supervised contrastive learning on **instance identity**: two renders of the same instance
   in different contexts are positives, every other image a negative (SupCon, τ = 0.1), on the CLS token that
-  the build's DINO scorer uses. It is not DINO's self-distillation; it is what makes "same instance across
-  contexts" measurable in this world.
+  the build's DINO scorer uses, plus a normalised-softmax instance-proxy term (one learned proxy per instance,
+  cosine logits / τ, weight ``proxy_weight``; the proxies are discarded after training). It is not DINO's
+  self-distillation; it is what makes "same instance across contexts" measurable in this world.
 * ``clip_cond`` / PromptNet's encoder and ``dino_cond`` are *converted*, not trained: the CLIP conditioner is
   the clip_filter image tower in transformers' CLIP vision layout (``image_embeds`` equal to open_clip's
   ``encode_image``), and dino_cond is the ViT in DINOv2's layout (layer scale 1, same features). The tests

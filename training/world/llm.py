@@ -9,9 +9,11 @@ Usage::
 The text is what the datasets the MLLM is trained on say: every user template of every request style
 (:mod:`training.data.dialogue_templates`) × every class × every instruction phrase, each followed by every
 assistant template, in the format :class:`training.models.mllm.CafeMLLM` feeds the LLM (the chat template's
-generation prompt, then ``" " + reply + EOS``). The loss covers the whole sequence, so the hidden states carry
-the request as well as the reply. A stable 15 % of the (class, phrase) pairs never appear in training: a reply
-to such a request that names its class and its phrase shows the model composes them (the ``llm.reply`` gate).
+generation prompt, then ``" " + reply + EOS``). The loss covers the reply only (supervised fine-tuning): a loss on
+the request too teaches which phrases go with which class, and the model then answers an unseen (class, phrase)
+request with a phrase it saw beside that class (held-out replies 0.83 with it, 0.94 without, 3,000 steps). A
+stable 15 % of the (class, phrase) pairs never appear in training: a reply to such a request that names its class
+and its phrase shows the model composes them (the ``llm.reply`` gate).
 
 ``dialogue_llm`` (the build's dialogue-synthesis role) is not trained here: the world's builds use the template
 backend, and its model stays the random tiny Llama (``cafe_world.json`` says so).
@@ -34,7 +36,7 @@ HELD_OUT_FRACTION = 0.15
 
 @dataclass(frozen=True)
 class LLMTrainConfig:
-    steps: int = 1500
+    steps: int = 3000
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 0.0
@@ -57,25 +59,29 @@ def requests(split: str = "train") -> list[tuple[str, str, str]]:
     return out
 
 
-def training_sequences(tokenizer) -> list[list[int]]:
-    """Token ids of every training dialogue, built by the MLLM's own sequence functions (prompt, then reply + EOS)."""
+def training_sequences(tokenizer) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, reply ids) of every training dialogue, built by the MLLM's own sequence functions (the reply
+    ends with EOS)."""
     seqs = []
     for user, cls, phrase in requests("train"):
         prompt = chat_prompt_ids(tokenizer, user)
         for reply_t in ASSISTANT_TEMPLATES:
-            seqs.append(prompt + chat_response_ids(tokenizer, reply_t.format(class_name=cls, phrase=phrase)))
+            seqs.append((prompt, chat_response_ids(tokenizer, reply_t.format(class_name=cls, phrase=phrase))))
     return seqs
 
 
-def _batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids, attention mask and labels (-100 on padding)."""
-    width = max(map(len, seqs))
+def _batch(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask and labels (the reply's ids; -100 on the prompt and the padding)."""
+    width = max(len(p) + len(r) for p, r in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return ids, mask, ids.masked_fill(mask == 0, -100)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    for i, (prompt, resp) in enumerate(seqs):
+        n = len(prompt) + len(resp)
+        ids[i, :n] = torch.tensor(prompt + resp)
+        mask[i, :n] = 1
+        labels[i, len(prompt): n] = torch.tensor(resp)
+    return ids, mask, labels
 
 
 def train_llm(model, tokenizer, cfg: LLMTrainConfig, seed: int, progress=None, device: str = "cpu"):

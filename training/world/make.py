@@ -74,10 +74,12 @@ class WorldConfig:
     pool_size: int = 24_000
     oracle: OracleTrainConfig = field(default_factory=OracleTrainConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
-    #: 3,000 steps: the UNet's class (shape) adherence was still rising at 1,400 (t2i.class+colour 0.23 there)
-    diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(steps=3000))
-    clip: CLIPTrainConfig = field(default_factory=CLIPTrainConfig)
-    dino: DinoTrainConfig = field(default_factory=DinoTrainConfig)
+    #: Step counts sized for a GPU (the third world, trained on one H100 in about 8 minutes): class (shape) was
+    #: still rising in all three image models at the second world's 3,000 / 1,800 / 2,000 steps (t2i.class+colour
+    #: 0.23 at 1,400 and 0.48 at 3,000). On the 2-core CPU the same command takes hours; see docs/world.md.
+    diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(steps=5000))
+    clip: CLIPTrainConfig = field(default_factory=lambda: CLIPTrainConfig(steps=6000))
+    dino: DinoTrainConfig = field(default_factory=lambda: DinoTrainConfig(steps=6000))
     llm: LLMTrainConfig = field(default_factory=LLMTrainConfig)
     store_dtype: str = "float16"
     num_sources_per_instance: int = 1
