@@ -263,9 +263,13 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="rounds of the step comparison and epochs of each kind")
     ap.add_argument("--steps", type=int, default=30, help="timed steps per engine per round")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps per engine first")
-    ap.add_argument("--rows", type=int, default=64, help="rows in the epoch's dataset (micro-batches of 16)")
+    ap.add_argument("--rows", type=int, default=64, help="rows in the epoch's dataset (in micro-batches of --micro)")
+    ap.add_argument("--micro", type=int, default=16, help="micro-batch rows of the step comparison and the epoch "
+                    "(the DeepSpeed bookkeeping per step is fixed, so its share shrinks as the step grows)")
     ap.add_argument("--quick", action="store_true", help="1 rep, 5 steps, 32 rows: figures meaningless")
     args = ap.parse_args()
+    global MICRO
+    MICRO = args.micro
     if args.quick:
         args.reps, args.steps, args.warmup, args.rows = 1, 5, 1, 32
 

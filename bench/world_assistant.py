@@ -3,7 +3,8 @@
     python bench/world_assistant.py [--out outputs/wa] [--skip-train] [--seeds 0 1]
 
 1. ``cafe train promptnet`` on the world's 108 source images (500 steps, lr 3e-4);
-2. ``cafe build`` round 0 with that PromptNet (S* guidance s1 = 2, s2 = 2, 4 instructions per source);
+2. ``cafe build`` round 0 with that PromptNet (S* guidance s1 = 2, s2 = 2, 4 instructions per source, or
+   ``--per-source N``);
 3. ``cafe cache``, then ``cafe train diffusion`` (800 steps, lr 5e-4) and ``cafe train mllm`` (400 steps) on it;
 4. :func:`training.world.assistant_eval.evaluate_assistant` on the world's eval set (12 subjects × 11
    instructions, reference image 0, the given seeds): the assistant, the direct mode, and two baselines (input
@@ -30,14 +31,14 @@ def sh(*args: str) -> None:
     subprocess.run(args, check=True, cwd=ROOT)
 
 
-def train_all(out: str) -> None:
+def train_all(out: str, per_source: int = 4) -> None:
     common = ["--set", f"train.output_dir={out}/train", "--set", f"train.storage_path={out}/runs",
               "--set", f"train.log_dir={out}/tb", "--set", "run.name=wa", "--set", "train.log_every=100"]
     sh(CAFE, "train", "promptnet", "configs/tiny.yaml", *common, "--set", "train.promptnet.max_steps=500",
        "--set", "train.promptnet.lr=0.0003", "--set", "train.checkpoint.every_steps=250")
     sh(CAFE, "build", "configs/tiny.yaml", "--out", f"{out}/round0", "--set",
        f"models.promptnet.path={ROOT / out / 'train' / 'promptnet'}", "--set", "build.profusion.s1=2.0",
-       "--set", "build.profusion.s2=2.0", "--set", "build.instructions.per_source=4")
+       "--set", "build.profusion.s2=2.0", "--set", f"build.instructions.per_source={per_source}")
     data = ["--set", f"train.data.datasets=[{out}/round0]", "--set", "train.checkpoint.every_steps=200"]
     sh(CAFE, "cache", "configs/tiny.yaml", *common, *data)
     sh(CAFE, "train", "diffusion", "configs/tiny.yaml", *common, *data, "--set", "train.diffusion.max_steps=800",
@@ -121,6 +122,7 @@ if __name__ == "__main__":
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--scale-dino", type=float, default=None, help="override train.generate.scale_dino")
+    ap.add_argument("--per-source", type=int, default=4, help="instructions per source image in the round-0 build")
     ap.add_argument("--ideal", action="store_true",
                     help="diagnostic: train on ground-truth round-0 pairs instead of the ProFusion build")
     a = ap.parse_args()
@@ -130,5 +132,5 @@ if __name__ == "__main__":
         evaluate(f"{a.out}", a.seeds, a.scale_dino, train_dir=f"{a.out}/ideal-train", tag="ideal")
     else:
         if not a.skip_train:
-            train_all(a.out)
+            train_all(a.out, a.per_source)
         evaluate(a.out, a.seeds, a.scale_dino)
