@@ -13,6 +13,12 @@ and config). Writes ``OUT_DIR/world.tgz.partNN`` (the changed model folders, wor
 in pieces small enough to transfer), ``OUT_DIR/gpu_retrain.json`` and the two children's logs.
 
 Unpack on the CPU side with ``cat OUT/world.tgz.part* | tar xz -C models/world``, then ``cafe world check``.
+
+On the lent GPU machine (torch 2.11 preinstalled, no package index) the run used wheels carried in an ignored
+folder: diffusers 0.42.1, open_clip_torch 3.3.0 with **ftfy and wcwidth** (open_clip imports ftfy), transformers
+5.24.0, huggingface_hub, tokenizers, safetensors and their pure-Python dependencies; ``pip install --no-deps
+--target /tmp/site`` then ``PYTHONPATH=/tmp/site:$PWD``. Carry ``models/world/_work/vae-<key>`` too (2.7 MB) so that
+the VAE stage is not retrained; the pool (77 MB) is rendered there in about 40 s.
 """
 from __future__ import annotations
 
