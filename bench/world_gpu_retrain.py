@@ -37,9 +37,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from training.world.make import OUTPUTS  # noqa: E402
+
 ENCODER_STAGES = ["clip_filter", "clip_cond", "dino_filter", "dino_cond", "llm"]
-PACKED = ["oracle", "t2i", "clip_filter", "clip_cond", "dino_filter", "dino_cond", "promptnet", "llm", "dialogue_llm",
-          "world.json", "gates.json", "GATES.md", "samples_t2i.png"]
+# every model stage's outputs (the make's own OUTPUTS table) and the state file; the assets are unchanged
+PACKED = [o for stage, outs in OUTPUTS.items() if stage != "assets" for o in outs] + ["world.json"]
 
 
 def _config(scale: float, threads: int):
@@ -134,7 +136,7 @@ def main() -> int:
             state_a["stages"][stage] = state_b["stages"][stage]
             state_a.setdefault("devices", {})[stage] = state_b.get("devices", {}).get(stage)
         (a / "world.json").write_text(json.dumps(state_a, indent=2, default=list))
-        for name in ("clip_filter", "clip_cond", "dino_filter", "dino_cond", "llm", "dialogue_llm"):
+        for name in (o for stage in ENCODER_STAGES for o in OUTPUTS[stage]):
             shutil.rmtree(a / name, ignore_errors=True)
             shutil.copytree(b / name, a / name)
     if rc.get("t2i") == 0 and rc.get("enc") == 0:
