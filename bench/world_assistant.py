@@ -10,7 +10,10 @@
    instructions, reference image 0, the given seeds): the assistant, the direct mode, and two baselines (input
    unchanged; the world t2i on the instruction text).
 
-Writes ``<out>/assistant_eval.json`` and prints the table recorded in bench/RESULTS.md.
+Writes ``<out>/assistant_eval.json`` and prints the table recorded in bench/RESULTS.md. ``--mllm-steps``,
+``--mllm-lam``, ``--mllm-lr`` change the MLLM run (its own run name then, and ``assistant_eval_<tag>.json``);
+``--only-mllm`` retrains only the MLLM on what ``--out`` already holds (also with ``--ideal``, the ideal-data
+diagnostic).
 """
 from __future__ import annotations
 
@@ -31,19 +34,38 @@ def sh(*args: str) -> None:
     subprocess.run(args, check=True, cwd=ROOT)
 
 
-def train_all(out: str, per_source: int = 4) -> None:
+MLLM = {"steps": 400, "lam": None, "lr": None}  # --mllm-*: the MLLM run's overrides (None: configs/tiny.yaml's)
+
+
+def mllm_args() -> list[str]:
+    args = ["--set", f"train.mllm.max_steps={MLLM['steps']}"]
+    if MLLM["lam"] is not None:
+        args += ["--set", f"train.mllm.lam={MLLM['lam']}"]
+    if MLLM["lr"] is not None:
+        args += ["--set", f"train.mllm.lr={MLLM['lr']}"]
+    return args
+
+
+def train_all(out: str, per_source: int = 4, only_mllm: bool = False) -> None:
     common = ["--set", f"train.output_dir={out}/train", "--set", f"train.storage_path={out}/runs",
               "--set", f"train.log_dir={out}/tb", "--set", "run.name=wa", "--set", "train.log_every=100"]
+    data = ["--set", f"train.data.datasets=[{out}/round0]", "--set", "train.checkpoint.every_steps=200"]
+    if not only_mllm:
+        train_round0(out, per_source, common, data)
+    tag = mllm_tag()  # a non-default MLLM run gets its own run name (else it would resume the default one)
+    sh(CAFE, "train", "mllm", "configs/tiny.yaml", *common, *data, *mllm_args(),
+       *(["--set", f"run.name=wa-{tag}"] if tag else []))
+
+
+def train_round0(out: str, per_source: int, common: list[str], data: list[str]) -> None:
     sh(CAFE, "train", "promptnet", "configs/tiny.yaml", *common, "--set", "train.promptnet.max_steps=500",
        "--set", "train.promptnet.lr=0.0003", "--set", "train.checkpoint.every_steps=250")
     sh(CAFE, "build", "configs/tiny.yaml", "--out", f"{out}/round0", "--set",
        f"models.promptnet.path={ROOT / out / 'train' / 'promptnet'}", "--set", "build.profusion.s1=2.0",
        "--set", "build.profusion.s2=2.0", "--set", f"build.instructions.per_source={per_source}")
-    data = ["--set", f"train.data.datasets=[{out}/round0]", "--set", "train.checkpoint.every_steps=200"]
     sh(CAFE, "cache", "configs/tiny.yaml", *common, *data)
     sh(CAFE, "train", "diffusion", "configs/tiny.yaml", *common, *data, "--set", "train.diffusion.max_steps=800",
        "--set", "train.diffusion.lr=0.0005")
-    sh(CAFE, "train", "mllm", "configs/tiny.yaml", *common, *data, "--set", "train.mllm.max_steps=400")
 
 
 def write_ideal_dataset(out: str, n: int = 1024, seed: int = 0) -> str:
@@ -76,15 +98,23 @@ def write_ideal_dataset(out: str, n: int = 1024, seed: int = 0) -> str:
     return f"{out}/ideal"
 
 
-def train_ideal(out: str) -> None:
-    dataset = write_ideal_dataset(out)
+def mllm_tag() -> str:
+    """A name for a non-default MLLM run (its own Ray Train run, so it does not resume another's checkpoint)."""
+    parts = [f"s{MLLM['steps']}"] + [f"{k}{MLLM[k]:g}" for k in ("lam", "lr") if MLLM[k] is not None]
+    return "" if parts == ["s400"] else "mllm-" + "-".join(parts)
+
+
+def train_ideal(out: str, only_mllm: bool = False) -> None:
+    dataset = f"{out}/ideal" if only_mllm else write_ideal_dataset(out)
     common = ["--set", f"train.output_dir={out}/ideal-train", "--set", f"train.storage_path={out}/runs",
-              "--set", f"train.log_dir={out}/tb", "--set", "run.name=ideal", "--set", "train.log_every=100",
+              "--set", f"train.log_dir={out}/tb", "--set", "train.log_every=100",
               "--set", f"train.data.datasets=[{dataset}]", "--set", "train.checkpoint.every_steps=400"]
-    sh(CAFE, "cache", "configs/tiny.yaml", *common)
-    sh(CAFE, "train", "diffusion", "configs/tiny.yaml", *common, "--set", "train.diffusion.max_steps=1200",
-       "--set", "train.diffusion.lr=0.0005")
-    sh(CAFE, "train", "mllm", "configs/tiny.yaml", *common, "--set", "train.mllm.max_steps=400")
+    if not only_mllm:
+        sh(CAFE, "cache", "configs/tiny.yaml", *common, "--set", "run.name=ideal")
+        sh(CAFE, "train", "diffusion", "configs/tiny.yaml", *common, "--set", "run.name=ideal",
+           "--set", "train.diffusion.max_steps=1200", "--set", "train.diffusion.lr=0.0005")
+    name = "ideal" + (f"-{mllm_tag()}" if mllm_tag() else "")
+    sh(CAFE, "train", "mllm", "configs/tiny.yaml", *common, "--set", f"run.name={name}", *mllm_args())
 
 
 def evaluate(out: str, seeds: list[int], scale_dino: float | None = None, train_dir: str | None = None,
@@ -125,12 +155,19 @@ if __name__ == "__main__":
     ap.add_argument("--per-source", type=int, default=4, help="instructions per source image in the round-0 build")
     ap.add_argument("--ideal", action="store_true",
                     help="diagnostic: train on ground-truth round-0 pairs instead of the ProFusion build")
+    ap.add_argument("--mllm-steps", type=int, default=400, help="MLLM training steps")
+    ap.add_argument("--mllm-lam", type=float, default=None, help="MLLM λ (SPEC D2); default: the config's")
+    ap.add_argument("--mllm-lr", type=float, default=None, help="MLLM learning rate; default: the config's")
+    ap.add_argument("--only-mllm", action="store_true", help="reuse the round-0 build (or the ideal data) and the "
+                    "trained diffusion model in --out; retrain only the MLLM")
     a = ap.parse_args()
+    MLLM.update(steps=a.mllm_steps, lam=a.mllm_lam, lr=a.mllm_lr)
     if a.ideal:
         if not a.skip_train:
-            train_ideal(a.out)
-        evaluate(f"{a.out}", a.seeds, a.scale_dino, train_dir=f"{a.out}/ideal-train", tag="ideal")
+            train_ideal(a.out, a.only_mllm)
+        evaluate(f"{a.out}", a.seeds, a.scale_dino, train_dir=f"{a.out}/ideal-train",
+                 tag="ideal" + (f"_{mllm_tag()}" if mllm_tag() else ""))
     else:
         if not a.skip_train:
-            train_all(a.out, a.per_source)
-        evaluate(a.out, a.seeds, a.scale_dino)
+            train_all(a.out, a.per_source, a.only_mllm)
+        evaluate(a.out, a.seeds, a.scale_dino, tag=mllm_tag())
