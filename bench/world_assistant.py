@@ -79,7 +79,7 @@ def write_ideal_dataset(out: str, n: int = 1024, seed: int = 0) -> str:
     from PIL import Image
 
     from training.data import schema
-    from training.world.assistant_eval import ideal_pairs
+    from training.world.assistant_eval import REQUEST, RESPONSE, ideal_pairs
 
     def png(a):
         buf = io.BytesIO()
@@ -90,8 +90,8 @@ def write_ideal_dataset(out: str, n: int = 1024, seed: int = 0) -> str:
     for inst, phrase, x, y in ideal_pairs(n, seed):
         rows.append({schema.ID: f"ideal{len(rows):05d}", schema.CLASS: inst.cls, schema.INSTRUCTION: phrase,
                      schema.INPUT_IMAGE: png(x), schema.TARGET_IMAGE: png(y),
-                     schema.USER_TEXT: f"Can you generate an image for this {inst.cls} {phrase}?",
-                     schema.ASSISTANT_TEXT: f"Here is the {inst.cls} {phrase}."})
+                     schema.USER_TEXT: REQUEST.format(cls=inst.cls, phrase=phrase),
+                     schema.ASSISTANT_TEXT: RESPONSE.format(cls=inst.cls, phrase=phrase)})
     data = ROOT / out / "ideal" / "dataset" / "data"
     data.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), data / "train-000000.parquet")

@@ -12,10 +12,11 @@ at least 24), it reports the held-out MSE of:
 * **linear probe**: ridge regression from [mean-pooled ``vision_input`` of x, one-hot instruction, one-hot class]
   to ``clip_target`` (ridge α chosen on the training rows by leave-one-out, closed form): what a plain linear
   read-out of the same inputs achieves;
-* **MLLM**: :class:`training.trainers.mllm.MLLMRecipe` (the ``cafe train mllm`` model: frozen world ``llm``,
-  trainable V, H and the query token), trained with AdamW (each ``--lr``, warm-up 5 steps, clip 1.0, micro-batch ``--batch``, 8 by default)
-  on the training rows for each of ``--steps``, for each ``--lam`` (SPEC D2's λ; 1 is the default; the embedding
-  MSE is a mean over dimensions, so ``λ = clip_dim`` weighs it as a squared distance).
+* **MLLM**: :func:`training.world.assistant_eval.fit_mllm_head`, the ``cafe train mllm`` model (frozen world
+  ``llm``, trainable V, H and the query token) trained in-process with AdamW (each ``--lr``, warm-up 5 steps,
+  clip 1.0, micro-batch ``--batch``, 8 by default) on the training rows for each of ``--steps``, for each
+  ``--lam`` (SPEC D2's λ; 1 is the code default; the embedding MSE is a mean over dimensions, so
+  ``λ = clip_dim`` weighs it as a squared distance).
 
 Prints a table and writes ``--json``. Run on a quiet machine: the MLLM trains in seconds per 100 steps on 2 cores.
 """
@@ -25,9 +26,7 @@ import argparse
 import glob
 import json
 import sys
-import time
 from pathlib import Path
-from types import SimpleNamespace as NS
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -81,46 +80,6 @@ def linear_probe(cols: dict, train, test) -> dict:
             "test_mse": float(((X[test] @ W - Y[test]) ** 2).mean())}
 
 
-def train_mllm(cols: dict, train, test, lam: float, lr: float, checkpoints: list[int], batch_size: int = 8,
-               seed: int = 0) -> list[dict]:
-    import numpy as np
-    import torch
-
-    from tests import trainutil as tu
-    from training.trainers.mllm import MLLMRecipe
-
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    rec = MLLMRecipe(NS(lam=lam, select_layer=-2), tu.roles()).setup("cpu", encoders=False)
-    module = rec.module
-    rec.module_train_mode(module)
-    params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5))
-    batch = lambda idx: {k: [v[i] for i in idx] for k, v in cols.items()}  # noqa: E731
-
-    def mse(idx) -> tuple[float, float]:
-        with torch.no_grad():
-            out = module(**rec.prepare(batch(idx), 0, 0))
-        return float(out["mse"]), float(out["lm"])
-
-    out, t0 = [], time.perf_counter()
-    for step in range(1, max(checkpoints) + 1):
-        loss = module(**rec.prepare(batch(rng.choice(train, batch_size, replace=False)), 0, step))["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if step in checkpoints:
-            (tr, _), (te, lm) = mse(train), mse(test)
-            out.append({"lam": lam, "lr": lr, "batch": batch_size, "steps": step, "train_mse": tr, "test_mse": te, "test_lm": lm,
-                        "seconds": round(time.perf_counter() - t0, 1)})
-            print(f"MLLM λ {lam:g} lr {lr:g} batch {batch_size} step {step}: train MSE {tr:.5f}, held-out MSE {te:.5f}, held-out LM "
-                  f"{lm:.4f} ({out[-1]['seconds']:.0f} s)", flush=True)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("round_dir", help="a round-0 build's output folder with a `cafe cache` (e.g. outputs/wa11/round0)")
@@ -134,6 +93,9 @@ def main() -> None:
     import numpy as np
     import torch
 
+    from tests import trainutil as tu
+    from training.world.assistant_eval import fit_mllm_head
+
     torch.set_num_threads(2)
     U.quiet_libraries()
     U.header("world_mllm_head: held-out MSE of the MLLM's predicted CLIP embedding vs the mean and a linear probe")
@@ -146,8 +108,13 @@ def main() -> None:
            "mean_test_mse": float(((Y[test] - mean) ** 2).mean()),
            "mean_train_mse": float(((Y[train] - mean) ** 2).mean()), "probe": linear_probe(cols, train, test)}
     print(f"{n} rows ({len(train)} train, {len(test)} held out); clip_target dim {Y.shape[1]}")
+    def progress(r: dict) -> None:
+        print(f"MLLM λ {r['lam']:g} lr {r['lr']:g} batch {r['batch']} step {r['steps']}: train MSE {r['train_mse']:.5f}, "
+              f"held-out MSE {r['test_mse']:.5f}, held-out LM {r['test_lm']:.4f} ({r['seconds']:.0f} s)", flush=True)
+
     runs = [r for lam in args.lam for lr in args.lr
-            for r in train_mllm(cols, train, test, lam, lr, sorted(args.steps), args.batch)]
+            for r in fit_mllm_head(cols, train, test, tu.roles(), lam, lr, sorted(args.steps), args.batch,
+                                   progress=progress)]
     rows = [["predict the training mean", f"{ref['mean_train_mse']:.5f}", f"{ref['mean_test_mse']:.5f}", "1.00"],
             [f"linear probe (ridge α {ref['probe']['alpha']:g})", f"{ref['probe']['train_mse']:.5f}",
              f"{ref['probe']['test_mse']:.5f}", f"{ref['probe']['test_mse'] / ref['mean_test_mse']:.2f}"]]

@@ -33,6 +33,7 @@ import numpy as np
 from training.world import domain as D
 
 REQUEST = "Can you generate an image for this {cls} {phrase}?"
+RESPONSE = "Here is the {cls} {phrase}."  # the reply of the ideal rows (:func:`ideal_pairs`)
 METHODS = ("assistant", "direct", "input", "t2i")
 
 
@@ -121,6 +122,55 @@ def ideal_pairs(n: int, seed: int = 0):
         y = D.render_pairs([(inst, target_ctx)], rng.randrange(2**31))[0][0]
         made += 1
         yield inst, phrase, x, y
+
+
+def fit_mllm_head(rows: dict, train, test, roles: dict, lam: float, lr: float, checkpoints: Sequence[int],
+                  batch_size: int = 8, seed: int = 0, progress=None) -> list[dict]:
+    """Train the MLLM recipe in-process (``cafe train mllm``'s model: frozen ``llm``, trainable V, H and the query
+    token) on ``rows[train]`` and report, at each step count in ``checkpoints``, the embedding MSE of H(h) against
+    ``clip_target`` on the training rows and on ``rows[test]`` (+ the held-out LM loss).
+
+    ``rows``: columns ``user_text``, ``assistant_text``, ``vision_input`` (patches, width) and ``clip_target``
+    (a cache's, or :class:`training.encoders.ConditionEncoders`' output), one entry per row. AdamW at ``lr``,
+    linear warm-up over 5 steps, gradient norm clipped to 1, micro-batches of ``batch_size`` rows drawn at random.
+    """
+    import time
+
+    import torch
+
+    from training.trainers.mllm import MLLMRecipe
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    section = type("MLLMSection", (), {"lam": lam, "select_layer": -2})()
+    rec = MLLMRecipe(section, roles).setup("cpu", encoders=False)
+    module = rec.module
+    rec.module_train_mode(module)
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5))
+    batch = lambda idx: {k: [v[i] for i in idx] for k, v in rows.items()}  # noqa: E731
+
+    def measure(idx) -> dict:
+        with torch.no_grad():
+            out = module(**rec.prepare(batch(idx), 0, 0))
+        return {"mse": float(out["mse"]), "lm": float(out["lm"])}
+
+    out, t0 = [], time.perf_counter()
+    for step in range(1, max(checkpoints) + 1):
+        loss = module(**rec.prepare(batch(rng.choice(train, batch_size, replace=False)), 0, step))["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step in checkpoints:
+            tr, te = measure(train), measure(test)
+            out.append({"lam": lam, "lr": lr, "batch": batch_size, "steps": step, "train_mse": tr["mse"],
+                        "test_mse": te["mse"], "test_lm": te["lm"], "seconds": round(time.perf_counter() - t0, 1)})
+            if progress is not None:
+                progress(out[-1])
+    return out
 
 
 def _rate(x: np.ndarray) -> dict:
