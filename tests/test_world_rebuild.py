@@ -1,11 +1,12 @@
 """`cafe world make` from scratch reproduces the shipped world's gate figures.
 
-About 10 min on one H100 (CUDA is used when visible); about 100 min on the 2-core CPU machine (estimated from
+About 12 min on one H100 (CUDA is used when visible); about 100 min on the 2-core CPU machine (estimated from
 the stages' step times; docs/world.md). Marked ``rebuild``: deselected by `make test`, run by `make test-rebuild`.
 Tolerance: the same gates pass as in the shipped ``gates.json`` and each rate is within 0.05 of the shipped figure
 (training is deterministic for a given device and thread count; other thread counts or a GPU change float
-rounding, which moves the figures slightly — the shipped world was trained on an H100, and its figures re-measured
-on the CPU were identical to the fourth decimal).
+rounding, which moves the figures slightly — the shipped world's CLIP and DINO towers were trained on an H100 and
+its VAE and t2i on the 2-core CPU; the H100-trained figures re-measured on the CPU were identical to the fourth
+decimal).
 """
 from __future__ import annotations
 

@@ -15,6 +15,9 @@ Gates (targets from the world's specification; none is lowered silently — a mi
 * ``oracle``: every attribute right on fresh ground-truth renders (all pairs), ≥ 0.98.
 * ``t2i.*``: images generated for **held-out** full captions (DDIM 30, CFG 2.5), judged by the oracle: class and
   colour both right, and each context attribute right, each ≥ 0.80.
+* ``vae.class+colour``: the same held-out pairs rendered, encoded and decoded by the t2i's VAE, judged by the
+  oracle: class and colour both right, ≥ 0.95. What the VAE loses, no UNet can generate: this is the t2i gate's
+  ceiling (the third world's VAE reached 0.85, and its t2i 0.77).
 * ``clip.retrieval``: zero-shot caption retrieval top-1 on held-out renders among all
   ``class × colour × context`` captions (1,728; the mark is left to the DINO gates), ≥ 0.90.
   ``clip.context_margin``: the fraction of (image, wrong-context caption) pairs — one context phrase changed —
@@ -200,6 +203,17 @@ def measure_gates(world_dir: str | os.PathLike, *, n_oracle: int = 2000, n_t2i: 
     for a in D.CONTEXT_ATTRIBUTES:
         gates.append(Gate(f"t2i.{a}", rates[a], 0.80, 1 / attr_k[a]))
     progress(f"gate t2i: {rates}")
+
+    # the t2i's ceiling: the same held-out pairs rendered, passed through the t2i's VAE, judged by the oracle
+    from training.world.t2i import decode_latents, encode_latents
+
+    renders, _ = D.render_pairs(pairs, EVAL_SEED)
+    rec = decode_latents(t2i.components.vae, encode_latents(t2i.components.vae, renders))
+    vae_rates = attribute_rates(oracle.predict(rec), truth)
+    gates.append(Gate("vae.class+colour", vae_rates["class+colour"], 0.95, 1 / 36,
+                      detail=f"mark={vae_rates['mark']:.3f} style={vae_rates['style']:.3f} (reconstructions of the "
+                      f"t2i gate's held-out pairs; the t2i gate's ceiling)"))
+    progress(f"gate vae: {vae_rates}")
 
     # clip_filter
     clip = load_role("clip_filter", world / "clip_filter", device=device)
