@@ -1,7 +1,7 @@
 """`cafe world make` from scratch reproduces the shipped world's gate figures.
 
-About 12 min on one H100 (CUDA is used when visible); about 100 min on the 2-core CPU machine (estimated from
-the stages' step times; docs/world.md). Marked ``rebuild``: deselected by `make test`, run by `make test-rebuild`.
+About 12 min on one H100 (CUDA is used when visible); about 110 min on the 2-core CPU machine (every stage
+timed there separately; docs/world.md). Marked ``rebuild``: deselected by `make test`, run by `make test-rebuild`.
 Tolerance: the same gates pass as in the shipped ``gates.json`` and each rate is within 0.05 of the shipped figure
 (training is deterministic for a given device and thread count; other thread counts or a GPU change float
 rounding, which moves the figures slightly — the shipped world's CLIP and DINO towers were trained on an H100 and
