@@ -22,6 +22,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,27 +35,40 @@ def sh(*args: str) -> None:
     subprocess.run(args, check=True, cwd=ROOT)
 
 
-MLLM = {"steps": 400, "lam": None, "lr": None}  # --mllm-*: the MLLM run's overrides (None: configs/tiny.yaml's)
+@dataclass(frozen=True)
+class MLLMRun:
+    """The MLLM run's overrides (``--mllm-*``; ``None``: configs/tiny.yaml's value)."""
+
+    steps: int = 400
+    lam: float | None = None
+    lr: float | None = None
+
+    def args(self) -> list[str]:
+        args = ["--set", f"train.mllm.max_steps={self.steps}"]
+        for key in ("lam", "lr"):
+            if getattr(self, key) is not None:
+                args += ["--set", f"train.mllm.{key}={getattr(self, key)}"]
+        return args
+
+    @property
+    def tag(self) -> str:
+        """A name for a non-default run ("" for the default): its own Ray Train run name, so that it does not
+        resume another run's checkpoint, and its own eval file."""
+        parts = [f"s{self.steps}"] + [f"{k}{getattr(self, k):g}" for k in ("lam", "lr") if getattr(self, k) is not None]
+        return "" if parts == ["s400"] else "mllm-" + "-".join(parts)
+
+    def suffixed(self, name: str, sep: str = "-") -> str:
+        return name + (f"{sep}{self.tag}" if self.tag else "")
 
 
-def mllm_args() -> list[str]:
-    args = ["--set", f"train.mllm.max_steps={MLLM['steps']}"]
-    if MLLM["lam"] is not None:
-        args += ["--set", f"train.mllm.lam={MLLM['lam']}"]
-    if MLLM["lr"] is not None:
-        args += ["--set", f"train.mllm.lr={MLLM['lr']}"]
-    return args
-
-
-def train_all(out: str, per_source: int = 4, only_mllm: bool = False) -> None:
+def train_all(out: str, mllm: MLLMRun, per_source: int = 4, only_mllm: bool = False) -> None:
     common = ["--set", f"train.output_dir={out}/train", "--set", f"train.storage_path={out}/runs",
               "--set", f"train.log_dir={out}/tb", "--set", "run.name=wa", "--set", "train.log_every=100"]
     data = ["--set", f"train.data.datasets=[{out}/round0]", "--set", "train.checkpoint.every_steps=200"]
     if not only_mllm:
         train_round0(out, per_source, common, data)
-    tag = mllm_tag()  # a non-default MLLM run gets its own run name (else it would resume the default one)
-    sh(CAFE, "train", "mllm", "configs/tiny.yaml", *common, *data, *mllm_args(),
-       *(["--set", f"run.name=wa-{tag}"] if tag else []))
+    sh(CAFE, "train", "mllm", "configs/tiny.yaml", *common, *data, *mllm.args(), "--set",
+       f"run.name={mllm.suffixed('wa')}")
 
 
 def train_round0(out: str, per_source: int, common: list[str], data: list[str]) -> None:
@@ -98,13 +112,7 @@ def write_ideal_dataset(out: str, n: int = 1024, seed: int = 0) -> str:
     return f"{out}/ideal"
 
 
-def mllm_tag() -> str:
-    """A name for a non-default MLLM run (its own Ray Train run, so it does not resume another's checkpoint)."""
-    parts = [f"s{MLLM['steps']}"] + [f"{k}{MLLM[k]:g}" for k in ("lam", "lr") if MLLM[k] is not None]
-    return "" if parts == ["s400"] else "mllm-" + "-".join(parts)
-
-
-def train_ideal(out: str, only_mllm: bool = False) -> None:
+def train_ideal(out: str, mllm: MLLMRun, only_mllm: bool = False) -> None:
     dataset = f"{out}/ideal" if only_mllm else write_ideal_dataset(out)
     common = ["--set", f"train.output_dir={out}/ideal-train", "--set", f"train.storage_path={out}/runs",
               "--set", f"train.log_dir={out}/tb", "--set", "train.log_every=100",
@@ -113,8 +121,8 @@ def train_ideal(out: str, only_mllm: bool = False) -> None:
         sh(CAFE, "cache", "configs/tiny.yaml", *common, "--set", "run.name=ideal")
         sh(CAFE, "train", "diffusion", "configs/tiny.yaml", *common, "--set", "run.name=ideal",
            "--set", "train.diffusion.max_steps=1200", "--set", "train.diffusion.lr=0.0005")
-    name = "ideal" + (f"-{mllm_tag()}" if mllm_tag() else "")
-    sh(CAFE, "train", "mllm", "configs/tiny.yaml", *common, "--set", f"run.name={name}", *mllm_args())
+    sh(CAFE, "train", "mllm", "configs/tiny.yaml", *common, "--set", f"run.name={mllm.suffixed('ideal')}",
+       *mllm.args())
 
 
 def evaluate(out: str, seeds: list[int], scale_dino: float | None = None, train_dir: str | None = None,
@@ -161,13 +169,13 @@ if __name__ == "__main__":
     ap.add_argument("--only-mllm", action="store_true", help="reuse the round-0 build (or the ideal data) and the "
                     "trained diffusion model in --out; retrain only the MLLM")
     a = ap.parse_args()
-    MLLM.update(steps=a.mllm_steps, lam=a.mllm_lam, lr=a.mllm_lr)
+    mllm = MLLMRun(a.mllm_steps, a.mllm_lam, a.mllm_lr)
     if a.ideal:
         if not a.skip_train:
-            train_ideal(a.out, a.only_mllm)
+            train_ideal(a.out, mllm, a.only_mllm)
         evaluate(f"{a.out}", a.seeds, a.scale_dino, train_dir=f"{a.out}/ideal-train",
-                 tag="ideal" + (f"_{mllm_tag()}" if mllm_tag() else ""))
+                 tag=mllm.suffixed("ideal", "_"))
     else:
         if not a.skip_train:
-            train_all(a.out, a.per_source, a.only_mllm)
-        evaluate(a.out, a.seeds, a.scale_dino, tag=mllm_tag())
+            train_all(a.out, mllm, a.per_source, a.only_mllm)
+        evaluate(a.out, a.seeds, a.scale_dino, tag=mllm.tag)

@@ -170,7 +170,7 @@ def measure_gates(world_dir: str | os.PathLike, *, n_oracle: int = 2000, n_t2i: 
 
     from training.models.kit import load_role
     from training.world.oracle import accuracy, load_oracle
-    from training.world.t2i import generate
+    from training.world.t2i import decode_latents, encode_latents, generate
 
     world = Path(world_dir)
     gates: list[Gate] = []
@@ -205,8 +205,6 @@ def measure_gates(world_dir: str | os.PathLike, *, n_oracle: int = 2000, n_t2i: 
     progress(f"gate t2i: {rates}")
 
     # the t2i's ceiling: the same held-out pairs rendered, passed through the t2i's VAE, judged by the oracle
-    from training.world.t2i import decode_latents, encode_latents
-
     renders, _ = D.render_pairs(pairs, EVAL_SEED)
     rec = decode_latents(t2i.components.vae, encode_latents(t2i.components.vae, renders))
     vae_rates = attribute_rates(oracle.predict(rec), truth)
