@@ -37,7 +37,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from pipeline.config import CafeConfig
-from pipeline.stages import DialogueStage, GenerateStage, ScoreStage, SourcesStage, sink_batch
+from pipeline.stages import DialogueStage, GenerateStage, ScoreStage, SourcesStage, distill_checkpoint, sink_batch
 from pipeline.store import Lease, Storage, is_uri
 from training.data import schema as S
 
@@ -107,7 +107,12 @@ def stage_keys(cfg: CafeConfig, fingerprints: dict[str, str]) -> dict[str, str]:
     role = lambda r: {"fingerprint": fingerprints.get(r), "dtype": m.role_spec(r).dtype}  # noqa: E731
     plan = _h("plan", S.SCHEMA_VERSION, cfg.run.seed, b.round, b.rows_per_chunk, _semantic(b.sources),
               _semantic(b.instructions), role("t2i") if b.sources.kind == "generate" else None)
-    generate = _h("generate", plan, _semantic(b.profusion), role("t2i"), role("promptnet"))
+    if b.round == 0:
+        generate = _h("generate", plan, _semantic(b.profusion), role("t2i"), role("promptnet"))
+    else:  # the round r−1 models by their weights (never their paths), the base t2i for x_ref, λ, mode
+        generate = _h("generate", plan, _semantic(b.distill, frozenset({"mllm", "diffusion"})), role("t2i"),
+                      role("clip_cond"), role("dino_cond"), fingerprints.get("distill"),
+                      role("llm") if b.distill.mode == "mix" else None)
     score = _h("score", generate, role("clip_filter"), role("dino_filter"),
                *([("oracle", fingerprints.get("oracle"))] if b.scoring.oracle else []))
     rules = _h("rules", score, _semantic(b.rules))
@@ -119,6 +124,10 @@ def stage_keys(cfg: CafeConfig, fingerprints: dict[str, str]) -> dict[str, str]:
 
 def used_roles(cfg: CafeConfig) -> list[str]:
     roles = ["t2i", "promptnet", "clip_filter", "dino_filter"]
+    if cfg.build.round >= 1:  # the assistant's frozen encoders (and LLM for mode mix), not PromptNet
+        roles = ["t2i", "clip_cond", "dino_cond", "clip_filter", "dino_filter"]
+        if cfg.build.distill.mode == "mix":
+            roles.append("llm")
     if cfg.build.dialogue.backend == "transformers":
         roles.append("dialogue_llm")
     return roles
@@ -288,7 +297,8 @@ def write_dataset_card(out: Storage, manifest: dict) -> None:
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}],
         # datasets' own YAML form of the features (what `push_to_hub` writes into a card)
         "dataset_info": {"features": features._to_yaml_list(),
-                         "splits": [{"name": "train", "num_examples": manifest["counts"]["kept"]}]},
+                         "splits": [{"name": "train", "num_bytes": manifest["counts"].get("dataset_bytes", 0),
+                                     "num_examples": manifest["counts"]["kept"]}]},
     }
     funnel = "\n".join(f"| {f['stage']} | {f['in']} | {f['out']} | "
                        f"{', '.join(f'{k}: {v}' for k, v in sorted(f['removed'].items())) or '–'} |"
@@ -341,6 +351,8 @@ def run_build(cfg: CafeConfig, out_dir: str | os.PathLike | None = None, address
             raise FileNotFoundError(f"models.{role}: {cfg.models.role_dir(role)} does not exist "
                                     "(run `cafe models make-tiny DIR` or point models.root at real weights)")
     fingerprints = {r: fingerprint(cfg.models.role_dir(r)) for r in used_roles(cfg)}
+    if cfg.build.round >= 1:
+        fingerprints["distill"] = distill_checkpoint(cfg)
     if cfg.build.scoring.oracle:
         if not Path(cfg.build.scoring.oracle).is_dir():
             raise FileNotFoundError(f"build.scoring.oracle = {cfg.build.scoring.oracle}: not a directory "

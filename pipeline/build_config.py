@@ -283,6 +283,25 @@ class DialogueConfig(_Strict):
     transformers: TransformersBackendConfig = TransformersBackendConfig()
 
 
+class DistillConfig(_Strict):
+    """Rounds r ≥ 1 (self-distillation, CAFE Eq. 4; SPEC D3): the round r−1 assistant makes the targets.
+
+    ``mllm``/``diffusion`` name the trained model directories (``cafe pipeline run`` fills them with the round
+    r−1 exports); their weight fingerprints are the rows' ``checkpoint`` and part of the generation key.
+    """
+
+    mode: Literal["eq4", "mix"] = "eq4"
+    scale_dino: float = Field(0.5, ge=0.0, le=10.0, description="λ of Eq. 4: the DINO (identity) stream's scale")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="mode mix: weight of E_clip(x_ref) against H(MLLM)")
+    mllm: str | None = Field(None, min_length=1)
+    diffusion: str | None = Field(None, min_length=1)
+    num_inference_steps: int = Field(20, ge=1, le=1000)
+    guidance_scale: float = Field(2.5, ge=0.0)
+    reference_guidance_scale: float = Field(2.5, ge=0.0, description="the base t2i's guidance for x_ref")
+    request: str = Field("Can you generate an image for this {class} {phrase}?",
+                         description="mode mix: the user text the MLLM reads")
+
+
 class BuildConfig(_Strict):
     """``cafe build``: sources → instructions → ProFusion → scores → rules → dialogue → Arrow (round 0)."""
 
@@ -290,6 +309,7 @@ class BuildConfig(_Strict):
     sources: SourcesConfig = SourcesConfig()
     instructions: InstructionsConfig = InstructionsConfig()
     profusion: ProFusionConfig = ProFusionConfig()
+    distill: DistillConfig = DistillConfig()
     scoring: ScoringConfig = ScoringConfig()
     rules: RulesConfig = RulesConfig()
     dialogue: DialogueConfig = DialogueConfig()
@@ -310,3 +330,12 @@ class BuildConfig(_Strict):
     resources: dict[Literal["sources", "generate", "score", "dialogue", "sink"], dict[str, float]] = Field(
         default_factory=dict)
     sink_num_cpus: float = Field(0.25, ge=0.0, le=MAX_CPUS_PER_ACTOR)
+
+    @model_validator(mode="after")
+    def _distill_models(self):
+        if self.round >= 1 and (self.distill.diffusion is None or
+                                (self.distill.mode == "mix" and self.distill.mllm is None)):
+            raise ValueError(f"build.round = {self.round} generates with the round {self.round - 1} models: set "
+                             "build.distill.diffusion (and build.distill.mllm for mode mix), or run "
+                             "`cafe pipeline run`, which sets them")
+        return self

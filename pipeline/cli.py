@@ -172,6 +172,118 @@ def cmd_report(args) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------------------------ the loop
+
+
+def _loop_context(args):
+    from pipeline.loop.cafe import LoopContext
+
+    return LoopContext.load(args.config, args.overrides, rounds=args.rounds, address=getattr(args, "address", None))
+
+
+def cmd_pipeline_plan(args) -> int:
+    from pipeline.loop.cafe import cafe_graph
+
+    ctx = _loop_context(args)
+    items = cafe_graph(ctx.rounds).plan(ctx, ctx.state, until=args.until)
+    print(f"pipeline {ctx.out}: {sum(i.action == 'run' for i in items)} of {len(items)} stage(s) to run")
+    for i in items:
+        print(f"  {i.action:4s}  {i.name:20s} {i.key}  {i.why}")
+    return EXIT_OK
+
+
+def cmd_pipeline_run(args) -> int:
+    from pipeline.loop.cafe import run_loop
+    from pipeline.store import OutputBusy
+
+    ctx = _loop_context(args)
+    check_output_dir(ctx.out)
+    try:
+        result = run_loop(ctx, until=args.until)
+    except OutputBusy as exc:
+        print(f"cafe: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"pipeline {ctx.out}: ran {len(result.ran)}, skipped {len(result.skipped)} finished stage(s)")
+    for item in result.items:
+        outs = (item.record or {}).get("outputs", {})
+        where = outs.get("dataset") or outs.get("weights") or outs.get("report") or ""
+        print(f"  {item.name:20s} {'ran' if item.name in result.ran else 'skipped':8s} {where}")
+    report = next((i.record["outputs"]["report"] for i in result.items if i.name == "report" and i.record), None)
+    if report:
+        print(f"report: {report}")
+        _print_eval_table(ctx)
+    return EXIT_OK
+
+
+def _print_eval_table(ctx) -> None:
+    from pipeline.loop.graph import STATE_DIR
+
+    rows = []
+    for r in range(ctx.rounds):
+        rec = ctx.state.read_json(f"{STATE_DIR}/stages/eval-r{r}.json")
+        if rec:
+            rows.append((r, rec["outputs"]["metrics"]))
+    if not rows:
+        return
+    names = [m for m in ("assistant.both", "assistant.identity", "assistant.instruction", "direct.both", "input.both",
+                         "t2i.both") if m in rows[0][1]]
+    print("round  " + "  ".join(f"{n:>22s}" for n in names))
+    for r, m in rows:
+        print(f"{r:5d}  " + "  ".join(f"{m[n]:22.3f}" for n in names))
+
+
+def cmd_eval(args) -> int:
+    from pipeline.config import load_config
+    from pipeline.loop.evaluate import evaluate_checkpoint, format_table
+    from pipeline.store import Storage
+
+    cfg = load_config(args.config, args.overrides)
+    mllm, diffusion = args.mllm, args.diffusion
+    if args.checkpoint is not None:
+        from pipeline.loop.registry import Registry
+
+        v = Registry(_registry_path(cfg)).get(args.checkpoint)
+        mllm, diffusion = v.checkpoint["mllm"], v.checkpoint["diffusion"]
+    if diffusion is None:
+        root = Path(cfg.train.output_dir)
+        mllm, diffusion = mllm or str(root / "mllm"), str(root / "diffusion")
+    out = args.out or str(Path(cfg.run.output_dir) / "eval" / (f"v{args.checkpoint}" if args.checkpoint else "latest"))
+    report = evaluate_checkpoint(cfg, mllm, diffusion, Storage(out), progress=lambda m: log.info("%s", m))
+    print(format_table(report))
+    print(f"eval: {out}/metrics.json, {out}/table.md, {out}/samples.png")
+    return EXIT_OK
+
+
+def _registry_path(cfg) -> str:
+    from pipeline.loop.cafe import loop_output
+
+    return cfg.pipeline.registry or f"{loop_output(cfg)}/registry.sqlite"
+
+
+def cmd_retrain(args) -> int:
+    from pipeline.loop.retrain import retrain
+
+    outcome = retrain(args.config, args.overrides, address=args.address)
+    print(outcome.message)
+    return EXIT_OK
+
+
+def cmd_models_registry(args) -> int:
+    from pipeline.config import load_config
+    from pipeline.loop.registry import Registry, format_versions
+
+    reg = Registry(args.registry or _registry_path(load_config(args.config, args.overrides)))
+    if args.verb == "promote":
+        v = reg.promote(args.version)
+        print(f"version {v.version} promoted: it is the current model")
+    elif args.verb == "rollback":
+        old, new = reg.rollback()
+        print(f"version {old.version} rolled back; current: {new.version if new else 'none'}")
+    else:
+        print(format_versions(reg.list(), reg.current()))
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------ parser
 
 
@@ -352,6 +464,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_models_convert_promptnet)
 
+    for verb, fn, text in (("list", cmd_models_registry, "the registry's versions (* marks the current model)"),
+                           ("promote", cmd_models_registry, "make VERSION the current model"),
+                           ("rollback", cmd_models_registry, "retire the current model; the previous one serves")):
+        p = models.add_parser(verb, help=text)
+        if verb == "promote":
+            p.add_argument("version", type=int)
+        p.add_argument("--config", default="configs/tiny.yaml", help="config naming pipeline.registry")
+        p.add_argument("--registry", help="registry file (default: from the config)")
+        _add_set(p)
+        p.set_defaults(func=fn)
+
+    pipe = nouns.add_parser("pipeline", help="the CAFE loop: build → train → evaluate → Eq. 4 rounds, resumable "
+                            "on stage keys").add_subparsers(dest="verb", required=True)
+    for verb, fn, text in (("plan", cmd_pipeline_plan, "print which stages would run and why (loads no model)"),
+                           ("run", cmd_pipeline_run, "run or resume the loop; finished stages are skipped")):
+        p = pipe.add_parser(verb, help=text)
+        p.add_argument("config")
+        p.add_argument("--rounds", type=int, help="rounds (default pipeline.rounds)")
+        p.add_argument("--until", metavar="STAGE", help="stop after STAGE (and what it needs)")
+        if verb == "run":
+            p.add_argument("--address", help="Ray address of an existing cluster (default: a local loopback cluster)")
+        _add_set(p)
+        p.set_defaults(func=fn)
+
+    p = nouns.add_parser("eval", help="the DreamBench protocol (and the world's oracle) for a trained assistant "
+                         "beside its baselines")
+    p.add_argument("config")
+    p.add_argument("--checkpoint", type=int, metavar="VERSION", help="a registry version")
+    p.add_argument("--mllm", help="trained MLLM directory (default train.output_dir/mllm)")
+    p.add_argument("--diffusion", help="trained diffusion directory (default train.output_dir/diffusion)")
+    p.add_argument("--out", help="output directory (default run.output_dir/eval/...)")
+    _add_set(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = nouns.add_parser("retrain", help="scheduled retraining: new sources → loop → evaluate → promote if the "
+                         "gate passes (idempotent: no new data, nothing done)")
+    p.add_argument("config")
+    p.add_argument("--address", help="Ray address of an existing cluster (default: a local loopback cluster)")
+    _add_set(p)
+    p.set_defaults(func=cmd_retrain)
+
     p = nouns.add_parser("build", help="round-0 CAFE dataset construction on Ray Data")
     p.add_argument("config")
     p.add_argument("--out", help="output directory (default: run.output_dir/run.name)")
@@ -495,10 +648,7 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     from pipeline.config import ConfigError
 
-    try:
-        from training.models.kit import ModelLoadError
-    except ImportError:  # pragma: no cover - torch missing
-        ModelLoadError = RuntimeError  # type: ignore[misc,assignment]
+    from training.errors import ModelLoadError  # torch-free: usage and config paths never import torch
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from pipeline.build_config import BuildConfig, _deep_merge, _Strict
 from pipeline.concepts_config import ConceptsConfig
 from pipeline.train_config import TrainConfig
+from pipeline.loop.config import LoopConfig
 
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -174,6 +175,7 @@ class CafeConfig(_Strict):
     build: BuildConfig = BuildConfig()
     train: TrainConfig = TrainConfig()
     concepts: ConceptsConfig = ConceptsConfig()
+    pipeline: LoopConfig = LoopConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "CafeConfig":

@@ -48,6 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import CafeConfig, load_config_dict
+from pipeline.stages import write_dataset_shard
 from pipeline.store import Storage, open_parquet, parquet_shards, table_hash
 from training.data import schema as S
 
@@ -228,7 +229,7 @@ def _write(src: Storage, new: Storage, old: dict, cfg: CafeConfig, overrides: li
         present = pa.array([], pa.string())
         if chunk in data_keys:
             rows = _filtered_rows(src, data_keys[chunk], passing)
-            dataset_bytes += new.write_parquet(f"dataset/data/train-{chunk}.parquet", rows)
+            dataset_bytes += write_dataset_shard(new, chunk, rows)
             h.update(f"{chunk}:{table_hash(rows)}\n".encode())  # as pipeline.build._aggregate
             kept += rows.num_rows
             present = rows.column(S.ID)

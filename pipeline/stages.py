@@ -22,11 +22,13 @@ non-zero saying how many, and the next run retries exactly those. Stages never i
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
 import uuid
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -257,10 +259,32 @@ class SourcesStage(_Stage):
 # ----------------------------------------------------------------------------------------------- generate
 
 
+def distill_checkpoint(cfg: CafeConfig) -> str:
+    """The id of the models a round r ≥ 1 generates with: the fingerprint of their weights (the rows' lineage)."""
+    from training.models.fingerprint import fingerprint
+
+    d = cfg.build.distill
+    parts = []
+    for name, location in (("diffusion", d.diffusion), ("mllm", d.mllm if d.mode == "mix" else None)):
+        if location is None:
+            continue
+        if not Path(location).is_dir():
+            raise FileNotFoundError(f"build.distill.{name} = {location}: not a directory (train the round "
+                                    f"{cfg.build.round - 1} models first, or run `cafe pipeline run`)")
+        parts.append(f"{name}:{fingerprint(location)}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+
 def generator_params(p) -> str:
     return json.dumps({k: getattr(p, k) for k in (
         "num_inference_steps", "s1", "s2", "refine_step", "gamma", "w_r", "refine_eta", "finetune",
         "finetune_steps", "finetune_precision")}, sort_keys=True)
+
+
+def parent_id(round_: int, record: dict) -> str | None:
+    """Round r ≥ 1: the id the round r−1 row of the same (source, instruction) has (whether it was kept or not)."""
+    return None if round_ == 0 else row_id(round_ - 1, record[S.SOURCE_ID], record[S.INSTRUCTION])
 
 
 class GenerateStage(_Stage):
@@ -269,13 +293,33 @@ class GenerateStage(_Stage):
     name = "generate"
 
     def setup(self) -> None:
-        from training.methods.profusion import ProFusionGenerator
         from training.models.kit import load_from_config, resolve_device
 
+        b = self.cfg.build
         t2i = load_from_config(self.cfg.models, "t2i")
-        promptnet = load_from_config(self.cfg.models, "promptnet")
-        self.generator = ProFusionGenerator(t2i.components, promptnet.components, self.cfg.build.profusion,
-                                            device=resolve_device(self.cfg.models.t2i.device))
+        device = resolve_device(self.cfg.models.t2i.device)
+        if b.round == 0:
+            from training.methods.profusion import ProFusionGenerator
+
+            promptnet = load_from_config(self.cfg.models, "promptnet")
+            self.generator = ProFusionGenerator(t2i.components, promptnet.components, b.profusion, device=device)
+            self.lineage = {"name": "profusion", "params": generator_params(b.profusion), "checkpoint": None}
+            return
+        from training.assistant import Assistant
+        from training.methods.self_distill import SelfDistillGenerator
+        from training.trainers.base import RoleRef
+
+        d = b.distill
+        roles = {r: RoleRef(str(self.cfg.models.role_dir(r).absolute()), self.cfg.models.role_spec(r).dtype)
+                 for r in ("t2i", "clip_cond", "dino_cond", "llm")}
+        assistant = Assistant.load(roles, d.mllm if d.mode == "mix" else None, d.diffusion, device=str(device))
+        checkpoint = distill_checkpoint(self.cfg)
+        self.generator = SelfDistillGenerator(assistant, t2i.components, d.mode, d.scale_dino, d.alpha,
+                                              d.num_inference_steps, d.guidance_scale, d.reference_guidance_scale,
+                                              checkpoint=checkpoint)
+        params = {k: v for k, v in d.model_dump(mode="json").items() if k not in ("mllm", "diffusion")}
+        self.lineage = {"name": f"self_distill_{d.mode}", "params": json.dumps(params, sort_keys=True),
+                        "checkpoint": checkpoint}
 
     def _generate_source(self, source_id: str, group: list[dict]) -> list[np.ndarray]:
         from filtering.images import decode_png_rgb
@@ -284,12 +328,15 @@ class GenerateStage(_Stage):
         source = decode_png_rgb(group[0][S.SOURCE_PNG])
         fill = lambda tpl, r: tpl.format(**{"class": r[S.CLASS], "phrase": r[S.INSTRUCTION]})  # noqa: E731
         images: list[np.ndarray] = []
+        extra = lambda part: {}  # noqa: E731
+        if self.cfg.build.round >= 1:
+            extra = lambda part: {"requests": [fill(self.cfg.build.distill.request, r) for r in part]}  # noqa: E731
         with self.generator.finetuned(source, seed=stable_int("finetune", self.cfg.run.seed, source_id)):
             for i in range(0, len(group), p.batch_size):
                 part = group[i : i + p.batch_size]
                 images += self.generator.sample([source] * len(part), [fill(ins.sstar_prompt, r) for r in part],
                                                 [fill(ins.reference_prompt, r) for r in part],
-                                                [r[S.SEED] for r in part])
+                                                [r[S.SEED] for r in part], **extra(part))
         return images
 
     def process(self, chunk: str, records: list[dict]) -> list[dict]:
@@ -322,7 +369,6 @@ class GenerateStage(_Stage):
             crashed = before >= self.cfg.build.max_chunk_attempts
             if not crashed:
                 self._setup_once()
-            params = generator_params(self.cfg.build.profusion)
             for source_id, group in by_source.items():
                 if crashed:  # this chunk killed its worker max_chunk_attempts times: stop retrying it
                     decided += [quarantine_record(chunk, r[S.ID], None, self.name, "worker_crashed",
@@ -343,7 +389,9 @@ class GenerateStage(_Stage):
                 if images is not None:
                     for r, img in zip(group, images):
                         decided.append({**r, S.TARGET_PNG: encode_png(Image.fromarray(img)),
-                                        S.GENERATOR: "profusion", S.GENERATOR_PARAMS: params})
+                                        S.GENERATOR: self.lineage["name"], S.GENERATOR_PARAMS: self.lineage["params"],
+                                        S.CHECKPOINT: self.lineage["checkpoint"],
+                                        S.PARENT_ID: parent_id(self.cfg.build.round, r)})
                 elif is_transient(error):
                     log.warning("source %s pending (transient): %s", source_id, error)
                     pending += [quarantine_record(chunk, r[S.ID], None, self.name, "transient",
@@ -530,6 +578,19 @@ def chunk_funnel(n_sources: int, records: list[dict]) -> dict:
     }
 
 
+def write_dataset_shard(storage: Storage, chunk: str, rows: pa.Table) -> int:
+    """Write ``dataset/data/train-<chunk>.parquet``; a chunk that kept no row has no shard (bytes written).
+
+    ``datasets`` refuses a zero-row Parquet file (``ArrowInvalid: BatchSize must be greater than 0``), so an
+    empty chunk's shard is removed instead (a re-run with other rules may have emptied a chunk that had rows).
+    """
+    rel = f"dataset/data/train-{chunk}.parquet"
+    if rows.num_rows == 0:
+        storage.delete(rel)
+        return 0
+    return storage.write_parquet(rel, rows)
+
+
 def sink_batch(batch: pa.Table, config: dict, out: str, keys: dict, owner: str) -> pa.Table:
     """Commit every complete chunk of a block: dataset, candidates and quarantine shards, then the marker.
 
@@ -560,7 +621,7 @@ def sink_batch(batch: pa.Table, config: dict, out: str, keys: dict, owner: str) 
         candidates = pa.Table.from_pylist([{c: r.get(c) for c in cand_schema.names} for r in rows], schema=cand_schema)
         qt = pa.Table.from_pylist([{c: r.get(Q_COLS.get(c, c)) for c in S.QUARANTINE_COLUMNS} for r in quarantined],
                                   schema=S.arrow_schema("quarantine"))
-        nbytes = storage.write_parquet(f"dataset/data/train-{chunk}.parquet", data)
+        nbytes = write_dataset_shard(storage, chunk, data)
         storage.write_parquet(f"candidates/data/{chunk}.parquet", candidates)
         storage.write_parquet(f"quarantine/data/{chunk}.parquet", qt)
         storage.write_json(f"_work/sink/{keys['dialogue']}/{chunk}.json", {

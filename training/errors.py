@@ -12,17 +12,26 @@ Usage::
 """
 from __future__ import annotations
 
+import os
+
 import re
 
-import torch
+import sys
 
 #: RuntimeError messages that mean the device or its runtime failed, not the input. Case matters for the
 #: acronyms ("HIP" as a word, so "relationship" does not count); "out of memory" matches any case.
 _TRANSIENT_MESSAGE = re.compile(r"CUDA|CUDNN|cuDNN|NCCL|\bHIP\b|device-side assert|(?i:out of memory)")
 
-_OOM_TYPES: tuple[type[BaseException], ...] = tuple(
-    {t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if t}
-)
+
+
+def _oom_types() -> tuple[type[BaseException], ...]:
+    """torch's out-of-memory types; none when torch was never imported (then no torch error can exist), so this
+    module — and :class:`ModelLoadError` with it — imports without torch."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return ()
+    return tuple({t for t in (getattr(torch, "OutOfMemoryError", None),
+                              getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)) if t})
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -37,9 +46,17 @@ def is_transient(exc: BaseException) -> bool:
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, _OOM_TYPES + (MemoryError,)):
+        if isinstance(exc, _oom_types() + (MemoryError,)):
             return True
         if isinstance(exc, RuntimeError) and _TRANSIENT_MESSAGE.search(str(exc)):
             return True
         exc = exc.__cause__
     return False
+
+
+class ModelLoadError(RuntimeError):
+    """A model directory cannot be used: names the role, the path and what was expected."""
+
+    def __init__(self, role: str, path: str | os.PathLike, problem: str):
+        self.role, self.path, self.problem = role, str(path), problem
+        super().__init__(f"model role '{role}' at {path}: {problem}")

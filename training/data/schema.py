@@ -14,7 +14,7 @@ It lives below both layers (``training.data``), so trainers read the build's out
 """
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: lineage columns parent_id, checkpoint (self-distillation rounds)
 
 # --- row identity and lineage
 ID = "id"
@@ -27,6 +27,8 @@ FILLED_PROMPT = "filled_prompt"  # "a {class} {phrase}" (filter text and dialogu
 SEED = "seed"
 GENERATOR = "generator"
 GENERATOR_PARAMS = "generator_params"  # JSON text
+PARENT_ID = "parent_id"  # round r ≥ 1: the round r−1 row id of the same (source, instruction); null in round 0
+CHECKPOINT = "checkpoint"  # round r ≥ 1: the id of the trained models that generated the target; null in round 0
 
 # --- images: PNG bytes in the work files, the datasets ``Image`` feature in the published dataset
 SOURCE_PNG = "source_png"
@@ -70,10 +72,11 @@ STATUS_ROW, STATUS_QUARANTINED, STATUS_PENDING = "row", "quarantined", "pending"
 #: columns of the published dataset, in order (work-file PNG columns are renamed to the Image columns)
 DATASET_COLUMNS = (
     ID, ROUND, SOURCE_ID, SOURCE_URI, CLASS, INSTRUCTION, FILLED_PROMPT, INPUT_IMAGE, USER_TEXT, TARGET_IMAGE,
-    ASSISTANT_TEXT, DIALOGUE_STYLE, GENERATOR, GENERATOR_PARAMS, SEED, CLIP_T, DINO, CLIP_I,
+    ASSISTANT_TEXT, DIALOGUE_STYLE, GENERATOR, GENERATOR_PARAMS, PARENT_ID, CHECKPOINT, SEED, CLIP_T, DINO, CLIP_I,
 )
 #: candidates keep ids, lineage, scores and the decision: no second copy of the images
-CANDIDATE_COLUMNS = (ID, ROUND, SOURCE_ID, CLASS, INSTRUCTION, FILLED_PROMPT, SEED, CLIP_T, DINO, CLIP_I, KEEP,
+CANDIDATE_COLUMNS = (ID, ROUND, SOURCE_ID, CLASS, INSTRUCTION, FILLED_PROMPT, PARENT_ID, CHECKPOINT, SEED, CLIP_T,
+                     DINO, CLIP_I, KEEP,
                      FILTER_REASON, DIALOGUE_STYLE, *ORACLE_COLUMNS)
 QUARANTINE_COLUMNS = (Q_ID, Q_STAGE, Q_REASON, Q_DETAIL, Q_INPUT)
 
@@ -99,7 +102,7 @@ def arrow_schema(kind: str):
         (ID, pa.string()), (ROUND, pa.int32()), (SOURCE_ID, pa.string()), (SOURCE_URI, pa.string()),
         (CLASS, pa.string()), (INSTRUCTION, pa.string()), (FILLED_PROMPT, pa.string()), (SEED, pa.int64()),
         (SOURCE_PNG, pa.binary()), (TARGET_PNG, pa.binary()), (GENERATOR, pa.string()),
-        (GENERATOR_PARAMS, pa.string()), (CLIP_T, pa.float32()), (DINO, pa.float32()), (CLIP_I, pa.float32()),
+        (GENERATOR_PARAMS, pa.string()), (PARENT_ID, pa.string()), (CHECKPOINT, pa.string()), (CLIP_T, pa.float32()), (DINO, pa.float32()), (CLIP_I, pa.float32()),
         (KEEP, pa.bool_()), (FILTER_REASON, pa.string()), (USER_TEXT, pa.string()), (ASSISTANT_TEXT, pa.string()),
         (DIALOGUE_STYLE, pa.string()), (ORACLE_IDENTITY, pa.bool_()), (ORACLE_INSTRUCTION, pa.bool_()),
         (ORACLE_READING, pa.string()),
@@ -115,7 +118,7 @@ def dataset_features(with_decision: bool = False):
         CLASS: Value("string"), INSTRUCTION: Value("string"), FILLED_PROMPT: Value("string"),
         INPUT_IMAGE: Image(), USER_TEXT: Value("string"), TARGET_IMAGE: Image(),
         ASSISTANT_TEXT: Value("string"), DIALOGUE_STYLE: Value("string"), GENERATOR: Value("string"),
-        GENERATOR_PARAMS: Value("string"), SEED: Value("int64"), CLIP_T: Value("float32"),
+        GENERATOR_PARAMS: Value("string"), PARENT_ID: Value("string"), CHECKPOINT: Value("string"), SEED: Value("int64"), CLIP_T: Value("float32"),
         DINO: Value("float32"), CLIP_I: Value("float32"),
     }
     if with_decision:

@@ -51,6 +51,8 @@ from training.models.fingerprint import fingerprint  # noqa: F401  (re-exported:
 
 import torch
 
+from training.errors import ModelLoadError  # noqa: F401  (re-exported: defined torch-free)
+
 from training.models.promptnet import PromptNet, clip_pixel_values
 
 log = logging.getLogger(__name__)
@@ -60,12 +62,6 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 PROMPTNET_WEIGHTS = "promptnet"
 
 
-class ModelLoadError(RuntimeError):
-    """A model directory cannot be used: names the role, the path and what was expected."""
-
-    def __init__(self, role: str, path: str | os.PathLike, problem: str):
-        self.role, self.path, self.problem = role, str(path), problem
-        super().__init__(f"model role '{role}' at {path}: {problem}")
 
 
 @dataclass

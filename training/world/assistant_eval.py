@@ -57,9 +57,23 @@ def eval_rows(eval_dir: str | Path, refs: int = 1) -> list[dict]:
 def evaluate_assistant(assistant, oracle, t2i_components, eval_dir: str | Path, seeds: Sequence[int] = (0,),
                        refs: int = 1, steps: int = 20, guidance: float = 2.5, t2i_guidance: float = 2.5,
                        scale_dino: float = 1.0, progress=None) -> dict:
+    rows = eval_rows(eval_dir, refs)
+    images, meta = generate_eval_images(assistant, t2i_components, rows, seeds, steps, guidance, t2i_guidance,
+                                        scale_dino, progress)
+    report = {"n": len(meta), "n_held_out": sum(m["held_out"] for m in meta), "seeds": list(seeds),
+              "steps": steps, "guidance": guidance, "scale_dino": scale_dino, "methods": {}}
+    for method, ims in images.items():
+        report["methods"][method] = oracle_rates(oracle.predict_names(np.stack(ims)), meta)
+    report["examples"] = [{k: m[k] for k in ("subject", "phrase", "seed", "response")} for m in meta[:5]]
+    return report
+
+
+def generate_eval_images(assistant, t2i_components, rows: list[dict], seeds: Sequence[int] = (0,), steps: int = 20,
+                         guidance: float = 2.5, t2i_guidance: float = 2.5, scale_dino: float = 1.0,
+                         progress=None) -> tuple[dict[str, list[np.ndarray]], list[dict]]:
+    """One image per (row, seed) for each of :data:`METHODS`; the rows' metadata in the same order."""
     from training.world.t2i import generate
 
-    rows = eval_rows(eval_dir, refs)
     images: dict[str, list[np.ndarray]] = {m: [] for m in METHODS}
     meta = []
     for seed in seeds:
@@ -75,28 +89,34 @@ def evaluate_assistant(assistant, oracle, t2i_components, eval_dir: str | Path, 
             images["direct"].append(d.image)
             images["input"].append(r["image"])
             images["t2i"].append(t2i_images[i])
-            meta.append({"subject": r["subject"], "phrase": r["phrase"], "attribute": r["attribute"],
-                         "value": r["value"], "held_out": r["held_out"], "seed": seed, "response": a.response})
+            meta.append({"subject": r["subject"], "class": r["class"], "phrase": r["phrase"],
+                         "attribute": r.get("attribute"), "value": r.get("value"), "held_out": bool(r.get("held_out", False)),
+                         "seed": seed,
+                         "ref": r.get("ref", 0), "response": a.response})
             if progress is not None and (i + 1) % 20 == 0:
                 progress(f"seed {seed}: {i + 1}/{len(rows)}")
-    report = {"n": len(meta), "n_held_out": sum(m["held_out"] for m in meta), "seeds": list(seeds),
-              "steps": steps, "guidance": guidance, "scale_dino": scale_dino, "methods": {}}
+    return images, meta
+
+
+def oracle_verdicts(read: dict, meta: list[dict]) -> dict[str, np.ndarray]:
+    """Per image: identity kept (class, colour and mark equal the subject's), instruction followed (the asked
+    attribute has the asked value), both. ``read``: attribute → the oracle's reading per image."""
     instances = {inst.id: inst for inst in D.all_instances()}  # "cyan-circle-whitedot" → Instance(mark "white dot")
-    for method, ims in images.items():
-        read = oracle.predict_names(np.stack(ims))
-        identity, followed = [], []
-        for i, m in enumerate(meta):
-            labels = instances[m["subject"]].labels()
-            identity.append(all(read[a][i] == labels[a] for a in D.IDENTITY_ATTRIBUTES))
-            followed.append(read[m["attribute"]][i] == m["value"])
-        identity, followed = np.array(identity), np.array(followed)
-        held = np.array([m["held_out"] for m in meta])
-        report["methods"][method] = {
-            split: {k: _rate(v[mask]) for k, v in (("identity", identity), ("instruction", followed),
-                                                     ("both", identity & followed))}
+    identity, followed = [], []
+    for i, m in enumerate(meta):
+        labels = instances[m["subject"]].labels()
+        identity.append(all(read[a][i] == labels[a] for a in D.IDENTITY_ATTRIBUTES))
+        followed.append(read[m["attribute"]][i] == m["value"])
+    identity, followed = np.array(identity, bool), np.array(followed, bool)
+    return {"identity": identity, "instruction": followed, "both": identity & followed}
+
+
+def oracle_rates(read: dict, meta: list[dict]) -> dict:
+    """Rates with binomial standard errors of :func:`oracle_verdicts`, over all rows and over held-out rows."""
+    v = oracle_verdicts(read, meta)
+    held = np.array([m["held_out"] for m in meta], bool)
+    return {split: {k: _rate(x[mask]) for k, x in v.items()}
             for split, mask in (("all", np.ones_like(held)), ("held_out", held))}
-    report["examples"] = [{k: m[k] for k in ("subject", "phrase", "seed", "response")} for m in meta[:5]]
-    return report
 
 
 def ideal_pairs(n: int, seed: int = 0):

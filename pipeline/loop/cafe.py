@@ -1,0 +1,261 @@
+"""The CAFE loop as a stage graph (SPEC §1 steps 3–7, §2, D3): ``cafe pipeline plan|run``.
+
+Usage::
+
+    ctx = LoopContext.load("configs/tiny.yaml", overrides=[], rounds=2)
+    for item in cafe_graph(ctx).plan(ctx, ctx.state):  print(item.name, item.action, item.why)
+    run_loop(ctx)
+
+Stages, for r = 0 … rounds−1 (each keyed by its semantic config slice and its inputs' keys)::
+
+    build-r0 (ProFusion) ─┬─ train-mllm-r0 ──┬─ eval-r0
+                          └─ train-diffusion-r0 ┘     │
+    build-r1 (Eq. 4 from the r0 models) ─ train-*-r1 (on the union r0 ∪ r1) ─ eval-r1 ─ … ─ report
+
+Where things go (under ``pipeline.output``, default ``<run.output_dir>/<run.name>-loop``)::
+
+    rounds/r<r>-<plan>/            each round's build (dataset/, candidates/, quarantine/, report/, manifest.json)
+    train/r<r>-<key>/{mllm,diffusion}   the round's exported weights (Ray Train runs in train/runs/)
+    eval/r<r>-<key>/               metrics.json, table.md, samples.png
+    report/report.md               timeline, funnels, metric curves, samples
+    _loop/                         the graph's records (one per finished stage) and the lease
+
+Every dataset directory is a complete round; the training view of round r is the list of rounds ≤ r (no row is
+copied: ``datasets.load_dataset("parquet", data_files=[...])`` and ``ray.data.read_parquet([...])`` read the union).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.loop.graph import Graph, Stage, outputs_of, stable_key
+from pipeline.store import Lease, Storage, is_uri
+
+log = logging.getLogger(__name__)
+
+#: train settings that decide how a run goes, never what it learns (in no key)
+TRAIN_OPERATIONAL = frozenset({"storage_path", "output_dir", "log_dir", "run_name", "log_every", "stop_at_step",
+                               "checkpoint", "cache", "generate", "in_memory", "datasets"})
+ROLES_TRAIN = ("t2i", "clip_cond", "dino_cond", "llm")
+
+
+@dataclass
+class LoopContext:
+    cfg: object  # CafeConfig
+    config_path: str | None
+    overrides: list[str]
+    rounds: int
+    out: str
+    address: str | None = None
+    _fp: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, config_path: str, overrides: list[str] | None = None, rounds: int | None = None,
+             address: str | None = None) -> "LoopContext":
+        from pipeline.config import load_config
+
+        overrides = list(overrides or [])
+        cfg = load_config(config_path, overrides)
+        return cls(cfg, config_path, overrides, rounds or cfg.pipeline.rounds, loop_output(cfg), address)
+
+    @property
+    def state(self) -> Storage:
+        return Storage(self.out)
+
+    def derived(self, sets: list[str]):
+        """The config with ``--set`` style overrides applied on top (a stage's own view)."""
+        from pipeline.config import load_config_dict
+
+        return load_config_dict(self.cfg.model_dump(mode="json"), "<loop>", sets)
+
+    def fingerprint(self, path) -> str:
+        from training.models.fingerprint import fingerprint
+
+        key = str(path)
+        if key not in self._fp:
+            self._fp[key] = fingerprint(path) if Path(path).exists() else "missing"
+        return self._fp[key]
+
+    def roles(self, names) -> dict:
+        return {r: self.fingerprint(self.cfg.models.role_dir(r)) for r in names}
+
+
+def loop_output(cfg) -> str:
+    """``pipeline.output``, default ``<run.output_dir>/<run.name>-loop`` (absolute, or a URI)."""
+    return _abs(cfg.pipeline.output or str(Path(cfg.run.output_dir) / f"{cfg.run.name}-loop"))
+
+
+def _abs(location: str) -> str:
+    return location if is_uri(location) else str(Path(location).absolute())
+
+
+def _semantic(model, exclude: frozenset = frozenset()) -> dict:
+    from pipeline.build import OPERATIONAL_FIELDS
+
+    drop = OPERATIONAL_FIELDS | exclude
+
+    def strip(d):
+        if isinstance(d, dict):
+            return {k: strip(v) for k, v in d.items() if k not in drop}
+        return d
+    return strip(model.model_dump(mode="json"))
+
+
+# ------------------------------------------------------------------------------------------------ paths
+
+
+def round_dir(ctx: LoopContext, r: int) -> str:
+    """Round r's build output: named by its plan key, so other sources get another directory (never a conflict)."""
+    from pipeline.build import stage_keys
+
+    plan = stage_keys(_build_cfg(ctx, r, "<plan>"), {"t2i": ctx.fingerprint(ctx.cfg.models.role_dir("t2i"))})["plan"]
+    return f"{ctx.out}/rounds/r{r}-{plan[:8]}"
+
+
+def _build_cfg(ctx: LoopContext, r: int, diffusion: str | None, mllm: str | None = None):
+    sets = [f"build.round={r}"]
+    if r >= 1:
+        sets += [f"build.distill.diffusion={diffusion}"] + ([f"build.distill.mllm={mllm}"] if mllm else [])
+    return ctx.derived(sets)
+
+
+def _train_cfg(ctx: LoopContext, r: int, key: str, datasets: list[str]):
+    base = f"{ctx.out}/train"
+    return ctx.derived([f"train.data.datasets={datasets!r}".replace("'", '"'),
+                        f"train.output_dir={base}/r{r}-{key[:8]}",
+                        f"train.storage_path={base}/runs", f"train.log_dir={base}/tensorboard",
+                        f"train.run_name=r{r}-{key[:8]}"])
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+def _build_stage(r: int) -> Stage:
+    deps = () if r == 0 else (f"train-mllm-r{r - 1}", f"train-diffusion-r{r - 1}")
+
+    def parts(ctx: LoopContext) -> dict:
+        from pipeline.build import stage_keys, used_roles
+
+        cfg = _build_cfg(ctx, r, "<from input>", "<from input>")
+        fps = {role: ctx.fingerprint(cfg.models.role_dir(role)) for role in used_roles(cfg)}
+        if cfg.build.scoring.oracle:
+            fps["oracle"] = ctx.fingerprint(cfg.build.scoring.oracle)
+        # rounds ≥ 1: the models enter through the inputs' keys (their weights do not exist before they train)
+        return {"build": stage_keys(cfg, fps)["dialogue"]}
+
+    def run(ctx: LoopContext, keys: dict) -> dict:
+        from pipeline.build import run_build
+
+        mllm = diffusion = None
+        if r >= 1:
+            mllm = outputs_of(ctx.state, f"train-mllm-r{r - 1}")["weights"]
+            diffusion = outputs_of(ctx.state, f"train-diffusion-r{r - 1}")["weights"]
+        cfg = _build_cfg(ctx, r, diffusion, mllm if cfg_mode(ctx) == "mix" else None)
+        out = round_dir(ctx, r)
+        result = run_build(cfg, out_dir=out, address=ctx.address, config_path=ctx.config_path)
+        if result.pending:
+            raise RuntimeError(f"build-r{r}: {result.pending} record(s) pending after transient failures; re-run "
+                               "the same command to retry exactly those")
+        c = result.manifest["counts"]
+        if c["kept"] == 0 and r == 0:
+            raise RuntimeError(f"build-r{r} kept no row (of {c['candidates']} candidates): nothing to train on; "
+                               f"see {out}/report/report.md")
+        return {"dataset": out, "kept": c["kept"], "candidates": c["candidates"], "quarantined": c["quarantined"],
+                "dataset_hash": result.manifest["dataset_hash"]}
+
+    return Stage(f"build-r{r}", deps, parts, run,
+                 "round 0: ProFusion targets" if r == 0 else f"round {r}: Eq. 4 targets from the round {r - 1} models")
+
+
+def cfg_mode(ctx: LoopContext) -> str:
+    return ctx.cfg.build.distill.mode
+
+
+def _train_stage(r: int, model: str) -> Stage:
+    deps = tuple(f"build-r{i}" for i in range(r + 1))
+
+    def parts(ctx: LoopContext) -> dict:
+        t = ctx.cfg.train
+        return {"model": model, "recipe": _semantic(getattr(t, model)),
+                "train": _semantic(t, TRAIN_OPERATIONAL | {"mllm", "diffusion", "promptnet"}),
+                "deepspeed_file": _file_hash(t.deepspeed.config), "roles": ctx.roles(ROLES_TRAIN)}
+
+    def run(ctx: LoopContext, keys: dict) -> dict:
+        from pipeline.train import train_model
+
+        rounds = [outputs_of(ctx.state, f"build-r{i}") for i in range(r + 1)]
+        datasets = [b["dataset"] for b in rounds if b["kept"] > 0]  # a round that kept no row adds nothing
+        for i, b in enumerate(rounds):
+            if b["kept"] == 0:
+                log.warning("train-%s-r%d: round %d kept no row; training on the other rounds", model, r, i)
+        cfg = _train_cfg(ctx, r, keys[f"train-{model}-r{r}"], datasets)
+        summary = train_model(cfg, model, address=ctx.address)
+        if summary.output is None:
+            raise RuntimeError(f"train-{model}-r{r}: the run ended without a checkpoint")
+        return {"weights": summary.output, "steps": summary.steps, "datasets": datasets,
+                "final_loss": summary.losses[-1].get("loss") if summary.losses else None}
+
+    return Stage(f"train-{model}-r{r}", deps, parts, run, f"{model} on rounds 0..{r}")
+
+
+def _file_hash(path: str) -> str:
+    import hashlib
+
+    p = Path(path)
+    return hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p.is_file() else "missing"
+
+
+def _eval_stage(r: int) -> Stage:
+    deps = (f"train-mllm-r{r}", f"train-diffusion-r{r}")
+
+    def parts(ctx: LoopContext) -> dict:
+        e = ctx.cfg.pipeline.eval
+        extra = {"subjects": ctx.fingerprint(e.subjects)}
+        if e.oracle:
+            extra["oracle"] = ctx.fingerprint(e.oracle)
+        return {"eval": _semantic(e, frozenset({"device"})), **extra,
+                "roles": ctx.roles(("t2i", "clip_filter", "dino_filter"))}
+
+    def run(ctx: LoopContext, keys: dict) -> dict:
+        from pipeline.loop.evaluate import evaluate_checkpoint, flat_metrics
+
+        mllm = outputs_of(ctx.state, f"train-mllm-r{r}")["weights"]
+        diffusion = outputs_of(ctx.state, f"train-diffusion-r{r}")["weights"]
+        loc = f"{ctx.out}/eval/r{r}-{keys[f'eval-r{r}'][:8]}"
+        report = evaluate_checkpoint(ctx.cfg, mllm, diffusion, Storage(loc),
+                                     progress=lambda m: log.info("eval-r%d: %s", r, m))
+        return {"report": loc, "metrics": flat_metrics(report, ctx.cfg.pipeline.gate.split)}
+
+    return Stage(f"eval-r{r}", deps, parts, run, f"the round {r} assistant against the baselines")
+
+
+def _report_stage(rounds: int) -> Stage:
+    deps = tuple(f"eval-r{r}" for r in range(rounds)) + tuple(f"build-r{r}" for r in range(rounds))
+
+    def run(ctx: LoopContext, keys: dict) -> dict:
+        from pipeline.loop.report import write_loop_report
+
+        return {"report": write_loop_report(ctx, rounds)}
+
+    return Stage("report", deps, lambda ctx: {"version": 1}, run, "the run's report")
+
+
+def cafe_graph(rounds: int) -> Graph:
+    stages: list[Stage] = []
+    for r in range(rounds):
+        stages += [_build_stage(r), _train_stage(r, "mllm"), _train_stage(r, "diffusion"), _eval_stage(r)]
+    stages.append(_report_stage(rounds))
+    return Graph(stages)
+
+
+def run_loop(ctx: LoopContext, until: str | None = None, echo=print):
+    """Run (or resume) the loop under one lease: a second driver on the same output is refused."""
+    graph = cafe_graph(ctx.rounds)
+    state = ctx.state
+    lease = Lease(state.sub("_loop"), ttl_s=ctx.cfg.build.lease_ttl_s, heartbeat_s=ctx.cfg.build.lease_ttl_s / 6)
+    lease.acquire(wait_s=ctx.cfg.build.lease_wait_s)
+    try:
+        return graph.run(ctx, state, until=until, echo=echo)
+    finally:
+        lease.release()

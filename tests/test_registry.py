@@ -1,0 +1,88 @@
+"""The model registry and its promotion gate: better promoted, worse refused with the reason, rollback, races."""
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import pytest
+
+from pipeline.loop.registry import Registry, gate_check
+
+GATE = ["assistant.both", "assistant.identity"]
+
+
+def metrics(both: float, identity: float) -> dict:
+    return {"assistant.both": both, "assistant.identity": identity, "assistant.dino": 0.5}
+
+
+def test_gate_compares_every_metric_within_the_tolerance():
+    cur = metrics(0.40, 0.60)
+    assert gate_check(metrics(0.39, 0.61), cur, GATE, 0.02)[0]  # within tolerance
+    ok, why = gate_check(metrics(0.37, 0.70), cur, GATE, 0.02)
+    assert not ok and "assistant.both 0.3700 < 0.4000" in why and "identity" not in why
+    assert gate_check(metrics(0.5, 0.5), None, GATE, 0.0) == (True, "no current model: the first candidate is promoted")
+    assert not gate_check({"assistant.both": 1.0}, cur, GATE, 0.0)[0]  # a missing metric never passes
+
+
+def test_promote_refuse_and_rollback(tmp_path):
+    reg = Registry(tmp_path / "registry.sqlite")
+    v1 = reg.register({"mllm": "a", "diffusion": "b"}, ["r0"], "k1", metrics(0.30, 0.50), "s1", base=None)
+    assert reg.decide(v1, GATE, 0.02).promoted and reg.current().version == v1
+    worse = reg.register({"mllm": "c", "diffusion": "d"}, ["r0", "r1"], "k2", metrics(0.10, 0.50), "s2", base=v1)
+    d = reg.decide(worse, GATE, 0.02)
+    assert not d.promoted and "assistant.both 0.1000 < 0.3000" in d.reason
+    assert reg.get(worse).status == "rejected" and reg.get(worse).reason == d.reason
+    assert reg.current().version == v1  # the current model is kept
+    better = reg.register({"mllm": "e", "diffusion": "f"}, ["r0", "r1"], "k3", metrics(0.35, 0.55), "s3", base=v1)
+    assert reg.decide(better, GATE, 0.02).promoted and reg.current().version == better
+    old, new = reg.rollback()
+    assert (old.version, new.version) == (better, v1) and reg.current().checkpoint == {"mllm": "a", "diffusion": "b"}
+    assert reg.get(better).status == "rolled_back"
+    reg.promote(better)  # by hand, back again
+    assert reg.current().version == better
+    assert [v.version for v in reg.list()] == [v1, worse, better]
+    with pytest.raises(ValueError, match="not a candidate"):
+        reg.decide(better, GATE, 0.02)
+
+
+def test_a_candidate_measured_against_an_old_model_is_stale(tmp_path):
+    reg = Registry(tmp_path / "r.sqlite")
+    v1 = reg.register({}, [], "k", metrics(0.3, 0.5), "s", base=None)
+    reg.decide(v1, GATE, 0.0)
+    late = reg.register({}, [], "k", metrics(0.9, 0.9), "s", base=None)  # started before v1 was promoted
+    d = reg.decide(late, GATE, 0.0)
+    assert not d.promoted and d.reason.startswith("stale: measured against version None")
+
+
+def _race(path: str, barrier, base, both: float, out) -> None:
+    reg = Registry(path)
+    v = reg.register({"who": both}, [], "k", metrics(both, 0.9), "s", base=base)
+    barrier.wait()
+    out.put((v, reg.decide(v, GATE, 0.02).promoted))
+
+
+@pytest.mark.parametrize("base_promoted", [False, True])
+def test_two_racing_retrains_promote_at_most_one(tmp_path, base_promoted):
+    path = str(tmp_path / "race.sqlite")
+    reg = Registry(path)
+    base = None
+    if base_promoted:
+        base = reg.register({}, [], "k", metrics(0.1, 0.1), "s", base=None)
+        reg.decide(base, GATE, 0.0)
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_race, args=(path, barrier, base, both, out)) for both in (0.5, 0.6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    results = [out.get(timeout=5) for _ in procs]
+    assert sum(promoted for _, promoted in results) == 1  # both pass the gate alone; one wins the swap
+    winner = next(v for v, promoted in results if promoted)
+    assert reg.current().version == winner
+    loser = next(v for v, promoted in results if not promoted)
+    assert reg.get(loser).reason.startswith("stale:")
+
+
+def test_object_store_registry_is_refused_with_a_reason(tmp_path):
+    with pytest.raises(ValueError, match="object-store registries are not supported"):
+        Registry("s3://bucket/registry.sqlite")
