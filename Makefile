@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 export PATH := $(abspath $(BIN)):$(PATH)
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup run train concepts test test-fast test-rebuild world world-check bench clean
+.PHONY: setup run build train concepts test test-fast test-rebuild world world-check bench clean
 
 setup: $(STAMP)
 
@@ -19,13 +19,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# main job on the embedded default: the synthetic world's models (kept in git), a check of every role,
-# then the round-0 build on world sources (its report shows the oracle beside the filter)
+# main job on the embedded default: the synthetic world's models (kept in git), a check of every role, then the
+# CAFE loop: round 0 → train → evaluate → round 1 (Eq. 4) → train on the union → evaluate → report. Re-running
+# skips every finished stage (`cafe pipeline plan $(CONFIG)` says what would run and why).
 run: setup
 	$(BIN)/cafe models check $(CONFIG)
+	$(BIN)/cafe pipeline run $(CONFIG)
+
+# the round-0 build alone (its report shows the oracle beside the filter)
+build: setup
 	$(BIN)/cafe build $(CONFIG)
 
-# after `make run`: train PromptNet, the MLLM and the conditioned diffusion model on the build's dataset
+# after `make build`: train PromptNet, the MLLM and the conditioned diffusion model on the build's dataset
 # (a couple of minutes each on 2 cores), then ask the assistant for one image
 train: setup
 	$(BIN)/cafe train promptnet $(CONFIG)

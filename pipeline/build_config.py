@@ -77,6 +77,9 @@ class SourcesConfig(_Strict):
 
     kind: Literal["folder", "table", "generate"] = "generate"
     path: str | None = None
+    #: folder/manifest sources: glob patterns (``fnmatch``) on the path relative to ``path`` that are left out on
+    #: purpose, e.g. the evaluation's held-out identities (``"*/cyan-circle-whitedot__*"``); counted in the log
+    exclude: list[str] = Field(default_factory=list)
     manifest: str | None = None
     image_column: str = "image"
     class_column: str = "class"

@@ -222,11 +222,15 @@ def _print_eval_table(ctx) -> None:
     for r in range(ctx.rounds):
         rec = ctx.state.read_json(f"{STATE_DIR}/stages/eval-r{r}.json")
         if rec:
-            rows.append((r, rec["outputs"]["metrics"]))
+            from pipeline.loop.evaluate import headline
+
+            split, flat = headline(rec["outputs"]["metrics"])
+            rows.append((r, flat))
     if not rows:
         return
     names = [m for m in ("assistant.both", "assistant.identity", "assistant.instruction", "direct.both", "input.both",
                          "t2i.both") if m in rows[0][1]]
+    print(f"evaluation (oracle rates over the '{split}' pairs):")
     print("round  " + "  ".join(f"{n:>22s}" for n in names))
     for r, m in rows:
         print(f"{r:5d}  " + "  ".join(f"{m[n]:22.3f}" for n in names))

@@ -59,6 +59,8 @@ Policies (what never silently happens — every listed entry is either a source 
 """
 from __future__ import annotations
 
+import fnmatch
+
 import csv
 import io
 import json
@@ -144,7 +146,11 @@ def iter_sources(cfg: CafeConfig, exclude_uris: Sequence[str | os.PathLike] = ()
             entries = _listed_sources(root, src, skip)
     seen: set[str] = set()
     counts: Counter[str] = Counter()
+    held_out = 0
     for alias, source in entries:
+        if src.exclude and source["kind"] == "file" and any(fnmatch.fnmatchcase(alias, p) for p in src.exclude):
+            held_out += 1  # left out on purpose (build.sources.exclude): not an input of this build
+            continue
         sid = source["source_id"]
         if sid in seen:
             source = {**source, "source_id": source_id("duplicate", alias),
@@ -152,8 +158,8 @@ def iter_sources(cfg: CafeConfig, exclude_uris: Sequence[str | os.PathLike] = ()
         seen.add(source["source_id"])
         counts[source["reject"][0] if "reject" in source else "ok"] += 1
         yield source
-    log.info("sources: %d listed, %d usable; rejected at planning: %s", sum(counts.values()), counts.pop("ok", 0),
-             dict(sorted(counts.items())) or "none")
+    log.info("sources: %d listed, %d usable; rejected at planning: %s; excluded by build.sources.exclude: %d",
+             sum(counts.values()), counts.pop("ok", 0), dict(sorted(counts.items())) or "none", held_out)
 
 
 def read_source(source: dict, cfg: CafeConfig, policy: ImagePolicy, cache: SourceReader | None = None) -> bytes:

@@ -71,6 +71,10 @@ def test_oracle_verdicts_and_rates_on_hand_made_readings():
     r = oracle_rates(read, meta)
     assert r["all"]["both"] == {"rate": 0.25, "se": round(np.sqrt(0.25 * 0.75 / 4), 4), "n": 4}
     assert r["held_out"]["identity"]["rate"] == 0.5 and r["held_out"]["identity"]["n"] == 2
+    assert "changing" not in r
+    r = oracle_rates(read, meta, changing=np.array([True, False, True, False]))
+    assert r["changing"]["both"]["n"] == 2 and r["changing"]["both"]["rate"] == 0.5  # rows 0 and 2
+    assert r["changing"]["identity"]["rate"] == 0.5 and r["all"] == oracle_rates(read, meta)["all"]
 
 
 def test_flat_metrics_and_table():

@@ -86,3 +86,49 @@ def test_two_racing_retrains_promote_at_most_one(tmp_path, base_promoted):
 def test_object_store_registry_is_refused_with_a_reason(tmp_path):
     with pytest.raises(ValueError, match="object-store registries are not supported"):
         Registry("s3://bucket/registry.sqlite")
+
+
+# ------------------------------------------------------------------------------------- cafe retrain's decisions
+
+
+def test_retrain_does_nothing_without_new_data_and_gates_a_worse_candidate(tmp_path, monkeypatch):
+    """`cafe retrain`'s flow with the loop's stages replaced by records (the real loop is exercised in
+    tests/test_loop_run.py): first run promoted, same sources → nothing, new sources + worse model → refused."""
+    import shutil
+
+    from pipeline.loop import cafe, retrain as R
+    from pipeline.loop.registry import Registry
+    from tests.trainutil import WORLD
+
+    src = tmp_path / "src" / "circle"
+    src.mkdir(parents=True)
+    for f in sorted((WORLD / "sources" / "circle").glob("*.png"))[:2]:
+        shutil.copy(f, src / f.name)
+    quality = {"both": 0.4}
+
+    def fake_run_loop(ctx, until=None, echo=print):
+        keys, parts = cafe.cafe_graph(ctx.rounds).keys(ctx)
+        outs = {f"build-r{r}": {"dataset": f"{ctx.out}/rounds/r{r}"} for r in range(ctx.rounds)}
+        outs.update({f"train-{m}-r{r}": {"weights": f"{ctx.out}/{m}{r}"} for m in ("mllm", "diffusion")
+                     for r in range(ctx.rounds)})
+        outs.update({f"eval-r{r}": {"report": f"{ctx.out}/eval{r}", "metrics": {"changing": {
+            "assistant.both": quality["both"], "assistant.identity": 0.5, "assistant.instruction": 0.5}}}
+            for r in range(ctx.rounds)})
+        for name, out in outs.items():
+            ctx.state.write_json(f"_loop/stages/{name}.json", {"key": keys[name], "outputs": out})
+
+    monkeypatch.setattr(cafe, "run_loop", fake_run_loop)
+    sets = [f"pipeline.output={tmp_path / 'loop'}", f"build.sources.path={tmp_path / 'src'}",
+            "build.sources.exclude=[]"]
+    first = R.retrain("configs/tiny.yaml", sets, echo=lambda m: None)
+    assert first.action == "promoted" and first.version == 1
+    same = R.retrain("configs/tiny.yaml", sets, echo=lambda m: None)
+    assert same.action == "nothing_new" and "nothing done" in same.message
+    shutil.copy(sorted((WORLD / "sources" / "circle").glob("*.png"))[5], src)  # new source data
+    quality["both"] = 0.1  # and a worse model
+    worse = R.retrain("configs/tiny.yaml", sets, echo=lambda m: None)
+    assert worse.action == "rejected" and "assistant.both 0.1000 < 0.4000" in worse.message
+    reg = Registry(tmp_path / "loop" / "registry.sqlite")
+    assert reg.current().version == 1 and reg.get(2).status == "rejected" and reg.get(2).base == 1
+    assert reg.get(2).sources != reg.get(1).sources
+    assert R.retrain("configs/tiny.yaml", sets, echo=lambda m: None).action == "nothing_new"

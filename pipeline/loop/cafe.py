@@ -214,7 +214,7 @@ def _eval_stage(r: int) -> Stage:
         extra = {"subjects": ctx.fingerprint(e.subjects)}
         if e.oracle:
             extra["oracle"] = ctx.fingerprint(e.oracle)
-        return {"eval": _semantic(e, frozenset({"device"})), **extra,
+        return {"eval": _semantic(e, frozenset({"device"})), "format": 2, **extra,
                 "roles": ctx.roles(("t2i", "clip_filter", "dino_filter"))}
 
     def run(ctx: LoopContext, keys: dict) -> dict:
@@ -225,7 +225,8 @@ def _eval_stage(r: int) -> Stage:
         loc = f"{ctx.out}/eval/r{r}-{keys[f'eval-r{r}'][:8]}"
         report = evaluate_checkpoint(ctx.cfg, mllm, diffusion, Storage(loc),
                                      progress=lambda m: log.info("eval-r%d: %s", r, m))
-        return {"report": loc, "metrics": flat_metrics(report, ctx.cfg.pipeline.gate.split)}
+        splits = next(iter(report["methods"].values())).get("oracle", {"all": None}).keys()
+        return {"report": loc, "metrics": {split: flat_metrics(report, split) for split in splits}}
 
     return Stage(f"eval-r{r}", deps, parts, run, f"the round {r} assistant against the baselines")
 
@@ -256,6 +257,13 @@ def run_loop(ctx: LoopContext, until: str | None = None, echo=print):
     lease = Lease(state.sub("_loop"), ttl_s=ctx.cfg.build.lease_ttl_s, heartbeat_s=ctx.cfg.build.lease_ttl_s / 6)
     lease.acquire(wait_s=ctx.cfg.build.lease_wait_s)
     try:
-        return graph.run(ctx, state, until=until, echo=echo)
+        if not any(i.action == "run" for i in graph.plan(ctx, state, until)):
+            return graph.run(ctx, state, until=until, echo=echo)  # all finished: no Ray, no model
+        from pipeline.build import _forward_names
+        from pipeline.local_ray import ray_session
+
+        # one Ray session for every stage (each would otherwise start and stop its own local cluster)
+        with ray_session(ctx.cfg, ctx.address, extra_env=_forward_names(ctx.cfg, ctx.out)):
+            return graph.run(ctx, state, until=until, echo=echo)
     finally:
         lease.release()

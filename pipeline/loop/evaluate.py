@@ -120,16 +120,30 @@ def evaluate_checkpoint(cfg, mllm_dir: str | None, diffusion_dir: str, out: Stor
         from training.world.oracle import load_oracle
 
         oracle = load_oracle(e.oracle, device=device)
+    changing = None
+    if oracle is not None:
+        # an instruction "changes something" when the oracle does not already read the asked value on the input:
+        # CAFE's setting (returning the input unchanged follows the others for free)
+        from training.world.assistant_eval import oracle_verdicts
+
+        changing = ~oracle_verdicts(oracle.predict_names(np.stack(images["input"])), meta)["instruction"]
+        report["n_changing"] = int(changing.sum())
     for method, ims in images.items():
         report["methods"][method] = dreambench(clip, dino, ims, meta, refs)
         if oracle is not None:
-            report["methods"][method]["oracle"] = oracle_rates(oracle.predict_names(np.stack(ims)), meta)
+            report["methods"][method]["oracle"] = oracle_rates(oracle.predict_names(np.stack(ims)), meta, changing)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     if out is not None:
         out.write_json("metrics.json", report)
         out.write_bytes("table.md", (format_table(report) + "\n").encode())
         out.write_bytes("samples.png", _samples_png(images, 8))
     return report
+
+
+def headline(metrics_by_split: dict) -> tuple[str, dict[str, float]]:
+    """The split a report leads with: ``changing`` when the oracle measured it, else ``all``."""
+    split = "changing" if "changing" in metrics_by_split else "all"
+    return split, metrics_by_split[split]
 
 
 def flat_metrics(report: dict, split: str = "all") -> dict[str, float]:
@@ -147,7 +161,8 @@ def format_table(report: dict) -> str:
     has_oracle = any("oracle" in r for r in report["methods"].values())
     head = ["method", "DINO", "CLIP-I", "CLIP-T"]
     if has_oracle:
-        head += ["identity kept", "instruction followed", "both", "held-out: both"]
+        head += ["identity kept", "instruction followed", "both", "changing: identity", "changing: instruction",
+                 "changing: both", "held-out: both"]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     fmt = lambda v: f"{v['mean']:.3f}" + (f" ± {v['se']:.3f}" if v.get("se") is not None else "")  # noqa: E731
     rate = lambda v: f"{v['rate']:.3f} ± {v['se']:.3f}" if v["n"] else "–"  # noqa: E731
@@ -155,10 +170,13 @@ def format_table(report: dict) -> str:
         cells = [method] + [fmt(r[m]) for m in METRICS]
         if has_oracle:
             o = r["oracle"]
-            cells += [rate(o["all"]["identity"]), rate(o["all"]["instruction"]), rate(o["all"]["both"]),
-                      rate(o["held_out"]["both"])]
+            ch = o.get("changing", {})
+            cells += [rate(o["all"]["identity"]), rate(o["all"]["instruction"]), rate(o["all"]["both"])]
+            cells += [rate(ch[k]) if k in ch else "–" for k in ("identity", "instruction", "both")]
+            cells += [rate(o["held_out"]["both"])]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append(f"\n{report['n']} generations per method ({report['n_held_out']} held-out pairs), seeds "
+    lines.append(f"\n{report['n']} generations per method ({report['n_held_out']} held-out pairs, "
+                 f"{report.get('n_changing', '–')} whose instruction changes the input), seeds "
                  f"{report['seeds']}, {report['steps']} steps, guidance {report['guidance']}, scale_dino "
                  f"{report['scale_dino']}. DINO/CLIP-I/CLIP-T: mean ± s.e. over subjects; oracle rates ± binomial s.e.")
     return "\n".join(lines)

@@ -51,10 +51,15 @@ def write_loop_report(ctx, rounds: int) -> str:
             table = Storage(e["report"]).read_bytes("table.md").decode()
             lines += ["Evaluation (`" + e["report"] + "`):", "", table, "",
                       f"![samples round {r}]({e['report']}/samples.png)", ""]
-            metrics_by_round.append(e["metrics"])
+            from pipeline.loop.evaluate import headline
+
+            split, flat = headline(e["metrics"])
+            metrics_by_round.append(flat)
     if metrics_by_round:
         names = [m for m in CURVES if m in metrics_by_round[0]]
-        lines += ["## Metrics across rounds", "", "| metric | " + " | ".join(f"r{r}" for r in
+        lines += ["## Metrics across rounds", "", f"Oracle rates over the `{split}` pairs"
+                  + (" (instructions that ask for something the input does not already show)" if split == "changing"
+                     else "") + "; DINO and CLIP-T over all pairs.", "", "| metric | " + " | ".join(f"r{r}" for r in
                                                                               range(len(metrics_by_round))) + " |",
                   "| --- |" + " --- |" * len(metrics_by_round)]
         for m in names:

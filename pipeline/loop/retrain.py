@@ -39,13 +39,18 @@ def source_snapshot(cfg) -> str:
     if s.kind == "generate":
         h.update(repr((s.classes, s.num_per_class, s.prompt_template)).encode())
         return h.hexdigest()[:16]
+    import pyarrow.fs as pafs
+
     for location in filter(None, (s.path, s.manifest)):
         root = Storage(location if is_uri(location) else str(Path(location).absolute()))
-        if root.is_file(""):
-            h.update(f"{location}\0{root.size('')}\n".encode())
-            continue
-        for rel in sorted(root.list("", recursive=True)):
-            h.update(f"{rel}\0{root.size(rel)}\n".encode())
+        top = root.fs.get_file_info(root.path())
+        if top.type == pafs.FileType.File:  # a manifest or one table file
+            infos = [top]
+        else:
+            infos = root.fs.get_file_info(pafs.FileSelector(root.path(), recursive=True, allow_not_found=True))
+        for info in sorted(infos, key=lambda i: i.path):
+            if info.type == pafs.FileType.File:
+                h.update(f"{info.path[len(root.path()):]}\0{info.size}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -75,9 +80,12 @@ def retrain(config_path: str, overrides: list[str] | None = None, address: str |
     checkpoint = {"mllm": outputs_of(ctx.state, f"train-mllm-r{last}")["weights"],
                   "diffusion": outputs_of(ctx.state, f"train-diffusion-r{last}")["weights"], "eval": ev["report"]}
     datasets = [outputs_of(ctx.state, f"build-r{r}")["dataset"] for r in range(ctx.rounds)]
-    version = reg.register(checkpoint, datasets, loop_key, ev["metrics"], snapshot,
-                           base=current.version if current else None)
     g = cfg.pipeline.gate
+    if g.split not in ev["metrics"]:
+        raise ValueError(f"pipeline.gate.split = {g.split}: the evaluation has splits {sorted(ev['metrics'])} "
+                         "(changing and held_out need pipeline.eval.oracle)")
+    version = reg.register(checkpoint, datasets, loop_key, ev["metrics"][g.split], snapshot,
+                           base=current.version if current else None)
     decision = reg.decide(version, g.metrics, g.tolerance)
     action = "promoted" if decision.promoted else "rejected"
     return Outcome(action, version, f"version {version} {'promoted' if decision.promoted else 'not promoted'}: "

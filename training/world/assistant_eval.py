@@ -111,12 +111,16 @@ def oracle_verdicts(read: dict, meta: list[dict]) -> dict[str, np.ndarray]:
     return {"identity": identity, "instruction": followed, "both": identity & followed}
 
 
-def oracle_rates(read: dict, meta: list[dict]) -> dict:
-    """Rates with binomial standard errors of :func:`oracle_verdicts`, over all rows and over held-out rows."""
+def oracle_rates(read: dict, meta: list[dict], changing: np.ndarray | None = None) -> dict:
+    """Rates with binomial standard errors of :func:`oracle_verdicts`, over all rows, over held-out rows and,
+    given ``changing`` (per row: the instruction asks for something the input does not already show), over
+    those rows."""
     v = oracle_verdicts(read, meta)
     held = np.array([m["held_out"] for m in meta], bool)
-    return {split: {k: _rate(x[mask]) for k, x in v.items()}
-            for split, mask in (("all", np.ones_like(held)), ("held_out", held))}
+    splits = [("all", np.ones_like(held)), ("held_out", held)]
+    if changing is not None:
+        splits.append(("changing", np.asarray(changing, bool)))
+    return {split: {k: _rate(x[mask]) for k, x in v.items()} for split, mask in splits}
 
 
 def ideal_pairs(n: int, seed: int = 0):
