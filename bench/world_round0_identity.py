@@ -1,14 +1,14 @@
 """Why round 0 loses identity on the synthetic world: ProFusion per-image fine-tuning, context padded or not.
 
-    python bench/world_round0_identity.py [--sources 12] [--steps 100] [--contexts padded unpadded]
+    python bench/world_round0_identity.py [--sources 12] [--steps 100] [--contexts none max_length]
 
 For N world source images (training identities, one per instance, fixed order), ProFusion fine-tunes PromptNet
 and the UNet's attention projections on the source (``build.profusion.finetune``), then samples
 "a holder {phrase}" for 4 phrases. The oracle reads each target: identity kept (class, colour, mark all the
 source's), instruction followed. Two settings are compared on the same sources, seeds and phrases:
 
-* ``unpadded``: the fine-tuning context is BOS + "a photo of holder" + EOS (the authors' code);
-* ``padded``: the same prompt padded to the tokenizer's length, i.e. the context the world t2i was trained with
+* ``none``: the fine-tuning context is BOS + "a photo of holder" + EOS (the authors' code);
+* ``max_length``: the same prompt padded to the tokenizer's length, i.e. the context the world t2i was trained with
   and the one sampling uses.
 
 Prints one line per setting and writes ``bench/results/world_round0_identity.json``.
@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--s1", type=float, default=2.0)
     ap.add_argument("--s2", type=float, default=2.0)
-    ap.add_argument("--contexts", nargs="+", default=["unpadded", "padded"])
+    ap.add_argument("--contexts", nargs="+", default=["none", "max_length"])
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "world_round0_identity.json"))
     args = ap.parse_args()
 
@@ -50,10 +50,9 @@ def main() -> None:
     from training.world.oracle import load_oracle
 
     torch.set_num_threads(2)
-    cfg = load_config(str(ROOT / "configs/tiny.yaml"),
-                      ["build.profusion.finetune=true", f"build.profusion.finetune_steps={args.steps}",
-                       f"build.profusion.s1={args.s1}", f"build.profusion.s2={args.s2}",
-                       "build.profusion.refine_step=0"])
+    base = ["build.profusion.finetune=true", f"build.profusion.finetune_steps={args.steps}",
+            f"build.profusion.s1={args.s1}", f"build.profusion.s2={args.s2}", "build.profusion.refine_step=0"]
+    cfg = load_config(str(ROOT / "configs/tiny.yaml"), base)
     files = sorted((ROOT / "models/world/sources").rglob("*.png"))
     eval_subjects = {p.name for p in (ROOT / "models/world/eval/subjects").iterdir()}
     files = [f for f in files if f.name.split("__")[0] not in eval_subjects][:: max(1, 96 // args.sources)]
@@ -62,12 +61,10 @@ def main() -> None:
     instances = {i.id: i for i in D.all_instances()}
     results = {}
     for context in args.contexts:
+        cfg = load_config(str(ROOT / "configs/tiny.yaml"), base + [f"build.profusion.context_padding={context}"])
         t2i = load_from_config(cfg.models, "t2i")
         pn = load_from_config(cfg.models, "promptnet")
         gen = ProFusionGenerator(t2i.components, pn.components, cfg.build.profusion)
-        if context == "padded":
-            encode = gen.encode
-            gen.encode = lambda prompts, s_star=None, scale=1.0, pad=True: encode(prompts, s_star, scale, True)
         t0 = time.perf_counter()
         ident, instr, losses = [], [], []
         for k, f in enumerate(files):

@@ -195,6 +195,9 @@ class ProFusionConfig(_Strict):
     finetune_lr: float = Field(2e-5, gt=0.0)
     finetune_weight_decay: float = Field(1e-2, ge=0.0)
     finetune_prompt: str = "a photo of holder"
+    #: the text context S* is fine-tuned in: ``none`` = BOS + prompt + EOS (the authors' code), ``max_length`` =
+    #: padded to the tokenizer's length, the context sampling uses and the base model was trained with
+    context_padding: Literal["none", "max_length"] = "none"
     #: Mixed-precision mode of per-image fine-tuning, separate from the roles' storage dtype. The trained
     #: parameters (PromptNet, UNet attn1/attn2 to_q/to_k/to_v) are always held and updated in float32; this
     #: picks the autocast dtype of the frozen parts' compute: ``fp16`` (with a gradient scaler, as the

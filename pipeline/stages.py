@@ -279,7 +279,7 @@ def distill_checkpoint(cfg: CafeConfig) -> str:
 def generator_params(p) -> str:
     return json.dumps({k: getattr(p, k) for k in (
         "num_inference_steps", "s1", "s2", "refine_step", "gamma", "w_r", "refine_eta", "finetune",
-        "finetune_steps", "finetune_precision")}, sort_keys=True)
+        "finetune_steps", "finetune_precision", "context_padding")}, sort_keys=True)
 
 
 def parent_id(round_: int, record: dict) -> str | None:

@@ -54,6 +54,9 @@ class PromptNetTrainConfig(OptimConfig):
     """
 
     prompt: str = "A photo of holder"
+    #: the text context S* is trained in (as ``build.profusion.context_padding``): ``none`` (the authors') or
+    #: ``max_length`` (the padded context sampling uses)
+    context_padding: Literal["none", "max_length"] = "none"
     images: str | None = None
     max_steps: int | None = Field(80_000, ge=1, le=100_000_000)
     epochs: int = Field(100_000, ge=1, le=100_000)

@@ -144,3 +144,23 @@ def test_round_one_build_rows_carry_round_checkpoint_and_parent(checkpoints, tmp
         assert r[S.ID] == row_id(1, r[S.SOURCE_ID], r[S.INSTRUCTION])
         assert r[S.INSTRUCTION] in choose_phrases(r[S.SOURCE_ID], ["on the left", "in large size"], 2, 0)
         assert json.loads(r[S.GENERATOR_PARAMS])["scale_dino"] == 0.5
+
+
+def test_assistant_batch_equals_one_request_at_a_time(checkpoints):
+    """generate_batch (the evaluation's path) against generate per row (direct mode; each row's noise from its seed)."""
+    from training.assistant import Assistant
+
+    a, _ = checkpoints
+    assistant = Assistant.load(roles(), None, a, device="cpu")
+    src, other = _sources()
+    images, clip_images = src + other, other + src
+    seeds = [3, 4, 5, 6]
+    batch = assistant.generate_batch(images, [""] * 4, seeds, clip_images=clip_images, steps=3, guidance=2.0,
+                                     batch_size=3)
+    for i in range(4):
+        one = assistant.generate(images[i], "", seed=seeds[i], clip_image=clip_images[i], steps=3, guidance=2.0)
+        diff = np.abs(one.image.astype(int) - batch[i].image.astype(int))
+        assert diff.max() <= 2 and diff.mean() < 0.05, (i, diff.max(), diff.mean())  # batch numerics only
+        assert batch[i].clip_source == "image" and batch[i].response == ""
+    with pytest.raises(ValueError, match="no MLLM loaded"):
+        assistant.generate_batch(images, ["x"] * 4, seeds)

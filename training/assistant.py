@@ -95,21 +95,41 @@ class Assistant:
 
     def generate(self, image: np.ndarray, text: str, seed: int = 0, clip_image: np.ndarray | None = None,
                  steps: int = 30, guidance: float = 3.0, scale_dino: float = 1.0) -> Generation:
-        if clip_image is None and self.mllm is None:
+        return self.generate_batch([image], [text], [seed], None if clip_image is None else [clip_image], steps,
+                                   guidance, scale_dino)[0]
+
+    def generate_batch(self, images: Sequence[np.ndarray], texts: Sequence[str], seeds: Sequence[int],
+                       clip_images: Sequence[np.ndarray] | None = None, steps: int = 30, guidance: float = 3.0,
+                       scale_dino: float = 1.0, batch_size: int = 32) -> list[Generation]:
+        """:meth:`generate` for many requests: the MLLM answers each request, the diffusion model samples in
+        batches of ``batch_size`` (row i's noise still comes from ``seeds[i]`` alone)."""
+        if not (len(images) == len(texts) == len(seeds)) or (clip_images is not None and len(clip_images) != len(images)):
+            raise ValueError("images, texts, seeds (and clip_images) must have the same length")
+        if clip_images is None and self.mllm is None:
             raise ValueError("no MLLM loaded: give clip_image (direct mode)")
-        if clip_image is None and not str(text).strip():
-            raise ValueError("the user text is empty")
-        pixels = images_to_tensor([image])
-        dino = self.encoders.dino_tokens(pixels)
-        if clip_image is not None:
-            clip = self.encoders.clip_embed(images_to_tensor([clip_image]))
-            response, source = "", "image"
-            if self.mllm is not None and str(text).strip():
-                response, _ = self.mllm.respond(self.encoders.vision_features(pixels)[0].to(self.device), text,
-                                                self.max_new_tokens)
-        else:
-            response, pred = self.mllm.respond(self.encoders.vision_features(pixels)[0].to(self.device), text,
-                                               self.max_new_tokens)
-            clip, source = pred[None].cpu(), "mllm"
-        out = self.sample(clip, dino, [seed], steps, guidance, scale_dino)[0]
-        return Generation(response, out, source)
+        out: list[Generation] = []
+        for start in range(0, len(images), batch_size):
+            sl = slice(start, start + batch_size)
+            imgs, txts = list(images[sl]), list(texts[sl])
+            pixels = images_to_tensor(imgs)
+            dino = self.encoders.dino_tokens(pixels)
+            responses, clips, source = [], [], "image" if clip_images is not None else "mllm"
+            if clip_images is not None:
+                clip = self.encoders.clip_embed(images_to_tensor(list(clip_images[sl])))
+            feats = None
+            for i, text in enumerate(txts):
+                if clip_images is None and not str(text).strip():
+                    raise ValueError("the user text is empty")
+                if self.mllm is not None and str(text).strip():
+                    if feats is None:
+                        feats = self.encoders.vision_features(pixels)
+                    response, pred = self.mllm.respond(feats[i].to(self.device), text, self.max_new_tokens)
+                    responses.append(response)
+                    clips.append(pred.cpu())
+                else:
+                    responses.append("")
+            if clip_images is None:
+                clip = torch.stack(clips)
+            samples = self.sample(clip, dino, list(seeds[sl]), steps, guidance, scale_dino)
+            out += [Generation(r, im, source) for r, im in zip(responses, samples)]
+        return out

@@ -383,7 +383,8 @@ class ProFusionGenerator:
                     z_t = self.scheduler.add_noise(latents[tgt_idx], noise, t)  # (b, 4, h, w) float32
                     with _autocast(self.device.type, autocast_dtype):
                         s_star = self.promptnet(latents[ref_idx], z_t, t, clip_hidden[ref_idx])  # (b, 1, D)
-                        hidden = self.encode(prompts, s_star, pad=False)  # (b, L_prompt, D): no padding
+                        # (b, L, D): L_prompt (no padding, the authors') or the padded sampling length
+                        hidden = self.encode(prompts, s_star, pad=getattr(cfg, "context_padding", "none") == "max_length")
                         eps = self.unet(z_t, t, encoder_hidden_states=hidden).sample
                     target = noise if self.prediction_type == "epsilon" else \
                         self.scheduler.get_velocity(latents[tgt_idx], noise, t)

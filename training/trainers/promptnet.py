@@ -25,20 +25,20 @@ IMAGE_COLUMN = "image"  # an image-folder source (ray.data.read_images)
 
 
 class PromptNetModule(nn.Module):
-    def __init__(self, generator: ProFusionGenerator, prompt: str):
+    def __init__(self, generator: ProFusionGenerator, prompt: str, pad: bool = False):
         super().__init__()
         self.promptnet = generator.promptnet
         self.unet = generator.unet
         self.text_encoder = generator.text_encoder
         self.__dict__["generator"] = generator  # not a submodule: its modules are registered above
-        self.prompt = prompt
+        self.prompt, self.pad = prompt, pad
 
     def forward(self, ref_latents, clip_hidden, latents, noise, timesteps):
         gen = self.generator
         dtype = self.promptnet.prompt_out.weight.dtype
         z_t = gen.scheduler.add_noise(latents, noise, timesteps)
         s_star = self.promptnet(ref_latents.to(dtype), z_t.to(dtype), timesteps, clip_hidden.to(dtype))
-        hidden = gen.encode([self.prompt] * len(latents), s_star, pad=False)
+        hidden = gen.encode([self.prompt] * len(latents), s_star, pad=self.pad)
         out = self.unet(z_t.to(self.unet.dtype), timesteps, encoder_hidden_states=hidden.to(self.unet.dtype)).sample
         target = noise if gen.prediction_type == "epsilon" else gen.scheduler.get_velocity(latents, noise, timesteps)
         mse = F.mse_loss(out.float(), target.float())
@@ -53,7 +53,8 @@ class PromptNetRecipe(Recipe):
         pn = load("promptnet", self.roles["promptnet"], device)
         pn.components.promptnet.float().requires_grad_(True)  # trained: float32
         self.generator = ProFusionGenerator(t2i.components, pn.components, cfg=None, device=device)
-        self.module = PromptNetModule(self.generator, self.section.prompt)
+        self.module = PromptNetModule(self.generator, self.section.prompt,
+                                      pad=getattr(self.section, "context_padding", "none") == "max_length")
         return self
 
     def module_train_mode(self, module) -> None:

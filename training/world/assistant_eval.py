@@ -80,21 +80,23 @@ def generate_eval_images(assistant, t2i_components, rows: list[dict], seeds: Seq
         prompts = [f"a {r['class']} {r['phrase']}" for r in rows]
         t2i_images = generate(t2i_components, prompts, [seed * 100_003 + i for i in range(len(rows))],
                               steps=steps, guidance=t2i_guidance)
+        texts = [REQUEST.format(cls=r["class"], phrase=r["phrase"]) for r in rows]
+        sources = [r["image"] for r in rows]
+        seeds_ = [seed] * len(rows)
+        gens = assistant.generate_batch(sources, texts, seeds_, steps=steps, guidance=guidance, scale_dino=scale_dino)
+        if progress is not None:
+            progress(f"seed {seed}: assistant done ({len(rows)} requests)")
+        direct = assistant.generate_batch(sources, [""] * len(rows), seeds_, clip_images=list(t2i_images),
+                                          steps=steps, guidance=guidance, scale_dino=scale_dino)
         for i, r in enumerate(rows):
-            text = REQUEST.format(cls=r["class"], phrase=r["phrase"])
-            a = assistant.generate(r["image"], text, seed=seed, steps=steps, guidance=guidance, scale_dino=scale_dino)
-            d = assistant.generate(r["image"], "", seed=seed, clip_image=t2i_images[i], steps=steps,
-                                   guidance=guidance, scale_dino=scale_dino)
-            images["assistant"].append(a.image)
-            images["direct"].append(d.image)
+            images["assistant"].append(gens[i].image)
+            images["direct"].append(direct[i].image)
             images["input"].append(r["image"])
             images["t2i"].append(t2i_images[i])
             meta.append({"subject": r["subject"], "class": r["class"], "phrase": r["phrase"],
-                         "attribute": r.get("attribute"), "value": r.get("value"), "held_out": bool(r.get("held_out", False)),
-                         "seed": seed,
-                         "ref": r.get("ref", 0), "response": a.response})
-            if progress is not None and (i + 1) % 20 == 0:
-                progress(f"seed {seed}: {i + 1}/{len(rows)}")
+                         "attribute": r.get("attribute"), "value": r.get("value"),
+                         "held_out": bool(r.get("held_out", False)), "seed": seed, "ref": r.get("ref", 0),
+                         "response": gens[i].response})
     return images, meta
 
 
