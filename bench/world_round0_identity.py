@@ -32,6 +32,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sources", type=int, default=12)
     ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--lr", type=float, default=2e-5, help="build.profusion.finetune_lr (the authors': 2e-5)")
     ap.add_argument("--s1", type=float, default=2.0)
     ap.add_argument("--s2", type=float, default=2.0)
     ap.add_argument("--contexts", nargs="+", default=["none", "max_length"])
@@ -51,6 +52,7 @@ def main() -> None:
 
     torch.set_num_threads(2)
     base = ["build.profusion.finetune=true", f"build.profusion.finetune_steps={args.steps}",
+            f"build.profusion.finetune_lr={args.lr}",
             f"build.profusion.s1={args.s1}", f"build.profusion.s2={args.s2}", "build.profusion.refine_step=0"]
     cfg = load_config(str(ROOT / "configs/tiny.yaml"), base)
     files = sorted((ROOT / "models/world/sources").rglob("*.png"))

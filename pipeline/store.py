@@ -195,7 +195,9 @@ class OutputBusy(RuntimeError):
 class Lease:
     """One driver per output: ``_work/lease.json`` = owner id, host, pid, heartbeat time.
 
-    A lease whose heartbeat is older than ``ttl_s`` belongs to a dead driver and is taken over. Taking over
+    A lease whose heartbeat is older than ``ttl_s`` belongs to a dead driver and is taken over; so is, at once,
+    a lease of this host whose process no longer exists (a scheduler's immediate retry after a crash need not
+    wait ``ttl_s``). Taking over
     is write → wait ``settle_s`` → read back: of two drivers racing for a stale lease, the one whose write
     landed last wins and the other sees a foreign owner and waits or refuses (object stores offer no
     compare-and-swap through pyarrow; the settle time covers their read-after-write consistency).
@@ -228,7 +230,7 @@ class Lease:
         while True:
             cur = self.current()
             age = time.time() - cur["heartbeat"] if cur else None
-            if cur is None or cur["owner"] == self.owner or age > self.ttl_s:
+            if cur is None or cur["owner"] == self.owner or age > self.ttl_s or _dead_here(cur):
                 if cur is not None and cur["owner"] != self.owner:
                     self.took_over = cur
                     log.warning("taking over %s from a dead driver (host %s pid %s, heartbeat %.0f s ago)",
@@ -279,6 +281,21 @@ class Lease:
             yield self
         finally:
             self.release()
+
+
+def _dead_here(record: dict) -> bool:
+    """The lease's driver ran on this host and its process is gone (a live or unknowable pid: not dead)."""
+    if record.get("host") != socket.gethostname() or not isinstance(record.get("pid"), int):
+        return False
+    if record["pid"] == os.getpid():
+        return False
+    try:
+        os.kill(record["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # e.g. EPERM: the pid exists under another user
+        return False
+    return False
 
 
 # ------------------------------------------------------------------------------------------------ helpers

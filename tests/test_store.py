@@ -101,3 +101,25 @@ def test_dead_owner_is_taken_over_and_the_loser_notices(storage):
         lease.check()
     lease.release()  # does not delete the other owner's lease
     assert storage.read_json(Lease.KEY)["owner"] == "thief"
+
+
+def test_a_dead_local_driver_lease_is_taken_over_at_once(tmp_path):
+    """A lease of this host whose process is gone is stale now (a scheduler's retry need not wait for the ttl);
+    one of another host, or of a live process, still waits for its heartbeat to expire."""
+    import socket
+    import subprocess
+    import sys
+
+    storage = Storage(tmp_path / "out")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # that process has exited
+    storage.write_json(Lease.KEY, {"owner": "gone", "host": socket.gethostname(), "pid": pid,
+                                   "heartbeat": time.time()})
+    lease = Lease(storage, ttl_s=60, heartbeat_s=1, settle_s=0.05)
+    lease.acquire()
+    assert lease.took_over["owner"] == "gone"
+    lease.release()
+    for other in ({"host": "another-host", "pid": pid}, {"host": socket.gethostname(), "pid": 1}):
+        storage.write_json(Lease.KEY, {"owner": "alive", **other, "heartbeat": time.time()})
+        with pytest.raises(OutputBusy, match="another driver"):
+            Lease(storage, ttl_s=60, heartbeat_s=1, settle_s=0.05).acquire()
