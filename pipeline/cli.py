@@ -7,6 +7,9 @@ Usage::
     cafe models make-tiny models/tiny
     cafe models check models/tiny            # or a config file
     cafe models convert-promptnet promptnet.bin --t2i DIR --image-encoder DIR --out DIR
+    cafe pipeline plan|run configs/tiny.yaml [--rounds N] [--until STAGE]   # the CAFE loop (docs/loop.md)
+    cafe eval configs/tiny.yaml [--mllm DIR --diffusion DIR | --checkpoint VERSION]
+    cafe retrain configs/tiny.yaml · cafe models list|promote VERSION|rollback [--config C]
     cafe build configs/tiny.yaml [--set ...] [--out DIR] [--address RAY_ADDRESS]
     cafe refilter DATASET_DIR --set build.rules.clip_t_min=0.25 --out DIR
     cafe report DATASET_DIR
@@ -431,11 +434,21 @@ def cmd_concepts_eval(args) -> int:
     return EXIT_OK
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cafe-system")
+    except PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cafe", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--version", action="version", version=f"cafe {_version()}")
     nouns = parser.add_subparsers(dest="noun", metavar="COMMAND", required=True)
 
     config = nouns.add_parser("config", help="validate and show configs").add_subparsers(dest="verb", required=True)

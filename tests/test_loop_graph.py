@@ -175,3 +175,11 @@ def test_pipeline_plan_loads_no_model_and_no_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "9 of 9 stage(s) to run" in out.stdout and "build-r0" in out.stdout and "never run" in out.stdout
+
+
+def test_python_dash_m_pipeline_is_the_cafe_command_and_has_a_version():
+    from importlib.metadata import version
+
+    out = subprocess.run([sys.executable, "-m", "pipeline", "--version"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == f"cafe {version('cafe-system')}"
