@@ -1,6 +1,6 @@
 """A round-0 build on the synthetic world (the embedded default, on a subset of its sources): the oracle's
 verdicts land in candidates/, the report's agreement table equals an independent computation, and the world
-generator keeps the class and follows the instruction as measured by the oracle."""
+generator (per-image fine-tuned ProFusion) keeps identity and follows the instruction, as measured by the oracle."""
 from __future__ import annotations
 
 import shutil
@@ -32,6 +32,7 @@ def world_build(tmp_path_factory, ray_local):
     data["build"]["sources"]["path"] = str(src)
     data["build"]["scoring"]["oracle"] = str(WORLD / "oracle")
     data["build"]["instructions"]["per_source"] = 3
+    data["build"]["sources"]["exclude"] = []  # the first 3 instances of every class, whichever they are
     cfg = load_config_dict(data)
     out = tmp / "out"
     result = run_build(cfg, out_dir=out)
@@ -63,19 +64,16 @@ def test_oracle_verdicts_and_report_table(world_build):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_world_generation_follows_background_and_position_instructions(world_build):
-    """Measured by the oracle: ProFusion's sampler on "a {class} {phrase}" with the world t2i (S* branch off until
-    PromptNet is trained) draws the asked-for background and position above chance (1/4, 1/3) — the t2i's strong
-    attributes (measured when written: position 0.58 on 19 rows, below the t2i gate's 0.91 on full captions, since
-    the build's prompt names one attribute). Class and style are its weak ones (docs/world.md): not asserted."""
-    from training.world import domain as D
-
+def test_world_round0_keeps_identity_and_follows_instructions(world_build):
+    """Measured by the oracle on the shipped ProFusion settings (per-image fine-tuning, S* fused with the reference
+    prompt): the source's identity (class, colour and mark) is kept far above chance (about 1/18 for colour × mark
+    when the class is right; 0.04 with the S* branch off) and the asked-for attribute is drawn above chance
+    (1/4 to 1/2 by attribute). Measured when written: identity 0.59, instruction 0.84 on 768 rows
+    (bench/RESULTS.md, issue 20); the bounds leave room for 54 rows' noise."""
     out, _ = world_build
     cand = pq.read_table(out / "candidates" / "data").to_pydict()
-    by_attr: dict[str, list[bool]] = {}
-    for phrase, ok in zip(cand[S.INSTRUCTION], cand[S.ORACLE_INSTRUCTION]):
-        by_attr.setdefault(D.phrase_attribute(phrase)[0], []).append(bool(ok))
-    both = by_attr.get("background", []) + by_attr.get("position", [])
-    assert len(both) >= 15  # enough rows to mean something
-    assert np.mean(by_attr["background"]) >= 0.7, by_attr["background"]  # chance 1/4
-    assert np.mean(both) >= 0.55, (np.mean(by_attr["background"]), np.mean(by_attr.get("position", [])))  # chance ≈ 0.29
+    identity = np.array(cand[S.ORACLE_IDENTITY], bool)
+    instruction = np.array(cand[S.ORACLE_INSTRUCTION], bool)
+    assert len(identity) == 54
+    assert identity.mean() >= 0.35, identity.mean()
+    assert instruction.mean() >= 0.65, instruction.mean()

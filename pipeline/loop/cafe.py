@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.loop.graph import Graph, Stage, outputs_of, stable_key
-from pipeline.store import Lease, Storage, is_uri
+from pipeline.store import Lease, Storage
 
 log = logging.getLogger(__name__)
 
@@ -83,23 +83,16 @@ class LoopContext:
 
 def loop_output(cfg) -> str:
     """``pipeline.output``, default ``<run.output_dir>/<run.name>-loop`` (absolute, or a URI)."""
+    from pipeline.train import _abs
+
     return _abs(cfg.pipeline.output or str(Path(cfg.run.output_dir) / f"{cfg.run.name}-loop"))
 
 
-def _abs(location: str) -> str:
-    return location if is_uri(location) else str(Path(location).absolute())
-
-
 def _semantic(model, exclude: frozenset = frozenset()) -> dict:
-    from pipeline.build import OPERATIONAL_FIELDS
+    """A config section without its operational fields: the build's rule (:data:`pipeline.build.OPERATIONAL_FIELDS`)."""
+    from pipeline.build import _semantic as semantic
 
-    drop = OPERATIONAL_FIELDS | exclude
-
-    def strip(d):
-        if isinstance(d, dict):
-            return {k: strip(v) for k, v in d.items() if k not in drop}
-        return d
-    return strip(model.model_dump(mode="json"))
+    return semantic(model, exclude)
 
 
 # ------------------------------------------------------------------------------------------------ paths
