@@ -55,10 +55,7 @@ def main() -> None:
             f"build.profusion.finetune_lr={args.lr}",
             f"build.profusion.s1={args.s1}", f"build.profusion.s2={args.s2}", "build.profusion.refine_step=0"]
     cfg = load_config(str(ROOT / "configs/tiny.yaml"), base)
-    files = sorted((ROOT / "models/world/sources").rglob("*.png"))
-    eval_subjects = {p.name for p in (ROOT / "models/world/eval/subjects").iterdir()}
-    files = [f for f in files if f.name.split("__")[0] not in eval_subjects][:: max(1, 96 // args.sources)]
-    files = files[: args.sources]
+    files = training_sources(args.sources)
     oracle = load_oracle(ROOT / "models/world/oracle")
     instances = {i.id: i for i in D.all_instances()}
     results = {}
@@ -90,6 +87,14 @@ def main() -> None:
               flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+
+
+def training_sources(n: int) -> list[Path]:
+    """n world source images of training identities (the eval set's are left out), spread over the sorted list."""
+    files = sorted((ROOT / "models/world/sources").rglob("*.png"))
+    eval_subjects = {p.name for p in (ROOT / "models/world/eval/subjects").iterdir()}
+    files = [f for f in files if f.name.split("__")[0] not in eval_subjects]
+    return files[:: max(1, len(files) // n)][:n]
 
 
 def _phrase_attr(phrase: str) -> tuple[str, str]:

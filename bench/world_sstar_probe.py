@@ -58,10 +58,9 @@ def main() -> None:
     for p in list(unet.parameters()) + list(gen.text_encoder.parameters()):
         p.requires_grad_(False)
     emb_table = gen.text_encoder.get_input_embeddings().weight
-    files = sorted((ROOT / "models/world/sources").rglob("*.png"))
-    eval_subjects = {p.name for p in (ROOT / "models/world/eval/subjects").iterdir()}
-    files = [f for f in files if f.name.split("__")[0] not in eval_subjects][:: max(1, 96 // args.sources)]
-    files = files[: args.sources]
+    from world_round0_identity import training_sources  # bench/ is on sys.path as the script's folder
+
+    files = training_sources(args.sources)
     oracle = load_oracle(ROOT / "models/world/oracle")
     instances = {i.id: i for i in D.all_instances()}
     pad = args.padding == "max_length"

@@ -25,6 +25,7 @@ copied: ``datasets.load_dataset("parquet", data_files=[...])`` and ``ray.data.re
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +116,7 @@ def _build_cfg(ctx: LoopContext, r: int, diffusion: str | None, mllm: str | None
 
 def _train_cfg(ctx: LoopContext, r: int, key: str, datasets: list[str]):
     base = f"{ctx.out}/train"
-    return ctx.derived([f"train.data.datasets={datasets!r}".replace("'", '"'),
+    return ctx.derived([f"train.data.datasets={json.dumps(datasets)}",  # JSON is YAML: any path, quoted
                         f"train.output_dir={base}/r{r}-{key[:8]}",
                         f"train.storage_path={base}/runs", f"train.log_dir={base}/tensorboard",
                         f"train.run_name=r{r}-{key[:8]}"])
@@ -144,7 +145,7 @@ def _build_stage(r: int) -> Stage:
         if r >= 1:
             mllm = outputs_of(ctx.state, f"train-mllm-r{r - 1}")["weights"]
             diffusion = outputs_of(ctx.state, f"train-diffusion-r{r - 1}")["weights"]
-        cfg = _build_cfg(ctx, r, diffusion, mllm if cfg_mode(ctx) == "mix" else None)
+        cfg = _build_cfg(ctx, r, diffusion, mllm if ctx.cfg.build.distill.mode == "mix" else None)
         out = round_dir(ctx, r)
         result = run_build(cfg, out_dir=out, address=ctx.address, config_path=ctx.config_path)
         if result.pending:
@@ -159,10 +160,6 @@ def _build_stage(r: int) -> Stage:
 
     return Stage(f"build-r{r}", deps, parts, run,
                  "round 0: ProFusion targets" if r == 0 else f"round {r}: Eq. 4 targets from the round {r - 1} models")
-
-
-def cfg_mode(ctx: LoopContext) -> str:
-    return ctx.cfg.build.distill.mode
 
 
 def _train_stage(r: int, model: str) -> Stage:
