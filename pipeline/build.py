@@ -37,6 +37,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from pipeline.config import CafeConfig
+from pipeline.local_ray import looks_secret
 from pipeline.stages import DialogueStage, GenerateStage, ScoreStage, SourcesStage, distill_checkpoint, sink_batch
 from pipeline.store import Lease, Storage, is_uri
 from training.data import schema as S
@@ -196,10 +197,6 @@ def write_plan(cfg: CafeConfig, out: Storage, plan_key: str, exclude_uris: list[
 # ------------------------------------------------------------------------------------------------ run
 
 
-def _looks_secret(name: str) -> bool:
-    return any(w in name.upper() for w in ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL"))
-
-
 def _restart_args(n: int) -> dict:
     return {"max_restarts": n, "max_task_retries": n}
 
@@ -219,13 +216,13 @@ def stage_graph(ds, cfg: CafeConfig, kw: dict, env: dict[str, str] | None = None
 
     ``eager``: stages whose actors load their models at start (overlapping upstream work) because some chunk
     to do still needs them; the others load lazily, so a resume with everything generated never loads ProFusion.
-    ``env``: non-secret variables every stage's workers get through a per-operator runtime env (offline
-    switches, a storage endpoint), so they arrive also when Ray was initialised by the caller before the build
-    (a notebook, a test harness). Secrets (keys, tokens) travel only in the job's runtime env set by
-    :func:`pipeline.local_ray.start_ray`: Ray Data logs operator arguments, so they never go here.
+    ``env``: the non-secret variables of ``ray.forward_env`` (offline switches, a cache location), given to every
+    stage's workers through a per-operator runtime env, so they arrive also when Ray was initialised by the
+    caller before the build (a notebook, a test harness). Credentials never travel in a runtime env
+    (:mod:`pipeline.local_ray`): the nodes have them.
     """
     b = cfg.build
-    env = {k: v for k, v in (env or {}).items() if not _looks_secret(k)}
+    env = {k: v for k, v in (env or {}).items() if not looks_secret(k)}
     eager = eager or {}
     ekw = lambda stage: {**kw, "eager": bool(eager.get(stage))}  # noqa: E731
     env_kw = {"runtime_env": {"env_vars": env}} if env else {}
@@ -382,11 +379,11 @@ def run_build(cfg: CafeConfig, out_dir: str | os.PathLike | None = None, address
         t_pipeline = time.perf_counter()
         pending, reasons = 0, []
         if todo:
-            with ray_session(cfg, address, extra_env=_forward_names(cfg, out.uri)):
+            with ray_session(cfg, address):
                 kw = {"config": cfg.model_dump(mode="json"), "out": out.uri, "keys": keys, "owner": owner}
                 ds = ray.data.from_items([{"chunk": c} for c in todo], override_num_blocks=len(todo))
                 done = 0
-                env = forwarded_env(cfg, extra_env=_forward_names(cfg, out.uri))
+                env = forwarded_env(cfg)
                 eager = _eager_stages(cfg, out, keys, todo)
                 graph = stage_graph(ds, cfg, kw, env, eager)
                 for batch in graph.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -461,14 +458,3 @@ def _eager_stages(cfg: CafeConfig, out: Storage, keys: dict, todo: list[str]) ->
             "score": any(c not in scored for c in todo), "dialogue": True}
 
 
-def _forward_names(cfg: CafeConfig, out_uri: str) -> list[str]:
-    """Environment variable *names* the workers need (values never logged or stored)."""
-    names = []
-    d = cfg.build.dialogue
-    if d.backend == "openai" and d.openai.api_key_env:
-        names.append(d.openai.api_key_env)
-    uris = [out_uri, cfg.build.sources.path or ""]
-    if any(u.startswith("s3://") for u in uris):
-        names += ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-                  "AWS_DEFAULT_REGION", "AWS_REGION"]
-    return names

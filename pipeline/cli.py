@@ -17,6 +17,9 @@ Usage::
     cafe world check models/world [--write]
     cafe concepts run configs/concepts/tiny.yaml [--set ...]      # ICO / Infusion jobs on Ray actors
     cafe concepts status | generate --concept ID --prompt "a photo of {}" [--dci] | eval --concept ID
+    cafe submit --address http://HEAD:8265 -- cafe pipeline run configs/paper.yaml   # a job on a Ray cluster
+    cafe jobs list|status|logs [--follow]|stop JOB_ID [--address URL]
+    cafe deploy render configs/paper.yaml --out deploy/        # KubeRay manifests from the config
 
 Exit codes (stable, for scripts): 0 success · 1 runtime failure · 2 usage error · 3 invalid config ·
 4 unusable model directory · 130 interrupted. A file-system failure (read-only or full disk, a path that is
@@ -172,6 +175,92 @@ def cmd_report(args) -> int:
 
     path = write_report(args.dataset)
     print(f"report: {path}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------ cluster
+
+
+def cmd_submit(args) -> int:
+    from pipeline.cluster.submit import SubmitError, client, dashboard_address, prepare, submit, wait_and_stream
+
+    argv = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
+    try:
+        address = dashboard_address(args.address)
+        sub = prepare(argv, address, working_dir=None if args.no_upload else args.working_dir, wheels=args.wheel,
+                      requirements=args.requirements, submission_id=args.job_id)
+    except SubmitError as exc:
+        print(f"cafe: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    job_id = submit(sub, address)
+    print(f"submitted {job_id} to {address}: {sub.entrypoint}", file=sys.stderr)
+    if args.no_wait:
+        print(job_id)
+        return EXIT_OK
+    try:
+        code = wait_and_stream(client(address), job_id)
+    except KeyboardInterrupt:
+        print(f"detached; {job_id} keeps running (cafe jobs logs --follow {job_id} · cafe jobs stop {job_id})",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"job {job_id} ended with exit status {code}", file=sys.stderr)
+    return code
+
+
+def cmd_jobs(args) -> int:
+    from pipeline.cluster.submit import SubmitError, client, exit_status, wait_and_stream
+
+    try:
+        c = client(args.address)
+    except SubmitError as exc:
+        print(f"cafe: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.verb == "list":
+        jobs = sorted(c.list_jobs(), key=lambda j: j.start_time or 0)
+        print(f"{'JOB':44s} {'STATUS':10s} {'EXIT':>4s}  ENTRYPOINT")
+        for j in jobs:
+            code = exit_status(j)
+            print(f"{j.submission_id or j.job_id or '-':44s} {str(j.status.value):10s} "
+                  f"{'' if code is None else code:>4}  {j.entrypoint}")
+        return EXIT_OK
+    if args.verb == "status":
+        info = c.get_job_info(args.job_id)
+        code = exit_status(info)
+        print(f"{args.job_id}: {info.status.value}" + ("" if code is None else f" (exit status {code})")
+              + (f" — {info.message}" if info.message else ""))
+        return EXIT_OK
+    if args.verb == "logs":
+        if args.follow:
+            return wait_and_stream(c, args.job_id)
+        sys.stdout.write(c.get_job_logs(args.job_id))
+        return EXIT_OK
+    stopped = c.stop_job(args.job_id)
+    import time
+
+    deadline = time.monotonic() + args.wait_s
+    while time.monotonic() < deadline and exit_status(c.get_job_info(args.job_id)) is None:
+        time.sleep(0.5)
+    info = c.get_job_info(args.job_id)
+    print(f"{args.job_id}: {info.status.value}" + ("" if stopped else " (it was not running)"))
+    return EXIT_OK if exit_status(info) is not None else EXIT_FAILURE
+
+
+def cmd_deploy_render(args) -> int:
+    from pipeline.cluster.render import render, write
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    files = render(cfg, args.config)
+    if args.check:
+        stale = [n for n, text in files.items()
+                 if not (Path(args.out) / n).is_file() or (Path(args.out) / n).read_text() != text]
+        for n in stale:
+            print(f"{Path(args.out) / n}: differs from its render", file=sys.stderr)
+        if stale:
+            print(f"cafe: re-render with `cafe deploy render {args.config} --out {args.out}`", file=sys.stderr)
+        return EXIT_FAILURE if stale else EXIT_OK
+    for path in write(files, args.out):
+        print(path)
     return EXIT_OK
 
 
@@ -522,6 +611,41 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(func=cmd_retrain)
 
+    p = nouns.add_parser("submit", help="run a cafe command as a job on a running Ray cluster (Job Submission "
+                         "SDK; validated here first; logs streamed; exits with the job's status)")
+    p.add_argument("--address", help="the Ray dashboard, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
+    p.add_argument("--working-dir", default=".", help="uploaded as the job's working directory (default: .; "
+                   "outputs, models and environments excluded)")
+    p.add_argument("--no-upload", action="store_true", help="upload nothing: the cluster's image holds the project")
+    p.add_argument("--wheel", action="append", default=[], help="a built wheel installed for the job; repeatable")
+    p.add_argument("--requirements", help="a pinned requirements file (every line ==) installed for the job")
+    p.add_argument("--job-id", help="the submission id (default: cafe-<command>-<time>-<random>)")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+    p.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- cafe COMMAND ARGS")
+    p.set_defaults(func=cmd_submit)
+    jobs = nouns.add_parser("jobs", help="jobs on a Ray cluster: list, status, logs, stop").add_subparsers(
+        dest="verb", required=True)
+    for verb, text in (("list", "every job of the cluster"), ("status", "a job's status and exit status"),
+                       ("logs", "a job's logs (--follow: stream until it ends, exit with its status)"),
+                       ("stop", "stop a job and wait for it to end")):
+        p = jobs.add_parser(verb, help=text)
+        if verb != "list":
+            p.add_argument("job_id")
+        p.add_argument("--address", help="the Ray dashboard, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
+        if verb == "logs":
+            p.add_argument("--follow", action="store_true")
+        if verb == "stop":
+            p.add_argument("--wait-s", type=float, default=60.0, help="how long to wait for it to end")
+        p.set_defaults(func=cmd_jobs)
+    deploy = nouns.add_parser("deploy", help="KubeRay manifests from the config's deploy section").add_subparsers(
+        dest="verb", required=True)
+    p = deploy.add_parser("render", help="write RayCluster, RayJobs, scheduled retraining (CronJob and RayCronJob) "
+                          "and the service account into --out")
+    p.add_argument("config")
+    p.add_argument("--out", default="deploy", help="directory (default: deploy)")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 when a file differs from its render")
+    _add_set(p)
+    p.set_defaults(func=cmd_deploy_render)
     p = nouns.add_parser("build", help="round-0 CAFE dataset construction on Ray Data")
     p.add_argument("config")
     p.add_argument("--out", help="output directory (default: run.output_dir/run.name)")

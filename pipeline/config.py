@@ -27,8 +27,10 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from pipeline.build_config import BuildConfig, _deep_merge, _Strict
+from pipeline.cluster.config import DeployConfig
 from pipeline.concepts_config import ConceptsConfig
 from pipeline.train_config import TrainConfig
+from pipeline.local_ray import looks_secret
 from pipeline.loop.config import LoopConfig
 
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -69,7 +71,7 @@ class RunConfig(_Strict):
 
 
 #: environment variables forwarded to Ray workers by default: the offline switches and the HF cache location.
-#: Tokens (``HF_TOKEN``, ...) are *not* forwarded unless named: runtime_env values show in the cluster's job info.
+#: Credentials (``HF_TOKEN``, keys) are refused here: runtime_env values show in job info and in Ray's logs.
 DEFAULT_FORWARD_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "DIFFUSERS_OFFLINE", "HF_HOME")
 
 #: bounds for a local cluster started by ``ray.init`` (one machine)
@@ -83,7 +85,9 @@ class RayConfig(_Strict):
     ``address: null`` starts a local cluster sized by ``num_cpus``/``num_gpus``/``object_store_memory_mb``;
     ``loopback_only`` keeps that cluster on 127.0.0.1. An address (``auto``, ``host:port``, ``ray://…``)
     connects to an existing cluster, and those keys do not apply. ``forward_env`` names the driver's
-    environment variables that workers receive (plus the ones the config itself needs, e.g. the dialogue key).
+    environment variables that workers receive through the job's runtime_env; credentials are refused there
+    (the nodes must have them: a Kubernetes Secret, workload identity, or for a local cluster the driver's own
+    environment).
     """
 
     address: str | None = None
@@ -102,6 +106,11 @@ class RayConfig(_Strict):
             if not _ENV_NAME_RE.fullmatch(name):
                 raise ValueError(f"forward_env[{i}] = {name!r} is not an environment variable name "
                                  "([A-Za-z_][A-Za-z0-9_]*); list variable names, never values")
+            if looks_secret(name):
+                raise ValueError(f"forward_env[{i}] = {name!r} looks like a credential: credentials never travel "
+                                 "in a Ray runtime_env (job info shows it and Ray logs it in plain text); set it "
+                                 "in the nodes' environment instead (a Kubernetes Secret, workload identity; a local "
+                                 "cluster inherits the driver's environment)")
         return names
 
 
@@ -176,6 +185,7 @@ class CafeConfig(_Strict):
     train: TrainConfig = TrainConfig()
     concepts: ConceptsConfig = ConceptsConfig()
     pipeline: LoopConfig = LoopConfig()
+    deploy: DeployConfig = DeployConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "CafeConfig":
@@ -376,3 +386,18 @@ def config_hash(cfg: CafeConfig, sections: tuple[str, ...] | None = None) -> str
     if sections is not None:
         dumped = {k: dumped[k] for k in sections}
     return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()
+
+
+def locations(cfg: CafeConfig) -> dict[str, str]:
+    """Every configured storage location (inputs, outputs, checkpoints, logs, registry): config key -> value.
+
+    What a cluster launch checks (each must be a shared URI or a shared mount) and what ``deploy render`` mounts.
+    """
+    out = {"run.output_dir": cfg.run.output_dir, "models.root": str(cfg.models.root),
+           "build.sources.path": cfg.build.sources.path, "train.storage_path": cfg.train.storage_path,
+           "train.output_dir": cfg.train.output_dir, "train.log_dir": cfg.train.log_dir,
+           "pipeline.output": cfg.pipeline.output, "pipeline.registry": cfg.pipeline.registry,
+           "concepts.output": cfg.concepts.output}
+    out.update({f"train.data.datasets[{i}]": d for i, d in enumerate(cfg.train.data.datasets)})
+    return {k: v for k, v in out.items() if v}
+

@@ -20,17 +20,22 @@ One exception, inside this process only: for an address on 127.0.0.1/``localhost
 off, because otherwise Ray rewrites 127.0.0.1 into the machine's external IP and cannot reach a cluster that
 listens on loopback only (its other nodes, being reached at 127.0.0.1, are on this machine anyway).
 
-**Environment of workers.** Workers of an existing cluster do not inherit the driver's environment; exactly the
-variables :func:`forwarded_env` returns travel in the runtime_env: the names in ``ray.forward_env``, the names
-the config declares it needs (:func:`declared_env_names`, e.g. ``build.dialogue.openai.api_key_env``) and the
-names the caller passes as ``extra_env`` (the build passes the ``AWS_*`` credentials for ``s3://`` locations).
-runtime_env values are visible to whoever can read the cluster's job info, which is why the list is explicit and
-tokens such as ``HF_TOKEN`` are not forwarded unless named. Values are never logged.
+**Environment of workers: no credential travels in a runtime_env.** runtime_env values are readable by anyone who
+can read the cluster's job info, and Ray writes them in plain text into every session's ``runtime_env_agent.log``,
+files that outlive the run. So credentials (the dialogue backend's key, ``AWS_*`` for ``s3://`` locations, tokens)
+reach workers only through the environment the nodes already have: on Kubernetes a Secret mounted as variables or
+workload identity (``deploy/``); on a local cluster the driver's own environment, which ``ray.init`` hands to the
+raylet and every worker it starts. Exactly the names in ``ray.forward_env`` travel in the runtime_env, and the
+config refuses names that look like credentials there (:func:`looks_secret`). The names the config declares it
+needs (:func:`declared_env_names`, e.g. ``build.dialogue.openai.api_key_env``) are checked, by name, where they
+must be set: in the driver for a local cluster, on every alive node of an existing one
+(:func:`missing_on_nodes`). Values are never logged.
 """
 from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import sys
@@ -38,7 +43,8 @@ from collections.abc import Iterable
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LOOPBACK_ENV", "declared_env_names", "forwarded_env", "runtime_env_vars", "start_ray", "ray_session"]
+__all__ = ["LOOPBACK_ENV", "declared_env_names", "forwarded_env", "looks_secret", "missing_on_nodes", "runtime_env_vars",
+           "start_ray", "ray_session"]
 
 #: set in the driver and the runtime_env of a local loopback-only cluster, and nowhere else
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": "lo"}
@@ -55,12 +61,16 @@ def _sections(cfg):
     return (cfg, None) if isinstance(cfg, RayConfig) else (cfg.ray, cfg)
 
 
-def declared_env_names(cfg) -> dict[str, str]:
-    """Environment variables the config says workers need: name -> the config key that names it.
+def looks_secret(name: str) -> bool:
+    """True for a variable name that looks like a credential (``*KEY*``, ``*TOKEN*``, ``*SECRET*``, ...)."""
+    return any(w in name.upper() for w in ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL"))
 
-    Today: the OpenAI-compatible dialogue backend's key. A future config section that names variables (a
-    ``storage`` section naming credentials) adds its names here; credentials that depend on a run's locations
-    (``AWS_*`` for ``s3://``) come from the caller as ``extra_env`` instead.
+
+def declared_env_names(cfg) -> dict[str, str]:
+    """Environment variables the config says its workers need: name -> the config key that names it.
+
+    Today: the OpenAI-compatible dialogue backend's key. These are checked by name (:func:`start_ray`), never
+    forwarded: the nodes must have them (see the module docstring).
     """
     _, whole = _sections(cfg)
     names: dict[str, str] = {}
@@ -72,37 +82,61 @@ def declared_env_names(cfg) -> dict[str, str]:
     return names
 
 
-def forwarded_env(cfg, extra_env: Iterable[str] = ()) -> dict[str, str]:
-    """The driver's variables that Ray workers receive.
-
-    Args:
-        cfg: a CafeConfig (or a bare RayConfig).
-        extra_env: more variable *names* the caller knows workers need (e.g. the ``AWS_*`` credentials when an
-            input or output is an ``s3://`` URI).
-
-    Returns:
-        name -> value for the names in ``ray.forward_env``, :func:`declared_env_names` and ``extra_env`` that
-        are set in this process. Logs names, never values.
-    """
+def forwarded_env(cfg) -> dict[str, str]:
+    """The driver's variables that Ray workers receive through the runtime_env: the names in ``ray.forward_env``
+    (which never look like credentials, see :class:`~pipeline.config.RayConfig`) that are set in this process.
+    Logs names, never values."""
     ray_cfg, _ = _sections(cfg)
-    declared = declared_env_names(cfg)
-    names = list(dict.fromkeys([*ray_cfg.forward_env, *declared, *extra_env]))
-    env = {name: os.environ[name] for name in names if name in os.environ}
-    for name, key in declared.items():
-        if name not in os.environ:
-            log.warning("%s names %s, which is not set in this environment; workers will not have it", key, name)
+    env = {name: os.environ[name] for name in ray_cfg.forward_env if name in os.environ and not looks_secret(name)}
     log.debug("forwarding to Ray workers: %s", ", ".join(sorted(env)) or "nothing")
     return env
 
 
-def runtime_env_vars(cfg, address: str | None = None, extra_env: Iterable[str] = ()) -> dict[str, str]:
+def runtime_env_vars(cfg, address: str | None = None) -> dict[str, str]:
     """``env_vars`` of the job's runtime_env: :func:`forwarded_env`, plus :data:`LOOPBACK_ENV` for a local
     loopback-only cluster (never for an existing cluster)."""
     ray_cfg, _ = _sections(cfg)
-    env = forwarded_env(cfg, extra_env)
+    env = forwarded_env(cfg)
     if not (address or ray_cfg.address) and ray_cfg.loopback_only:
         env.update(LOOPBACK_ENV)
     return env
+
+
+def missing_on_nodes(names: Iterable[str]) -> dict[str, list[str]]:
+    """For a connected Ray cluster: node id -> the given variable names that are unset on that node (nodes that
+    have all of them are left out). One zero-CPU task per alive node reports presence only, never a value."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    names = sorted(set(names))
+    if not names:
+        return {}
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def _unset(wanted: list[str]) -> list[str]:
+        return [n for n in wanted if not os.environ.get(n)]
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    refs = [_unset.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(names)
+            for node in nodes]
+    return {node: miss for node, miss in zip(nodes, ray.get(refs, timeout=120)) if miss}
+
+
+def _check_declared(cfg, existing: bool) -> None:
+    """Warn, by name, about a declared variable the workers will not have (see the module docstring)."""
+    declared = declared_env_names(cfg)
+    if not declared:
+        return
+    if not existing:
+        for name, key in declared.items():
+            if not os.environ.get(name):
+                log.warning("%s names %s, which is not set in this environment; the workers of the local cluster "
+                            "will not have it", key, name)
+        return
+    for node, names in missing_on_nodes(declared).items():
+        log.warning("node %s lacks %s (named by %s): set it in the nodes' environment (a Kubernetes Secret, "
+                    "docs/cluster.md); credentials never travel in the job's runtime_env", node[:12],
+                    ", ".join(names), ", ".join(declared[n] for n in names))
 
 
 def _is_loopback_address(address: str) -> bool:
@@ -160,20 +194,31 @@ def _restore_driver_state() -> None:
         ray_constants.ENABLE_RAY_CLUSTER = saved["ENABLE_RAY_CLUSTER"]
 
 
-def start_ray(cfg, address: str | None = None, extra_env: Iterable[str] = ()) -> bool:
+def _minus_job_env(env_vars: dict[str, str]) -> dict[str, str]:
+    """Inside a submitted job, the job's runtime env already holds variables (``cafe submit`` puts
+    ``ray.forward_env`` there) and Ray refuses a ``ray.init`` that names the same keys again: leave those out."""
+    injected = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not injected:
+        return env_vars
+    job_env = ((json.loads(injected).get("runtime_env") or {}).get("env_vars") or {})
+    return {k: v for k, v in env_vars.items() if k not in job_env}
+
+
+def start_ray(cfg, address: str | None = None) -> bool:
     """Initialise Ray once per process; return True when this call started it.
 
     Args:
         cfg: the whole :class:`~pipeline.config.CafeConfig` (its ``ray`` section and the env names it declares),
             or just a :class:`~pipeline.config.RayConfig`.
-        address: overrides ``ray.address``; ``None`` and ``ray.address: null`` start a local cluster.
-        extra_env: more variable names to forward to workers (see :func:`forwarded_env`).
+        address: overrides ``ray.address``; ``None`` and ``ray.address: null`` start a local cluster, unless
+            ``RAY_ADDRESS`` is set (a driver inside a submitted Ray job): then that cluster is joined.
     """
     ray_cfg, _ = _sections(cfg)
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         return False
-    address = address or ray_cfg.address
-    env_vars = runtime_env_vars(cfg, address, extra_env)
+    # inside a submitted Ray job (`cafe submit`), the job supervisor sets RAY_ADDRESS: join that cluster
+    address = address or ray_cfg.address or os.environ.get("RAY_ADDRESS") or None
+    env_vars = runtime_env_vars(cfg, address)
     if not address and ray_cfg.loopback_only:
         _pin_driver_to_loopback(set_env=True)
     elif address and _is_loopback_address(address):
@@ -181,6 +226,7 @@ def start_ray(cfg, address: str | None = None, extra_env: Iterable[str] = ()) ->
     import ray
 
     kwargs = dict(include_dashboard=ray_cfg.include_dashboard, log_to_driver=ray_cfg.log_to_driver)
+    env_vars = _minus_job_env(env_vars)
     if env_vars:
         kwargs["runtime_env"] = {"env_vars": env_vars}
     try:
@@ -199,14 +245,15 @@ def start_ray(cfg, address: str | None = None, extra_env: Iterable[str] = ()) ->
     except BaseException:
         _restore_driver_state()
         raise
+    _check_declared(cfg, existing=bool(address))
     return True
 
 
 @contextlib.contextmanager
-def ray_session(cfg, address: str | None = None, extra_env: Iterable[str] = ()):
+def ray_session(cfg, address: str | None = None):
     """Context manager around :func:`start_ray`; shuts Ray down (and restores the driver's environment) only if
     it started it."""
-    started = start_ray(cfg, address, extra_env)
+    started = start_ray(cfg, address)
     try:
         yield
     finally:

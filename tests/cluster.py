@@ -111,32 +111,60 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
+#: address -> the temporary root holding every node's ``--temp-dir`` (session logs), while the cluster is up
+ROOTS: dict[str, Path] = {}
+
+
 @contextlib.contextmanager
-def two_node_cluster(head_cpus: int = 1, gen_cpus: int = 2):
+def two_node_cluster(head_cpus: int = 1, gen_cpus: int = 2, node_env_extra: dict[str, str] | None = None,
+                     dashboard_port: int | None = None, second_node: bool = True):
     """Start a head node and a ``gen_node`` node on 127.0.0.1; yield the GCS address; kill both at exit.
 
-    Sets ``RAY_AUTH_MODE`` in this process (the driver) to the nodes' mode while the cluster is up."""
+    ``node_env_extra``: variables both nodes have in their own environment (what a Kubernetes Secret or the
+    node's image provides: credentials reach workers this way, never through a runtime_env).
+    ``dashboard_port``: run the head's dashboard (and with it the job submission server) on 127.0.0.1:PORT.
+    ``second_node=False``: the head alone.
+    Sets ``RAY_AUTH_MODE`` in this process (the driver) to the nodes' mode while the cluster is up; the session
+    directories are under ``ROOTS[address]``."""
     port = free_port()
     root = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # short: Ray's unix socket paths must fit 107 bytes
     log = root / "ray_start.log"
-    env = node_env()
+    env = {**node_env(), **(node_env_extra or {})}
     sessions: list[int] = []
     driver_auth = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = env["RAY_AUTH_MODE"]
+    dash = (["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+             f"--dashboard-agent-listen-port={free_port()}"] if dashboard_port else ["--include-dashboard=false"])
+    address = f"127.0.0.1:{port}"
     try:
         _ray_start(["--head", "--node-ip-address=127.0.0.1", f"--port={port}", f"--num-cpus={head_cpus}",
-                    "--num-gpus=0", '--resources={"head": 1}', f"--temp-dir={root / 'head'}",
-                    "--include-dashboard=false", "--disable-usage-stats"],
+                    "--num-gpus=0", '--resources={"head": 1}', f"--temp-dir={root / 'head'}", *dash,
+                    "--disable-usage-stats"],
                    {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}, log, sessions)
-        address = f"127.0.0.1:{port}"
-        _ray_start([f"--address={address}", "--node-ip-address=127.0.0.1", f"--num-cpus={gen_cpus}",
-                    "--num-gpus=0", '--resources={"gen_node": 1}', f"--temp-dir={root / 'node'}",
-                    "--disable-usage-stats"], env, log, sessions)
+        if second_node:
+            _ray_start([f"--address={address}", "--node-ip-address=127.0.0.1", f"--num-cpus={gen_cpus}",
+                        "--num-gpus=0", '--resources={"gen_node": 1}', f"--temp-dir={root / 'node'}",
+                        "--disable-usage-stats"], env, log, sessions)
+        ROOTS[address] = root
         yield address
     finally:
+        ROOTS.pop(address, None)
         _kill_sessions(sessions)
         shutil.rmtree(root, ignore_errors=True)
         if driver_auth is None:
             os.environ.pop("RAY_AUTH_MODE", None)
         else:
             os.environ["RAY_AUTH_MODE"] = driver_auth
+
+
+def files_containing(root: Path, needle: str) -> list[str]:
+    """Files under ``root`` (Ray session logs, outputs) whose bytes contain ``needle``."""
+    raw = needle.encode()
+    hits = []
+    for p in Path(root).rglob("*"):
+        try:
+            if p.is_file() and not p.is_symlink() and raw in p.read_bytes():
+                hits.append(str(p))
+        except OSError:
+            continue
+    return hits

@@ -19,6 +19,38 @@ from training.models.kit import fingerprint
 pytestmark = pytest.mark.integration
 
 
+SENTINEL_KEY = "sk-sentinel-7f3a9c1e5b2d4f60"
+S3_SECRET = "testing-secret-sentinel"  # tests/s3util.py's AWS_SECRET_ACCESS_KEY
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_server):
+    """This module's local cluster, started with the credentials its builds need already in the environment (the
+    S3 server's ``AWS_*``, the dialogue key): a local cluster's workers inherit the driver's environment, as
+    Kubernetes nodes get theirs from Secrets; no credential travels in a runtime_env."""
+    from pipeline.config import RayConfig
+    from pipeline.local_ray import ray_session
+
+    saved = os.environ.get("CAFE_TEST_LLM_KEY")
+    os.environ["CAFE_TEST_LLM_KEY"] = SENTINEL_KEY
+    try:
+        with ray_session(RayConfig(num_cpus=2)):
+            import ray
+
+            yield ray
+    finally:
+        if saved is None:
+            os.environ.pop("CAFE_TEST_LLM_KEY", None)
+        else:
+            os.environ["CAFE_TEST_LLM_KEY"] = saved
+
+
+def _session_files_with(ray, needle: str) -> list[str]:
+    from tests.cluster import files_containing
+
+    return files_containing(ray._private.worker._global_node.get_session_dir_path(), needle)
+
+
 @pytest.fixture(scope="module")
 def build_a(tiny_models, tmp_path_factory, ray_local):
     """The uninterrupted reference build."""
@@ -248,14 +280,15 @@ def test_build_on_s3_equals_local_and_survives_a_kill(build_a, tiny_models, tmp_
 
     wait_for(lambda: n_gen() >= 1, 300, proc, "a committed generate chunk on s3")
     kill_session(proc)
-    # resume as a fresh driver (its workers get the storage variables by name through the runtime env)
+    # resume as a fresh driver (the cluster's workers have the storage variables from their own environment)
     proc, _ = _start(tmp_path, {**data, "build": {**data["build"], "lease_wait_s": 10.0}}, "s3-resume", ray_local,
                      out=out)
     assert proc.wait(timeout=600) == 0, (tmp_path / "s3-resume.log").read_text()[-3000:]
     with fs.open_input_stream(f"{root}/manifest.json") as f:
         manifest = json.loads(f.read())
     assert manifest["dataset_hash"] == reference.manifest["dataset_hash"] and manifest["status"] == "complete"
-    assert "testing-secret-sentinel" not in json.dumps(manifest)
+    assert S3_SECRET not in json.dumps(manifest)
+    assert _session_files_with(ray_local, S3_SECRET) == []  # nor in any file of Ray's session (runtime_env logs)
     assert fs.get_file_info(f"{root}/_SUCCESS").type == pafs.FileType.File
     import ray
 
@@ -377,9 +410,6 @@ class _FakeLLM:
         self.server.shutdown()
 
 
-SENTINEL_KEY = "sk-sentinel-7f3a9c1e5b2d4f60"
-
-
 def _openai_data(tiny_models, url: str) -> dict:
     return tiny_build_config(tiny_models, lease_ttl_s=2.0, dialogue={
         "backend": "openai", "openai": {"base_url": url, "model": "fake", "max_concurrency": 4, "max_retries": 1,
@@ -390,8 +420,9 @@ def test_endpoint_down_leaves_rows_pending_then_rerun_completes(build_a, tiny_mo
                                                                 monkeypatch):
     """5xx after retries: nothing quarantined, exit non-zero with the count; the next run retries exactly those.
 
-    Both runs are `cafe build` processes connecting to the cluster (the key reaches workers through the job's
-    runtime env, by name); the key's value must appear in nothing stored and in no log.
+    Both runs are `cafe build` processes connecting to the cluster (the key reaches workers from the nodes'
+    environment, never the runtime env); the key's value must appear in nothing stored and in no log, Ray's
+    session files included.
     """
     monkeypatch.setenv("CAFE_TEST_LLM_KEY", SENTINEL_KEY)
     llm = _FakeLLM(mode="down")
@@ -423,6 +454,7 @@ def test_endpoint_down_leaves_rows_pending_then_rerun_completes(build_a, tiny_mo
     # the key never reaches anything stored or logged; its name is recorded
     stored = b"".join(p.read_bytes() for p in list(out.rglob("*")) + list(tmp_path.glob("*.log")) if p.is_file())
     assert SENTINEL_KEY.encode() not in stored
+    assert _session_files_with(ray_local, SENTINEL_KEY) == []
     assert "CAFE_TEST_LLM_KEY" in json.dumps(manifest["config"])
 
 

@@ -10,7 +10,9 @@ import psutil
 import pytest
 
 from pipeline.config import DEFAULT_FORWARD_ENV, RayConfig, load_config_dict
-from pipeline.local_ray import LOOPBACK_ENV, forwarded_env, ray_session, runtime_env_vars, start_ray
+from pipeline.config import ConfigError
+from pipeline.local_ray import LOOPBACK_ENV, forwarded_env, looks_secret, ray_session, runtime_env_vars, start_ray
+from tests.cluster import files_containing
 
 HF_SENTINEL = "hf_SENTINEL_must_not_travel_0123456789"
 KEY_SENTINEL = "sk-SENTINEL-named-key-0123456789"
@@ -48,34 +50,35 @@ def _openai_cfg(**ray):
         "backend": "openai", "openai": {"api_key_env": "CAFE_TEST_LLM_KEY"}}}})
 
 
-def test_forwarded_env_is_the_named_list_plus_the_config_key(sentinel_env, caplog):
+def test_forwarded_env_is_the_named_list_and_never_a_credential(sentinel_env, caplog):
     caplog.set_level(logging.DEBUG, logger="pipeline.local_ray")
     env = forwarded_env(_openai_cfg())
-    assert env == {"HF_HUB_OFFLINE": "1", "CAFE_TEST_LLM_KEY": KEY_SENTINEL}
-    assert "HF_TOKEN" not in env
+    assert env == {"HF_HUB_OFFLINE": "1"}  # the dialogue key is declared, checked by name, never forwarded
     assert KEY_SENTINEL not in caplog.text and HF_SENTINEL not in caplog.text
-    # the template backend needs no key: it is not forwarded
     assert forwarded_env(load_config_dict({})) == {"HF_HUB_OFFLINE": "1"}
-    # a name the user lists is forwarded, tokens included, because they asked for it
-    assert forwarded_env(_openai_cfg(forward_env=["HF_TOKEN"])) == {"HF_TOKEN": HF_SENTINEL,
-                                                                    "CAFE_TEST_LLM_KEY": KEY_SENTINEL}
-    # names a caller adds (the build's AWS_* for s3:// locations); unset ones are skipped
-    assert forwarded_env(load_config_dict({}), extra_env=["HF_TOKEN", "AWS_SECRET_ACCESS_KEY"])["HF_TOKEN"] == \
-        HF_SENTINEL
+    # a credential cannot be listed: the config says where it belongs instead
+    for name in ("HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "CAFE_TEST_LLM_KEY", "DB_PASSWORD"):
+        with pytest.raises(ConfigError, match=f"forward_env\\[0\\] = '{name}' looks like a credential"):
+            _openai_cfg(forward_env=[name])
+    assert looks_secret("AWS_SESSION_TOKEN") and not looks_secret("HF_HOME") and not looks_secret("AWS_ENDPOINT_URL")
 
 
 def test_declared_key_missing_is_warned_by_name_only(sentinel_env, monkeypatch, caplog):
-    monkeypatch.delenv("CAFE_TEST_LLM_KEY")
+    from pipeline.local_ray import _check_declared
+
     with caplog.at_level(logging.WARNING, logger="pipeline.local_ray"):
-        assert "CAFE_TEST_LLM_KEY" not in forwarded_env(_openai_cfg())
+        _check_declared(_openai_cfg(), existing=False)
+        assert caplog.text == ""  # set in the driver: a local cluster's workers inherit it
+        monkeypatch.delenv("CAFE_TEST_LLM_KEY")
+        _check_declared(_openai_cfg(), existing=False)
     assert "build.dialogue.openai.api_key_env names CAFE_TEST_LLM_KEY, which is not set" in caplog.text
 
 
 def test_loopback_variables_only_for_a_cluster_we_start(sentinel_env):
     local = runtime_env_vars(_openai_cfg())
-    assert local == {"HF_HUB_OFFLINE": "1", "CAFE_TEST_LLM_KEY": KEY_SENTINEL, **LOOPBACK_ENV}
+    assert local == {"HF_HUB_OFFLINE": "1", **LOOPBACK_ENV}
     for address in ("auto", "10.0.0.5:6379", "head.cluster.local:6379", "ray://head:10001", "127.0.0.1:6379"):
-        assert runtime_env_vars(_openai_cfg(), address) == {"HF_HUB_OFFLINE": "1", "CAFE_TEST_LLM_KEY": KEY_SENTINEL}
+        assert runtime_env_vars(_openai_cfg(), address) == {"HF_HUB_OFFLINE": "1"}
         assert runtime_env_vars(_openai_cfg(address=address)) == runtime_env_vars(_openai_cfg(), address)
     assert "GLOO_SOCKET_IFNAME" not in runtime_env_vars(_openai_cfg(loopback_only=False))
 
@@ -99,7 +102,9 @@ def _loopback(ip: str) -> bool:
 @pytest.mark.integration
 def test_local_ray_listens_on_loopback_only_and_restores_the_driver(sentinel_env):
     """Every listener of the local cluster (driver's descendants) is on 127.0.0.1; workers see the loopback
-    variables through the job's runtime_env but not HF_TOKEN there; the driver's environment is restored after."""
+    variables through the job's runtime_env, the declared key through the environment they inherit from the
+    driver, and no credential in the runtime_env or in any file of Ray's session; the driver's environment is
+    restored after."""
     from ray._private import ray_constants
 
     flag_before = ray_constants.ENABLE_RAY_CLUSTER
@@ -111,12 +116,13 @@ def test_local_ray_listens_on_loopback_only_and_restores_the_driver(sentinel_env
         @ray.remote
         def facts():
             env_vars = ray.get_runtime_context().runtime_env.get("env_vars", {})
-            return os.getpid(), env_vars, {k: os.environ.get(k) for k in LOOPBACK_ENV}
+            return os.getpid(), env_vars, {k: os.environ.get(k) for k in (*LOOPBACK_ENV, "CAFE_TEST_LLM_KEY")}
 
         worker_pid, job_env, worker_env = ray.get(facts.remote())
-        assert worker_env == LOOPBACK_ENV
-        assert job_env == {"HF_HUB_OFFLINE": "1", "CAFE_TEST_LLM_KEY": KEY_SENTINEL, **LOOPBACK_ENV}
-        assert "HF_TOKEN" not in job_env and HF_SENTINEL not in str(job_env)
+        assert worker_env == {**LOOPBACK_ENV, "CAFE_TEST_LLM_KEY": KEY_SENTINEL}  # inherited from the driver
+        assert job_env == {"HF_HUB_OFFLINE": "1", **LOOPBACK_ENV}
+        session = ray._private.worker._global_node.get_session_dir_path()
+        assert files_containing(session, KEY_SENTINEL) == [] and files_containing(session, HF_SENTINEL) == []
 
         ray_pids = {worker_pid} | {p.pid for p in psutil.Process().children(recursive=True)}
         listeners = []

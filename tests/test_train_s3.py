@@ -24,7 +24,7 @@ def test_checkpoints_and_resume_on_s3(tmp_path, s3_bucket):
                  "checkpoint": {"every_steps": 1, "keep": 2},
                  "diffusion": {"lr": 1e-3, "micro_batch_size": 8, "max_steps": 3, "epochs": 100}, **extra}
         return load_config_dict({"run": {"name": "s3"}, "models": {"root": str(tu.WORLD)},
-                                 "ray": {"num_cpus": 2, "forward_env": list(S3_ENV)}, "train": train})
+                                 "ray": {"num_cpus": 2}, "train": train})
 
     first = train_model(cfg(stop_at_step=2), "diffusion", echo=lambda s: None)  # starts (and stops) its own Ray
     assert first.steps == 2 and first.checkpoint.startswith(s3_bucket.removeprefix("s3://"))

@@ -1,8 +1,9 @@
 """The build on a real two-node Ray cluster (127.0.0.1), storage only on s3:// (a local S3-compatible server).
 
-Generation and scoring are pinned to the second node by a custom resource (``build.resources``); the second
-node's environment has no storage credentials, so they can only reach its workers by name through the job's
-runtime env. The result must equal a single-node local build of the same config.
+Generation and scoring are pinned to the second node by a custom resource (``build.resources``). The nodes have
+the storage credentials in their own environment (as a Kubernetes Secret would provide them); the job's runtime
+env carries none, and no node's Ray session logs hold the secret. The result must equal a single-node local build
+of the same config.
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import pytest
 
 from pipeline.build import run_build
 from tests.buildutil import as_config, tiny_build_config
-from tests.cluster import two_node_cluster
-from tests.s3util import s3_bucket, s3_server  # noqa: F401  (fixtures)
+from tests.cluster import ROOTS, files_containing, two_node_cluster
+from tests.s3util import S3_ENV, s3_bucket, s3_server  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.integration
 
@@ -24,8 +25,11 @@ def test_two_node_s3_build_equals_single_node_local(tiny_models, tmp_path, s3_bu
     data["build"]["resources"] = {"generate": {"gen_node": 0.01}, "score": {"gen_node": 0.01}}
     cfg = as_config(data)
     out = f"{s3_bucket}/two-node"
-    with two_node_cluster() as address:
+    import os
+
+    with two_node_cluster(node_env_extra={k: os.environ[k] for k in S3_ENV}) as address:
         remote = run_build(cfg, out_dir=out, address=address)
+        assert files_containing(ROOTS[address], "testing-secret-sentinel") == []
         import ray
 
         assert not ray.is_initialized()  # the build disconnected from the cluster it did not start

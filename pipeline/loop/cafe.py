@@ -249,11 +249,10 @@ def run_loop(ctx: LoopContext, until: str | None = None, echo=print):
     try:
         if not any(i.action == "run" for i in graph.plan(ctx, state, until)):
             return graph.run(ctx, state, until=until, echo=echo)  # all finished: no Ray, no model
-        from pipeline.build import _forward_names
         from pipeline.local_ray import ray_session
 
         # one Ray session for every stage (each would otherwise start and stop its own local cluster)
-        with ray_session(ctx.cfg, ctx.address, extra_env=_forward_names(ctx.cfg, ctx.out)):
+        with ray_session(ctx.cfg, ctx.address):
             return graph.run(ctx, state, until=until, echo=echo)
     finally:
         lease.release()
