@@ -39,7 +39,7 @@ import pyarrow as pa
 from pipeline.config import CafeConfig
 from pipeline.local_ray import looks_secret
 from pipeline.stages import DialogueStage, GenerateStage, ScoreStage, SourcesStage, distill_checkpoint, sink_batch
-from pipeline.store import Lease, Storage, is_uri
+from pipeline.store import Lease, Storage, is_uri, join
 from training.data import schema as S
 
 log = logging.getLogger(__name__)
@@ -340,7 +340,7 @@ def run_build(cfg: CafeConfig, out_dir: str | os.PathLike | None = None, address
     from training.models.fingerprint import fingerprint  # no torch in the driver for this
 
     t_start = time.perf_counter()
-    out_uri = str(out_dir) if out_dir else str(Path(cfg.run.output_dir) / cfg.run.name)
+    out_uri = str(out_dir) if out_dir else join(cfg.run.output_dir, cfg.run.name)
     check_out_location(cfg, out_uri)
     ensure_models(cfg)
     for role in used_roles(cfg):
@@ -433,13 +433,12 @@ def run_build(cfg: CafeConfig, out_dir: str | os.PathLike | None = None, address
         write_dataset_card(out, manifest)
         out.write_json("manifest.json", manifest)
         if len(done_chunks) == len(chunks):
-            if out.is_local:
-                try:
-                    from pipeline.report import write_report
+            try:
+                from pipeline.report import write_report
 
-                    write_report(Path(out.root), max_samples=cfg.build.report_samples)
-                except Exception as exc:  # noqa: BLE001 - the dataset is valid without its report; say so loudly
-                    log.error("report failed (the dataset is complete; re-run `cafe report %s`): %s", out_uri, exc)
+                write_report(out.uri, max_samples=cfg.build.report_samples)
+            except Exception as exc:  # noqa: BLE001 - the dataset is valid without its report; say so loudly
+                log.error("report failed (the dataset is complete; re-run `cafe report %s`): %s", out_uri, exc)
             out.write_bytes("_SUCCESS", b"")
         return BuildResult(out_uri, manifest, pending=pending, pending_reasons=sorted(set(reasons)),
                            computed={"chunks_run": len(todo)})

@@ -136,9 +136,10 @@ def check_output_dir(path: str | os.PathLike) -> None:
 
 def cmd_build(args) -> int:
     from pipeline.config import load_config
+    from pipeline.store import join
 
     cfg = load_config(args.config, args.overrides)  # validated before Ray starts
-    out = args.out or str(Path(cfg.run.output_dir) / cfg.run.name)
+    out = args.out or join(cfg.run.output_dir, cfg.run.name)
     try:
         check_output_dir(out)
     except OSError as exc:
@@ -331,7 +332,7 @@ def _print_eval_table(ctx) -> None:
 def cmd_eval(args) -> int:
     from pipeline.config import load_config
     from pipeline.loop.evaluate import evaluate_checkpoint, format_table
-    from pipeline.store import Storage
+    from pipeline.store import Storage, join
 
     cfg = load_config(args.config, args.overrides)
     mllm, diffusion = args.mllm, args.diffusion
@@ -341,9 +342,8 @@ def cmd_eval(args) -> int:
         v = Registry(_registry_path(cfg)).get(args.checkpoint)
         mllm, diffusion = v.checkpoint["mllm"], v.checkpoint["diffusion"]
     if diffusion is None:
-        root = Path(cfg.train.output_dir)
-        mllm, diffusion = mllm or str(root / "mllm"), str(root / "diffusion")
-    out = args.out or str(Path(cfg.run.output_dir) / "eval" / (f"v{args.checkpoint}" if args.checkpoint else "latest"))
+        mllm, diffusion = mllm or join(cfg.train.output_dir, "mllm"), join(cfg.train.output_dir, "diffusion")
+    out = args.out or join(cfg.run.output_dir, "eval", f"v{args.checkpoint}" if args.checkpoint else "latest")
     report = evaluate_checkpoint(cfg, mllm, diffusion, Storage(out), progress=lambda m: log.info("%s", m))
     print(format_table(report))
     print(f"eval: {out}/metrics.json, {out}/table.md, {out}/samples.png")

@@ -64,15 +64,18 @@ def read_image(location: str) -> np.ndarray:
 
 
 def trained_dirs(cfg, need_mllm: bool) -> tuple[str | None, str]:
-    root = Path(cfg.train.output_dir)
-    diffusion = root / "diffusion"
-    mllm = root / "mllm"
-    if not (diffusion / "conditioner.json").is_file():
-        raise GenerateError(f"no trained diffusion model at {diffusion}: run `cafe train diffusion CONFIG` first")
-    if need_mllm and not (mllm / "mllm.json").is_file():
-        raise GenerateError(f"no trained MLLM at {mllm}: run `cafe train mllm CONFIG` first "
+    """``train.output_dir``'s ``mllm`` and ``diffusion`` as local directories (a local copy when on a URI)."""
+    from pipeline.store import Storage, local_copy
+
+    root = Storage(cfg.train.output_dir)
+    has_mllm = root.is_file("mllm/mllm.json")
+    if not root.is_file("diffusion/conditioner.json"):
+        raise GenerateError(f"no trained diffusion model at {root.uri_of('diffusion')}: run `cafe train diffusion "
+                            "CONFIG` first")
+    if need_mllm and not has_mllm:
+        raise GenerateError(f"no trained MLLM at {root.uri_of('mllm')}: run `cafe train mllm CONFIG` first "
                             "(or use --clip-from-image for the direct mode)")
-    return (str(mllm) if (mllm / "mllm.json").is_file() else None), str(diffusion)
+    return (local_copy(root.uri_of("mllm")) if has_mllm else None), local_copy(root.uri_of("diffusion"))
 
 
 def load_assistant(cfg, need_mllm: bool = True, device: str = "cpu"):

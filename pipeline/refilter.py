@@ -27,9 +27,11 @@ same per-chunk footprint as the build's sink. The dataset hash is computed as th
 refilter without pending rows has the hash of a build with the same rules.
 
 Safety: ``--out`` must lie outside SRC (and not contain it); an existing non-empty ``--out`` is refused unless it
-is an earlier refilter of the same SRC (its manifest's ``refiltered_from``), which is then replaced. The new
-output is written to a hidden sibling directory and renamed into place, so a failed refilter leaves an earlier
-output as it was. Local directories only.
+is an earlier refilter of the same SRC (its manifest's ``refiltered_from``), which is then replaced. SRC and OUT
+are local directories or URIs (``s3://…``), in any mix. Locally the new output is written to a hidden sibling
+directory and renamed into place, so a failed refilter leaves an earlier output as it was. An object store has no
+rename: there ``_SUCCESS`` is removed first, the earlier output's tables are deleted, the new ones written, and
+``_SUCCESS`` written last — readers that require it never see a half-written output.
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ PENDING_DIALOGUE = "pending_dialogue"
 
 @dataclass
 class RefilterResult:
-    out_dir: Path
+    out_dir: str  # a local directory or a URI
     manifest: dict
 
     def summary(self) -> str:
@@ -73,8 +75,8 @@ class RefilterResult:
         lines = [funnel_text(m),
                  f"kept {c['kept']} of {c['candidates']} candidates ({c[PENDING_DIALOGUE]} pass the rules but have "
                  "no dialogue)",
-                 f"dataset: {self.out_dir / 'dataset'}   (datasets.load_dataset / ray.data.read_parquet)",
-                 f"report:  {self.out_dir / 'report' / 'report.md'}"]
+                 f"dataset: {self.out_dir}/dataset   (datasets.load_dataset / ray.data.read_parquet)",
+                 f"report:  {self.out_dir}/report/report.md"]
         if c[PENDING_DIALOGUE]:
             lines += [f"PENDING DIALOGUE: {c[PENDING_DIALOGUE]} row(s) pass the new rules but were filtered out at "
                       f"build time, so {m['refiltered_from']} has no images or dialogue for them; they are not in "
@@ -107,61 +109,71 @@ def refilter(dataset_dir: str | os.PathLike, overrides: list[str] | None,
     from pipeline.report import load_manifest, write_report
 
     t0 = time.perf_counter()
-    src, out = _check_locations(Path(dataset_dir), Path(out_dir))
-    old = load_manifest(src)
+    src, out = _check_locations(Storage(dataset_dir), Storage(out_dir))
+    old = load_manifest(src.uri)
     if old.get("status") == "incomplete":
-        raise ValueError(f"refilter: {src} is an incomplete build (manifest status 'incomplete'); re-run its "
+        raise ValueError(f"refilter: {src.uri} is an incomplete build (manifest status 'incomplete'); re-run its "
                          "`cafe build` until it completes, then refilter (quantiles need every candidate)")
     _check_overrides(overrides)
-    cfg = load_config_dict(old["config"], f"{src / 'manifest.json'}#config", overrides)  # before any work
+    cfg = load_config_dict(old["config"], f"{src.uri_of('manifest.json')}#config", overrides)  # before any work
 
     owner = uuid.uuid4().hex[:12]
-    tmp = out.parent / f".{out.name}.refilter-{owner}"
-    try:
-        manifest = _write(Storage(src), Storage(tmp, owner=owner), old, cfg, list(overrides or []), src)
+    if out.is_local:
+        tmp = Path(out.root).parent / f".{Path(out.root).name}.refilter-{owner}"
+        try:
+            manifest = _write(src, Storage(tmp, owner=owner), old, cfg, list(overrides or []))
+            manifest["timings_s"] = {"refilter_wall": round(time.perf_counter() - t0, 3)}
+            Storage(tmp, owner=owner).write_json("manifest.json", manifest)
+            _move_into_place(tmp, Path(out.root))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # only left on failure: the success path renamed it
+    else:  # no rename on an object store: unpublish, clear, write, publish (_SUCCESS last)
+        out = Storage(out.uri, owner=owner)
+        out.delete("_SUCCESS")
+        for name in ("candidates", "dataset", "quarantine", "report", "manifest.json"):
+            out.delete_dir(name) if name != "manifest.json" else out.delete(name)
+        manifest = _write(src, out, old, cfg, list(overrides or []))
         manifest["timings_s"] = {"refilter_wall": round(time.perf_counter() - t0, 3)}
-        Storage(tmp, owner=owner).write_json("manifest.json", manifest)
-        _move_into_place(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # only left on failure: the success path renamed it
-    write_report(out, max_samples=cfg.build.report_samples)
-    Storage(out, owner=owner).write_bytes("_SUCCESS", b"")
+        out.write_json("manifest.json", manifest)
+    write_report(out.uri, max_samples=cfg.build.report_samples)
+    Storage(out.uri, owner=owner).write_bytes("_SUCCESS", b"")
     log.info("refilter: %s -> %s: kept %d of %d candidates, %d pending dialogue", src, out,
              manifest["counts"]["kept"], manifest["counts"]["candidates"], manifest["counts"][PENDING_DIALOGUE])
-    return RefilterResult(out, manifest)
+    return RefilterResult(out.uri, manifest)
 
 
 # ------------------------------------------------------------------------------------------------ checks
 
 
-def _check_locations(src: Path, out: Path) -> tuple[Path, Path]:
-    """Both directories, resolved; refuse an ``out`` that would overwrite SRC or another build."""
-    if not (src / "manifest.json").is_file() or not (src / "candidates").is_dir():
-        raise FileNotFoundError(f"refilter: {src} is not a build output (needs manifest.json and candidates/)")
-    s, o = src.resolve(), out.resolve()
-    if o == s or s in o.parents:
-        raise ValueError(f"refilter --out {out}: is the dataset directory {src} or inside it; choose a directory "
-                         "outside it")
-    if o in s.parents:
-        raise ValueError(f"refilter --out {out}: contains the dataset directory {src}; choose another directory")
-    if o.exists() and not o.is_dir():
-        raise ValueError(f"refilter --out {out}: exists and is not a directory")
-    if o.is_dir() and any(o.iterdir()):
-        origin = _refiltered_from(o)
-        if origin is None or Path(origin).resolve() != s:
+def _check_locations(src: Storage, out: Storage) -> tuple[Storage, Storage]:
+    """Both locations; refuse an ``out`` that would overwrite SRC or another build."""
+    import pyarrow.fs as pafs
+
+    if not src.is_file("manifest.json") or src.fs.get_file_info(src.path("candidates")).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"refilter: {src.uri} is not a build output (needs manifest.json and candidates/)")
+    s, o = src.uri.rstrip("/"), out.uri.rstrip("/")
+    if o == s or o.startswith(s + "/"):
+        raise ValueError(f"refilter --out {out.uri}: is the dataset directory {src.uri} or inside it; choose a "
+                         "directory outside it")
+    if s.startswith(o + "/"):
+        raise ValueError(f"refilter --out {out.uri}: contains the dataset directory {src.uri}; choose another "
+                         "directory")
+    if out.fs.get_file_info(out.root).type == pafs.FileType.File:
+        raise ValueError(f"refilter --out {out.uri}: exists and is not a directory")
+    if out.fs.get_file_info(pafs.FileSelector(out.root, allow_not_found=True)):  # anything in it
+        origin = _refiltered_from(out)
+        if origin is None or Storage(origin).uri.rstrip("/") != s:
             what = (f"a refilter of {origin}" if origin is not None
                     else "not a refilter output (its manifest.json records no refiltered_from)")
-            raise ValueError(f"refilter --out {out}: exists, is not empty and is {what}; refusing to overwrite it. "
-                             f"Choose another --out, or delete it first (only an earlier refilter of {src} is "
-                             "replaced)")
-    return s, o
+            raise ValueError(f"refilter --out {out.uri}: exists, is not empty and is {what}; refusing to overwrite "
+                             f"it. Choose another --out, or delete it first (only an earlier refilter of {src.uri} "
+                             "is replaced)")
+    return src, out
 
 
-def _refiltered_from(out: Path) -> str | None:
-    import json
-
+def _refiltered_from(out: Storage) -> str | None:
     try:
-        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        manifest = out.read_json("manifest.json")
     except (OSError, ValueError):
         return None
     origin = manifest.get("refiltered_from") if isinstance(manifest, dict) else None
@@ -184,7 +196,7 @@ def _chunk_of(key: str, prefix: str = "") -> str:
     return key.rsplit("/", 1)[-1].removesuffix(".parquet").removeprefix(prefix)
 
 
-def _write(src: Storage, new: Storage, old: dict, cfg: CafeConfig, overrides: list[str], src_dir: Path) -> dict:
+def _write(src: Storage, new: Storage, old: dict, cfg: CafeConfig, overrides: list[str]) -> dict:
     """Write every table and the dataset card into ``new``; return the manifest (not yet written)."""
     from filtering.rules import apply_rules, count_reasons
     from pipeline.build import write_dataset_card
@@ -210,7 +222,7 @@ def _write(src: Storage, new: Storage, old: dict, cfg: CafeConfig, overrides: li
 
     # pass 2, chunk by chunk: candidates with the new decision, dataset rows that pass, dialogue outcomes
     for table in ("candidates", "dataset", "quarantine"):
-        os.makedirs(new.path(f"{table}/data"), exist_ok=True)  # zero shards is still a table
+        new.fs.create_dir(new.path(f"{table}/data"), recursive=True)  # zero shards is still a table
     h = hashlib.sha256()
     kept = dataset_bytes = pending = 0
     dialogue_removed: dict[str, int] = {}
@@ -257,7 +269,7 @@ def _write(src: Storage, new: Storage, old: dict, cfg: CafeConfig, overrides: li
          "removed": {r: c for r, c in count_reasons(decision).items() if r != "kept" and c}},
         {"stage": "dialogue", "unit": "rows", "in": n_pass, "out": kept, "removed": dialogue_removed},
     ]
-    manifest = _manifest(old, cfg, overrides, src_dir, decision.thresholds, funnel, {
+    manifest = _manifest(old, cfg, overrides, src.uri, decision.thresholds, funnel, {
         "kept": kept, "candidates": int(decision.keep.size), "quarantined": quarantined,
         "dataset_bytes": dataset_bytes, PENDING_DIALOGUE: pending}, h.hexdigest(), len(chunks))
     write_dataset_card(new, manifest)
@@ -286,7 +298,7 @@ def _dialogue_rejections(src: Storage, key: str) -> dict[str, str]:
     return dict(zip(q.column(S.Q_ID).to_pylist(), q.column(S.Q_REASON).to_pylist()))
 
 
-def _manifest(old: dict, cfg: CafeConfig, overrides: list[str], src_dir: Path, thresholds: dict, funnel: list,
+def _manifest(old: dict, cfg: CafeConfig, overrides: list[str], src_dir: str, thresholds: dict, funnel: list,
               counts: dict, dataset_hash: str, num_chunks: int) -> dict:
     from pipeline.build import code_version, stage_keys
     from pipeline.redact import redact_obj

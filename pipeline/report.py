@@ -86,10 +86,11 @@ def load_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
         FileNotFoundError: there is no ``manifest.json`` in ``out_dir``.
         ValueError: the manifest is not a JSON object or a funnel record is malformed.
     """
-    path = Path(out_dir) / "manifest.json"
-    if not path.is_file():
+    store = Storage(out_dir)
+    path = store.uri_of("manifest.json")
+    if not store.is_file("manifest.json"):
         raise FileNotFoundError(f"{path}: not found; is {out_dir} the output directory of `cafe build`?")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest = json.loads(store.read_bytes("manifest.json").decode("utf-8"))
     if not isinstance(manifest, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     _check_funnel(manifest.get("funnel", []))
@@ -185,17 +186,17 @@ def funnel_text(manifest: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-def write_report(out_dir: str | os.PathLike[str], max_samples: int = 8) -> Path:
-    """(Re)write ``OUT/report/report.md`` and its figures for a built dataset.
+def write_report(out_dir: str | os.PathLike[str], max_samples: int = 8) -> Path | str:
+    """(Re)write ``OUT/report/report.md`` and its figures for a built dataset (a local directory or a URI).
 
     Usage: ``path = write_report("runs/tiny", max_samples=cfg.build.report_samples)``
 
     Args:
-        out_dir: output directory of a ``cafe build`` (holds ``manifest.json``).
+        out_dir: output directory or URI (``s3://…``) of a ``cafe build`` (holds ``manifest.json``).
         max_samples: how many kept rows (first by id) to show in ``samples.png`` and the report.
 
     Returns:
-        Path of ``report.md``.
+        Where ``report.md`` is: a Path for a local output, the URI otherwise.
 
     Raises:
         FileNotFoundError: ``out_dir`` has no ``manifest.json``.
@@ -203,17 +204,16 @@ def write_report(out_dir: str | os.PathLike[str], max_samples: int = 8) -> Path:
     """
     if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 0:
         raise ValueError(f"max_samples: expected an integer >= 0, got {max_samples!r}")
-    out = Path(out_dir)
-    manifest = load_manifest(out)
-    report_dir = out / REPORT_DIR
-    report_dir.mkdir(parents=True, exist_ok=True)
+    storage = Storage(out_dir)
+    manifest = load_manifest(out_dir)
+    report = storage.sub(REPORT_DIR)
     written: set[str] = set()
 
     def save(role: str, fig: Any) -> None:
-        _save_figure(fig, report_dir / FIGURES[role])
+        _save_figure(fig, report, FIGURES[role])
         written.add(role)
 
-    md: list[str] = [f"# CAFE dataset report — `{out.resolve().name}`", ""]
+    md: list[str] = [f"# CAFE dataset report — `{storage.uri.rstrip('/').rsplit('/', 1)[-1]}`", ""]
     md += _identity_section(manifest)
 
     funnel = manifest.get("funnel", [])
@@ -227,7 +227,6 @@ def write_report(out_dir: str | os.PathLike[str], max_samples: int = 8) -> Path:
     else:
         md += ["The manifest has no funnel records.", ""]
 
-    storage = Storage(out)
     tables = {name: _Shards.open(storage, name) for name in ("candidates", "dataset", "quarantine")}
     md += _counts_section(manifest, tables)
     md += _quarantine_section(tables["quarantine"])
@@ -241,10 +240,9 @@ def write_report(out_dir: str | os.PathLike[str], max_samples: int = 8) -> Path:
 
     for role, name in FIGURES.items():  # a figure not drawn this time must not be left from a previous run
         if role not in written:
-            (report_dir / name).unlink(missing_ok=True)
-    path = report_dir / "report.md"
-    _atomic_write(path, ("\n".join(md).rstrip() + "\n").encode("utf-8"))
-    return path
+            report.delete(name)
+    report.write_bytes("report.md", ("\n".join(md).rstrip() + "\n").encode("utf-8"))
+    return Path(report.path("report.md")) if report.is_local else report.uri_of("report.md")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -572,10 +570,10 @@ def _wrap(prefix: str, text: Any) -> list[str]:
     return lines
 
 
-def _save_figure(fig: Any, path: Path) -> None:
+def _save_figure(fig: Any, report: Storage, name: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
-    _atomic_write(path, buf.getvalue())
+    report.write_bytes(name, buf.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -691,10 +689,3 @@ def _decode_images(row: dict[str, Any]) -> dict[str, Any]:
         image.load()
         row[key] = image
     return row
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temp file + fsync + rename, through the one atomic-write helper (:meth:`pipeline.store.Storage.write_bytes`)."""
-    from pipeline.store import Storage
-
-    Storage(path.parent).write_bytes(path.name, data)

@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import CafeConfig
-from pipeline.store import Storage, table_hash
+from pipeline.store import Storage, is_uri, local_copy, table_hash
 from training.data import schema as S
 from training.data.ids import row_id, stable_int
 
@@ -268,10 +268,10 @@ def distill_checkpoint(cfg: CafeConfig) -> str:
     for name, location in (("diffusion", d.diffusion), ("mllm", d.mllm if d.mode == "mix" else None)):
         if location is None:
             continue
-        if not Path(location).is_dir():
+        if not (is_uri(location) or Path(location).is_dir()):
             raise FileNotFoundError(f"build.distill.{name} = {location}: not a directory (train the round "
                                     f"{cfg.build.round - 1} models first, or run `cafe pipeline run`)")
-        parts.append(f"{name}:{fingerprint(location)}")
+        parts.append(f"{name}:{fingerprint(local_copy(location))}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -312,7 +312,8 @@ class GenerateStage(_Stage):
         d = b.distill
         roles = {r: RoleRef(str(self.cfg.models.role_dir(r).absolute()), self.cfg.models.role_spec(r).dtype)
                  for r in ("t2i", "clip_cond", "dino_cond", "llm")}
-        assistant = Assistant.load(roles, d.mllm if d.mode == "mix" else None, d.diffusion, device=str(device))
+        mllm = local_copy(d.mllm) if d.mode == "mix" and d.mllm else None  # weights on a URI: a local copy
+        assistant = Assistant.load(roles, mllm, local_copy(d.diffusion), device=str(device))
         checkpoint = distill_checkpoint(self.cfg)
         self.generator = SelfDistillGenerator(assistant, t2i.components, d.mode, d.scale_dino, d.alpha,
                                               d.num_inference_steps, d.guidance_scale, d.reference_guidance_scale,

@@ -17,6 +17,7 @@ config file, and are never written anywhere.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -40,6 +41,14 @@ TMP_INFIX = ".tmp-"
 
 def is_uri(location: str) -> bool:
     return "://" in str(location)
+
+
+def join(location: str | os.PathLike, *parts: str) -> str:
+    """``location/part/...`` for a local path or a URI (``Path`` would collapse ``s3://b`` into ``s3:/b``)."""
+    location = str(location)
+    if is_uri(location):
+        return "/".join([location.rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(location, *parts))
 
 
 class Storage:
@@ -333,3 +342,43 @@ def open_parquet(storage: Storage, rel: str) -> pq.ParquetFile:
     holds about one batch, not the whole column chunk.
     """
     return pq.ParquetFile(storage.fs.open_input_file(storage.path(rel)), buffer_size=1 << 20, pre_buffer=False)
+
+
+def local_copy(location: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
+    """A local directory with the files of ``location``: the path itself when local; for a URI, a copy in the
+    weights cache (``cache_dir``, else ``$CAFE_CACHE_DIR/weights``, else ``~/.cache/cafe/weights``), downloaded once.
+
+    Model loaders read local directories (their libraries' layouts); trained weights may live on object storage
+    (``train.output_dir: s3://…``). The copy is keyed by the URI and the listing (names, sizes, times), so new weights
+    at the same URI get a new copy; it is downloaded into a temporary sibling and renamed, so a killed download
+    is never mistaken for a complete one, and concurrent actors on one node each end with a complete copy.
+    """
+    location = str(location)
+    if not is_uri(location):
+        return location
+    src = Storage(location)
+    sel = pafs.FileSelector(src.root, recursive=True, allow_not_found=True)
+    files = sorted((i.path[len(src.root.rstrip("/")) + 1:], i.size, str(i.mtime_ns))
+                   for i in src.fs.get_file_info(sel) if i.type == pafs.FileType.File)
+    if not files:
+        raise FileNotFoundError(f"{location}: no files there")
+    key = hashlib.sha256(json.dumps([location, files]).encode()).hexdigest()[:24]
+    root = Path(cache_dir or os.environ.get("CAFE_CACHE_DIR") or Path.home() / ".cache" / "cafe") / "weights"
+    dest = root / key
+    if (dest / ".complete").is_file():
+        return str(dest)
+    tmp = root / f".{key}{TMP_INFIX}{uuid.uuid4().hex[:8]}"
+    for rel, _, _ in files:
+        target = tmp / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(src.read_bytes(rel))
+    (tmp / ".complete").write_text(location + "\n")
+    try:
+        os.replace(tmp, dest)
+    except OSError:  # another process finished the same copy first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (dest / ".complete").is_file():
+            raise
+    return str(dest)

@@ -331,7 +331,7 @@ def train_model(cfg, model: str, address: str | None = None, echo=print) -> Trai
             "every": cfg.train.checkpoint.every_steps, "stop_at": cfg.train.stop_at_step,
             "log_every": cfg.train.log_every, "seed": cfg.run.seed, "shuffle_buffer": cfg.train.data.shuffle_buffer,
             "in_memory": cfg.train.data.in_memory,
-            "log_dir": str(Path(cfg.train.log_dir).absolute() / name) if cfg.train.log_dir else None,
+            "log_dir": f"{_abs(cfg.train.log_dir).rstrip('/')}/{name}" if cfg.train.log_dir else None,
             "progress": progress,
         }
         resources = {"CPU": workers.cpus_per_worker}

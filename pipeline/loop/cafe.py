@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.loop.graph import Graph, Stage, outputs_of, stable_key
-from pipeline.store import Lease, Storage
+from pipeline.store import Lease, Storage, join
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def loop_output(cfg) -> str:
     """``pipeline.output``, default ``<run.output_dir>/<run.name>-loop`` (absolute, or a URI)."""
     from pipeline.train import _abs
 
-    return _abs(cfg.pipeline.output or str(Path(cfg.run.output_dir) / f"{cfg.run.name}-loop"))
+    return _abs(cfg.pipeline.output or join(cfg.run.output_dir, f"{cfg.run.name}-loop"))
 
 
 def _semantic(model, exclude: frozenset = frozenset()) -> dict:

@@ -103,7 +103,9 @@ def evaluate_checkpoint(cfg, mllm_dir: str | None, diffusion_dir: str, out: Stor
     rows = eval_rows(subjects_dir, e.refs)
     if e.max_prompts is not None:
         rows = rows[: e.max_prompts * e.refs]
-    assistant = Assistant.load(role_refs(cfg), mllm_dir, diffusion_dir, device=device)
+    from pipeline.store import local_copy
+
+    assistant = Assistant.load(role_refs(cfg), local_copy(mllm_dir), local_copy(diffusion_dir), device=device)
     t2i = load_from_config(cfg.models, "t2i")
     images, meta = generate_eval_images(assistant, t2i.components, rows, e.seeds, e.num_inference_steps,
                                         e.guidance_scale, e.t2i_guidance_scale, e.scale_dino, progress)
