@@ -133,7 +133,12 @@ def _check_declared(cfg, existing: bool) -> None:
                 log.warning("%s names %s, which is not set in this environment; the workers of the local cluster "
                             "will not have it", key, name)
         return
-    for node, names in missing_on_nodes(declared).items():
+    try:
+        missing = missing_on_nodes(declared)
+    except Exception as exc:  # noqa: BLE001 - a check, not a requirement: a node going away must not stop the run
+        log.warning("could not check the nodes for %s: %s", ", ".join(declared), exc)
+        return
+    for node, names in missing.items():
         log.warning("node %s lacks %s (named by %s): set it in the nodes' environment (a Kubernetes Secret, "
                     "docs/cluster.md); credentials never travel in the job's runtime_env", node[:12],
                     ", ".join(names), ", ".join(declared[n] for n in names))

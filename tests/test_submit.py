@@ -66,6 +66,27 @@ def test_prepare_validates_the_entrypoint_and_its_config_before_submitting(workd
         prepare(["cafe", "jobs", "list"], REMOTE, working_dir=str(workdir))
 
 
+def test_the_upload_carries_the_configs_models_only(workdir, tmp_path):
+    """Model directories under the working dir stay home, but the one the config reads (the embedded default's
+    models/world); a large one is refused instead of being packed into the job."""
+    for name in ("world", "tiny", "sd2"):
+        (workdir / "models" / name).mkdir(parents=True)
+        (workdir / "models" / name / "w.safetensors").write_bytes(b"0" * 16)
+    data = yaml.safe_load((workdir / "build.yaml").read_text())
+    data["models"]["root"] = "models/world"
+    (workdir / "world.yaml").write_text(yaml.safe_dump(data))
+    sub = prepare(["cafe", "build", "world.yaml"], "http://127.0.0.1:8265", working_dir=str(workdir))
+    assert "/models/tiny" in sub.runtime_env["excludes"] and "/models/sd2" in sub.runtime_env["excludes"]
+    assert "/models/world" not in sub.runtime_env["excludes"] and "outputs" in sub.runtime_env["excludes"]
+    with open(workdir / "models" / "world" / "big.safetensors", "wb") as f:
+        f.truncate(300 << 20)  # sparse: counts by its size
+    with pytest.raises(SubmitError, match="holds 300 MiB"):
+        prepare(["cafe", "build", "world.yaml"], "http://127.0.0.1:8265", working_dir=str(workdir))
+    # an absolute models.root elsewhere: every directory under models/ stays home
+    sub = prepare(["cafe", "build", "build.yaml"], "http://127.0.0.1:8265", working_dir=str(workdir))
+    assert {"/models/tiny", "/models/sd2", "/models/world"} <= set(sub.runtime_env["excludes"])
+
+
 def test_a_remote_cluster_needs_shared_locations(workdir):
     # relative local output paths exist on one node only: refused for a remote cluster, fine on this machine
     with pytest.raises(SubmitError, match=r"run.output_dir = outputs.*s3://"):

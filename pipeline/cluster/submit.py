@@ -43,9 +43,13 @@ log = logging.getLogger(__name__)
 __all__ = ["SubmitError", "Submission", "prepare", "submit", "client", "exit_status", "wait_and_stream",
            "UPLOAD_EXCLUDES"]
 
-#: never uploaded with the working directory: outputs, model weights, environments, caches, VCS data
-UPLOAD_EXCLUDES = [".git", ".venv", "venv", "outputs", "models", "*.egg-info", "__pycache__", "*.pyc", ".pytest_cache",
+#: never uploaded with the working directory: outputs, environments, caches, VCS data (model directories under
+#: ``models/`` are left out too, except the one the command's config reads: see :func:`_model_excludes`)
+UPLOAD_EXCLUDES = [".git", ".venv", "venv", "outputs", "*.egg-info", "__pycache__", "*.pyc", ".pytest_cache",
                    "bench/out", "build", "dist", "tb"]
+#: the most model data a working directory may carry (Ray packs it into one object): real weights belong on the
+#: cluster's storage (a shared volume at an absolute ``models.root``)
+MAX_UPLOAD_MODELS = 256 << 20
 
 #: job status -> exit status when the driver reported none
 _TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 130}
@@ -102,7 +106,8 @@ def _check_entrypoint(argv: list[str], working_dir: Path | None, local_cluster: 
         raise SubmitError(f"the entrypoint does not parse ({exc}): {shlex.join(argv)}") from None
     except SystemExit as exc:  # a sub-command's parser printed the reason (or --help)
         raise SubmitError(f"the entrypoint does not parse: {shlex.join(argv)}") from exc
-    meta = {"cafe_command": " ".join(a for a in (args.noun, getattr(args, "verb", None)) if a)}
+    meta = {"cafe_command": " ".join(a for a in (args.noun, getattr(args, "verb", None)) if a),
+            "_models_root": None}
     config = getattr(args, "config", None)
     jobs = getattr(args, "jobs", None)  # a concept job file is a config too (`cafe concepts run JOBS.yaml`)
     if not config and isinstance(jobs, str) and jobs.endswith((".yaml", ".yml")):
@@ -120,6 +125,7 @@ def _check_entrypoint(argv: list[str], working_dir: Path | None, local_cluster: 
         cfg = load_config(full, getattr(args, "overrides", []))  # ConfigError -> exit 3
         meta["config"] = str(config)
         meta["run_name"] = cfg.run.name
+        meta["_models_root"] = str(cfg.models.root)
         if not local_cluster:
             _check_shared_locations(cfg, meta["cafe_command"], getattr(args, "out", None))
     return meta
@@ -159,9 +165,10 @@ def prepare(argv: list[str], address: str, working_dir: str | None = ".", wheels
         raise SubmitError(f"--working-dir {working_dir}: not a directory")
     meta = _check_entrypoint(list(argv), wd, _is_local(address))
     runtime_env: dict = {}
+    models_root = meta.pop("_models_root")
     if wd is not None:
         runtime_env["working_dir"] = str(wd)
-        runtime_env["excludes"] = list(UPLOAD_EXCLUDES)
+        runtime_env["excludes"] = list(UPLOAD_EXCLUDES) + _model_excludes(wd, models_root)
     for w in wheels:
         if not (w.endswith(".whl") and Path(w).is_file()):
             raise SubmitError(f"--wheel {w}: not a .whl file")
@@ -185,6 +192,26 @@ def prepare(argv: list[str], address: str, working_dir: str | None = ".", wheels
     sid = submission_id or f"cafe-{meta['cafe_command'].replace(' ', '-')}-{time.strftime('%Y%m%d-%H%M%S')}-" \
                            f"{uuid.uuid4().hex[:6]}"
     return Submission(entrypoint=shlex.join(argv), runtime_env=runtime_env, submission_id=sid, metadata=meta)
+
+
+def _model_excludes(wd: Path, models_root: str | None) -> list[str]:
+    """Leave out every directory under ``WD/models/`` but the config's ``models.root`` (when it lies there, e.g.
+    the embedded default's ``models/world``); refuse to upload more than :data:`MAX_UPLOAD_MODELS` of it."""
+    models = wd / "models"
+    if not models.is_dir():
+        return []
+    keep = None
+    if models_root and "://" not in models_root:
+        root = (wd / models_root).resolve() if not Path(models_root).is_absolute() else Path(models_root).resolve()
+        if root.is_relative_to(models.resolve()) and root != models.resolve():
+            keep = root.relative_to(models.resolve()).parts[0]
+    if keep is not None:
+        size = sum(p.stat().st_size for p in (models / keep).rglob("*") if p.is_file())
+        if size > MAX_UPLOAD_MODELS:
+            raise SubmitError(f"models.root = {models_root} lies in the working directory and holds {size >> 20} MiB: "
+                              "put the weights on the cluster (a shared volume) and point models.root at them "
+                              "with an absolute path")
+    return [f"/models/{c.name}" for c in sorted(models.iterdir()) if c.name != keep]
 
 
 def client(address: str | None):
