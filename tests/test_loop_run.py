@@ -1,9 +1,8 @@
-"""`cafe pipeline run` end to end on the world's models (a few sources, a few steps): on local storage, a run, a
-no-op re-run, the datasets readable by `datasets` and Ray Data; with every location on s3, a SIGKILL inside a stage
-and a resume that redoes no finished stage, then `cafe report` and `cafe refilter` on the s3 output."""
+"""`cafe pipeline run` end to end on the world's models (a few sources, a few steps), every location on s3: a
+SIGKILL inside a stage and a resume that redoes no finished stage, a no-op re-run, the datasets readable by
+`datasets` and Ray Data, then `cafe report` and `cafe refilter` on the s3 output."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -46,54 +45,18 @@ def cafe(*args: str, log: Path) -> subprocess.Popen:
                             stdin=subprocess.DEVNULL, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
 
 
-def test_loop_runs_then_a_rerun_is_a_no_op_and_its_datasets_are_read(tmp_path, ray_local):
-    """The loop on local storage (the laptop default). A SIGKILL inside a stage and its resume are exercised on
-    s3 below (the same code: storage is behind one interface); here: the records, a no-op re-run, the readers."""
-    import datasets
-
-    cfg = loop_config(tmp_path)
-    out = tmp_path / "outputs" / "loop-loop"
-    log = tmp_path / "log.txt"
-    run = cafe("pipeline", "run", str(cfg), log=log)
-    assert run.wait(timeout=900) == 0, log.read_text()[-3000:]
-    records = {p.stem: json.loads(p.read_text()) for p in (out / "_loop" / "stages").glob("*.json")}
-    assert set(records) == {"build-r0", "train-mllm-r0", "train-diffusion-r0", "eval-r0", "report"}
-    assert not list((out / "_loop" / "running").glob("*.json"))
-
-    # a no-op re-run: nothing runs, nothing is rewritten
-    again = subprocess.run([sys.executable, "-m", "pipeline.cli", "pipeline", "run", str(cfg)], cwd=REPO,
-                           capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "ran 0, skipped 5" in again.stdout, again.stdout + again.stderr[-2000:]
-    assert {p.stem: json.loads(p.read_text()) for p in (out / "_loop" / "stages").glob("*.json")} == records
-
-    # the round's dataset: datasets (no warning about the card) and Ray Data read it; the report exists
-    dataset = records["build-r0"]["outputs"]["dataset"]
-    hf = datasets.load_dataset(f"{dataset}/dataset", split="train", cache_dir=str(tmp_path / "hf"))
-    assert hf.num_rows == records["build-r0"]["outputs"]["kept"] == 8
-    assert ray_local.data.read_parquet(f"{dataset}/dataset/data").count() == 8
-    # the union of two rounds is a list of directories (no copy): Ray Data reads several paths at once (it once
-    # failed on a missing aiohttp, see pyproject.toml); datasets reads the same list of files
-    import shutil
-
-    other = tmp_path / "other-round"
-    shutil.copytree(f"{dataset}/dataset", other)
-    assert ray_local.data.read_parquet([f"{dataset}/dataset/data", str(other / "data")]).count() == 16
-    files = [str(p) for d in (Path(dataset) / "dataset", other) for p in sorted((d / "data").glob("*.parquet"))]
-    union = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf2"))
-    assert union.num_rows == 16
-    metrics = json.loads((Path(records["eval-r0"]["outputs"]["report"]) / "metrics.json").read_text())
-    assert set(metrics["methods"]) == {"assistant", "direct", "input", "t2i"} and metrics["n"] == 2
-    assert metrics["methods"]["input"]["oracle"]["all"]["identity"]["rate"] == 1.0  # the input is its own identity
-    assert (out / "report" / "report.md").read_text().count("## Round 0") == 1
-
-
 def test_loop_with_every_location_on_s3_resumes_and_its_outputs_are_read(tmp_path, s3_bucket):
     """Sources, round datasets, Ray Train runs, exported weights, TensorBoard, evaluation and the loop's state all
-    on a real S3-compatible server: a SIGKILL inside a stage, a resume that redoes nothing finished, a no-op re-run,
-    then `cafe report` and `cafe refilter` on the s3 round dataset."""
+    on a real S3-compatible server: a SIGKILL inside a stage, a resume that redoes nothing finished, a no-op re-run
+    that rewrites nothing, the round's dataset (and a union of two) read by Ray Data and `datasets`, then
+    `cafe report` and `cafe refilter` on the s3 round dataset.
+
+    One run covers local storage too: the loop reaches storage only through :class:`pipeline.store.Storage`, whose
+    local backend every build, training and store test exercises (and `make run` runs the loop locally)."""
+    import datasets
     import pyarrow.fs as pafs
 
-    from pipeline.store import Storage
+    from pipeline.store import Storage, local_copy
 
     cfg = loop_config(tmp_path, root=s3_bucket)
     out = Storage(f"{s3_bucket}/outputs/loop-loop")
@@ -118,6 +81,33 @@ def test_loop_with_every_location_on_s3_resumes_and_its_outputs_are_read(tmp_pat
     again = subprocess.run([sys.executable, "-m", "pipeline.cli", "pipeline", "run", str(cfg)], cwd=REPO,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "ran 0, skipped 5" in again.stdout, again.stdout + again.stderr[-2000:]
+    assert {k.removesuffix(".json"): out.read_json(f"_loop/stages/{k}") for k in out.list("_loop/stages")} == records
+
+    # the round's dataset: Ray Data reads it on s3, `datasets` reads a copy of it (no warning about the card); the
+    # union of two rounds is a list of directories (no copy): Ray Data reads several paths at once (it once failed
+    # on a missing aiohttp, see pyproject.toml), datasets reads the same list of files
+    dataset = records["build-r0"]["outputs"]["dataset"]
+    local = local_copy(f"{dataset}/dataset", cache_dir=tmp_path / "cache")
+    hf = datasets.load_dataset(local, split="train", cache_dir=str(tmp_path / "hf"))
+    assert hf.num_rows == records["build-r0"]["outputs"]["kept"] == 8
+    other = Storage(f"{s3_bucket}/other-round")
+    for key in Storage(f"{dataset}/dataset").list("data"):
+        other.write_bytes(f"data/{key}", Storage(f"{dataset}/dataset").read_bytes(f"data/{key}"))
+    from pipeline.config import RayConfig
+    from pipeline.local_ray import ray_session
+
+    with ray_session(RayConfig(num_cpus=2)):  # started now: an idle cluster beside the loop's would slow it down
+        import ray
+
+        assert ray.data.read_parquet(f"{dataset}/dataset/data").count() == 8
+        assert ray.data.read_parquet([f"{dataset}/dataset/data", other.uri_of("data")]).count() == 16
+    files = sorted(str(p) for p in Path(local).glob("data/*.parquet"))
+    union = datasets.load_dataset("parquet", data_files=files * 2, split="train", cache_dir=str(tmp_path / "hf2"))
+    assert union.num_rows == 16
+    metrics = Storage(records["eval-r0"]["outputs"]["report"]).read_json("metrics.json")
+    assert set(metrics["methods"]) == {"assistant", "direct", "input", "t2i"} and metrics["n"] == 2
+    assert metrics["methods"]["input"]["oracle"]["all"]["identity"]["rate"] == 1.0  # the input is its own identity
+    assert out.read_bytes("report/report.md").decode().count("## Round 0") == 1
 
     # every output is on s3 and nothing of the run was written locally
     for rec, key in ((records["build-r0"], "dataset"), (records["train-mllm-r0"], "weights"),
@@ -125,8 +115,6 @@ def test_loop_with_every_location_on_s3_resumes_and_its_outputs_are_read(tmp_pat
         assert rec["outputs"][key].startswith(s3_bucket + "/"), rec["outputs"]
     assert Storage(records["train-diffusion-r0"]["outputs"]["weights"]).is_file("conditioner.json")
     assert any("tfevents" in k for k in out.list("train/tensorboard", recursive=True))
-    assert Storage(records["eval-r0"]["outputs"]["report"]).read_json("metrics.json")["n"] == 2
-    assert "## Round 0" in out.read_bytes("report/report.md").decode()
     assert not (REPO / "outputs" / "loop-loop").exists() and not list(tmp_path.glob("outputs*"))
 
     # `cafe report` and `cafe refilter` read (and write) s3
