@@ -23,7 +23,6 @@ heartbeat (:class:`pipeline.store.Lease`).
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -197,8 +196,11 @@ def write_plan(cfg: CafeConfig, out: Storage, plan_key: str, exclude_uris: list[
 # ------------------------------------------------------------------------------------------------ run
 
 
-def _restart_args(n: int) -> dict:
-    return {"max_restarts": n, "max_task_retries": n}
+def _restart_args() -> dict:
+    """Stage actors restart and their tasks retry without a cap: a preemption or a node loss is an infrastructure
+    fault, never the data's. A chunk that keeps killing its worker is stopped by the generation ledger instead
+    (``build.max_chunk_attempts`` attempts of one run on nodes that stayed up, then ``worker_crashed``)."""
+    return {"max_restarts": -1, "max_task_retries": -1}
 
 
 def _pool(section, default_min: int = 1):
@@ -228,8 +230,8 @@ def stage_graph(ds, cfg: CafeConfig, kw: dict, env: dict[str, str] | None = None
     env_kw = {"runtime_env": {"env_vars": env}} if env else {}
     gen_gpus = b.sources.num_gpus_per_actor if b.sources.kind == "generate" else 0
     llm = b.dialogue.backend == "transformers"
-    # bounded actor restarts and task retries (Ray Data's pools default to unlimited)
-    restarts = {"ray_remote_args_fn": functools.partial(_restart_args, b.max_chunk_attempts)}
+    # unbounded actor restarts and task retries; the ledger bounds a poison chunk (see _restart_args)
+    restarts = {"ray_remote_args_fn": _restart_args}
     res = b.resources or {}
     ds = ds.map_batches(SourcesStage, batch_size=1, batch_format="pyarrow",
                         compute=_pool(b.sources),

@@ -322,8 +322,9 @@ class BuildConfig(_Strict):
     rows_per_chunk: int = Field(8, ge=1, le=MAX_BATCH_SIZE,
                                 description="rows committed per ledger chunk (resume granularity)")
     report_samples: int = Field(8, ge=0, le=1024)
-    #: a chunk whose generation killed its worker this many times is quarantined (``worker_crashed``), never
-    #: retried forever; also bounds Ray's actor restarts and task retries per pool
+    #: a chunk whose generation killed its worker this many times in one run, on nodes that stayed up, is
+    #: quarantined (``worker_crashed``); attempts cut short by a driver, job or node death do not count, and
+    #: Ray's actor restarts and task retries are unbounded (infrastructure faults are retried, never charged)
     max_chunk_attempts: int = Field(3, ge=1, le=100)
     #: one driver per output: a lease whose heartbeat is older than this belongs to a dead driver
     lease_ttl_s: float = Field(60.0, ge=1.0, le=86_400.0)

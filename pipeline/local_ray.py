@@ -267,3 +267,16 @@ def ray_session(cfg, address: str | None = None):
 
             ray.shutdown()
             _restore_driver_state()
+
+
+def node_facts() -> tuple[str | None, set[str] | None]:
+    """(this process's Ray node id, the alive node ids), or (None, None) outside Ray or when the GCS does not
+    answer: the generation ledger uses them to leave attempts on lost nodes out of a chunk's count."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None, None
+        return ray.get_runtime_context().get_node_id(), {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    except Exception:  # noqa: BLE001 - a refinement of the count, never a reason to fail
+        return None, None

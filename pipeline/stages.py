@@ -18,13 +18,15 @@ Durable writes only where they pay (all through :class:`pipeline.store.Storage`,
 Everything else (decoding, rules, dialogue) is recomputed for a chunk that was not sunk. Failures are
 split in two: input-caused ones are quarantined with a reason; transient ones (device out of memory, a
 storage or LLM endpoint that is down) leave the record *pending*: its chunk is not sunk, the build exits
-non-zero saying how many, and the next run retries exactly those. Stages never import Ray.
+non-zero saying how many, and the next run retries exactly those. Stages never import Ray (the one fact they
+need from it, which nodes are alive, comes through :func:`pipeline.local_ray.node_facts`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
 import time
 import uuid
 from collections import OrderedDict
@@ -150,11 +152,26 @@ class GenerationLedger:
         self.out.write_json(f"{self.dir}/commit.json", info)  # the marker: written last
         self.out.delete_dir(f"{self.dir}/attempts")  # finished normally: only deaths mid-chunk accumulate
 
-    def attempt(self) -> int:
-        """Record one more attempt at this chunk; return how many were made before it."""
-        n = len(self.out.list(f"{self.dir}/attempts"))
-        self.out.write_bytes(f"{self.dir}/attempts/{uuid.uuid4().hex}", b"")
-        return n
+    def attempt(self, run: str, node: str | None = None, alive: set[str] | None = None) -> int:
+        """Record one more attempt at this chunk by ``run`` (the driver's id) on ``node``; return how many attempts
+        *count* against the chunk: earlier ones of the same run whose node is still alive (``alive``: the alive
+        node ids, None when unknown). An attempt of another run ended with its driver or job (killed, preempted,
+        aborted), and one on a node that is gone ended with its node: neither says anything about the chunk, so
+        infrastructure faults never turn into ``worker_crashed`` quarantine."""
+        counted = 0
+        for name in self.out.list(f"{self.dir}/attempts"):
+            try:
+                rec = json.loads(self.out.read_bytes(f"{self.dir}/attempts/{name}") or b"{}")
+            except (FileNotFoundError, ValueError):
+                continue
+            if rec.get("run") != run:
+                continue
+            if alive is not None and rec.get("node") is not None and rec["node"] not in alive:
+                continue
+            counted += 1
+        self.out.write_json(f"{self.dir}/attempts/{uuid.uuid4().hex}.json",
+                            {"run": run, "node": node, "pid": os.getpid(), "time": time.time()})
+        return counted
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -366,15 +383,19 @@ class GenerateStage(_Stage):
         decided: list[dict] = list(new_other)
         pending: list[dict] = []
         if by_source:
-            before = ledger.attempt()
+            from pipeline.local_ray import node_facts
+
+            node, alive = node_facts()
+            before = ledger.attempt(self.out.owner, node, alive)
             crashed = before >= self.cfg.build.max_chunk_attempts
             if not crashed:
                 self._setup_once()
             for source_id, group in by_source.items():
                 if crashed:  # this chunk killed its worker max_chunk_attempts times: stop retrying it
                     decided += [quarantine_record(chunk, r[S.ID], None, self.name, "worker_crashed",
-                                                  f"the chunk's generation was attempted {before} times without "
-                                                  "finishing (worker killed each time)", r[S.SOURCE_URI], row=r)
+                                                  f"the chunk's generation was attempted {before} times in this run "
+                                                  "without finishing (its worker died each time, on a node that "
+                                                  "stayed up)", r[S.SOURCE_URI], row=r)
                                 for r in group]
                     continue
                 images, error = None, None

@@ -114,8 +114,8 @@ def test_input_caused_generation_failure_is_quarantined(tiny_models, tmp_path):
 def test_chunk_that_keeps_killing_its_worker_is_quarantined(tiny_models, tmp_path):
     cfg, out, keys, chunk, kw = _setup(tiny_models, tmp_path)
     ledger = GenerationLedger(out, keys["generate"], chunk)
-    for _ in range(cfg.build.max_chunk_attempts):  # earlier attempts that died mid-chunk left their markers
-        ledger.attempt()
+    for _ in range(cfg.build.max_chunk_attempts):  # earlier attempts of this run that died mid-chunk
+        ledger.attempt(kw["owner"])
     stage = GenerateStage(**kw)
     result = stage(_sources(kw, chunk)).to_pylist()
     assert not stage._ready  # gave up without loading the models
@@ -124,6 +124,30 @@ def test_chunk_that_keeps_killing_its_worker_is_quarantined(tiny_models, tmp_pat
     assert summary[0]["committed"] and summary[0]["kept"] == 0
     q = out.read_parquet(f"quarantine/data/{chunk}.parquet").to_pylist()
     assert len(q) == 4 and {r[S.Q_REASON] for r in q} == {"worker_crashed"}
+
+
+def test_attempts_cut_short_by_infrastructure_do_not_count(tiny_models, tmp_path):
+    """Attempts of another run (its driver or job died) and attempts on a node that is gone say nothing about the
+    chunk: only this run's attempts on nodes still alive count toward ``worker_crashed``."""
+    cfg, out, keys, chunk, kw = _setup(tiny_models, tmp_path)
+    ledger = GenerationLedger(out, keys["generate"], chunk)
+    n = cfg.build.max_chunk_attempts
+    for i in range(3 * n):
+        ledger.attempt(f"dead-driver-{i % 3}", node="n1", alive={"n1"})  # three earlier runs, each killed
+    for _ in range(n):
+        ledger.attempt(kw["owner"], node="lost-node", alive={"n1", "lost-node"})  # this run, on a node since lost
+    assert ledger.attempt(kw["owner"], node="n1", alive={"n1"}) == 0
+    assert ledger.attempt(kw["owner"], node="n1", alive={"n1"}) == 1  # the previous attempt of this run counts
+    assert ledger.attempt(kw["owner"]) == n + 2  # without node facts, every attempt of this run counts
+    # through the stage: the earlier runs' attempts are all there, yet the chunk is generated, not quarantined
+    out2, keys2 = Storage(tmp_path / "out2", owner="test"), keys
+    (chunk2,) = write_plan(cfg, out2, keys2["plan"], [])
+    kw2 = {**kw, "out": out2.uri}
+    other_runs = GenerationLedger(out2, keys2["generate"], chunk2)
+    for i in range(3 * n):
+        other_runs.attempt(f"dead-driver-{i}")
+    result = GenerateStage(**kw2)(_sources(kw2, chunk2)).to_pylist()
+    assert {r[S.STATUS] for r in result} == {S.STATUS_ROW}
 
 
 def test_sink_refuses_a_chunk_missing_sources(tiny_models, tmp_path):
