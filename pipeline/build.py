@@ -57,6 +57,10 @@ class BuildConflict(ValueError):
     """The output holds a build of different sources (another plan)."""
 
 
+class NoUsableSources(ValueError):
+    """Planning found no source a build could use; raised before Ray starts or any model loads."""
+
+
 @dataclass
 class BuildResult:
     out: str
@@ -171,6 +175,7 @@ def write_plan(cfg: CafeConfig, out: Storage, plan_key: str, exclude_uris: list[
     chunks: list[str] = []
     buf: list[str] = []
     n = 0
+    rejected: dict[str, int] = {}
 
     def flush():
         cid = f"{len(chunks):06d}"
@@ -183,12 +188,21 @@ def write_plan(cfg: CafeConfig, out: Storage, plan_key: str, exclude_uris: list[
     for source in iter_sources(cfg, exclude_uris=exclude_uris):
         buf.append(json.dumps(source, sort_keys=True))
         n += 1
+        if source.get("reject"):
+            rejected[source["reject"][0]] = rejected.get(source["reject"][0], 0) + 1
         if len(buf) == per_chunk:
             flush()
             if len(chunks) % 1000 == 0:
                 log.info("plan: %d sources in %d chunks so far", n, len(chunks))
     if buf:
         flush()
+    if n == sum(rejected.values()):  # nothing usable: no marker, so a fixed input is planned afresh
+        where = cfg.build.sources.path or cfg.build.sources.kind
+        why = ", ".join(f"{reason}: {count}" for reason, count in sorted(rejected.items())) or "nothing listed"
+        raise NoUsableSources(
+            f"build.sources ({where}): {n} input(s) listed, none usable ({why}); nothing to build. Check "
+            "build.sources.path, build.sources.class_from (a folder needs one sub-folder per class) and "
+            "build.sources.exclude")
     out.write_json(marker, {"chunks": chunks, "num_sources": n})
     return chunks
 

@@ -147,11 +147,14 @@ def cmd_build(args) -> int:
         return EXIT_USAGE
     from pipeline.build import run_build
 
-    from pipeline.build import BuildConflict
+    from pipeline.build import BuildConflict, NoUsableSources
     from pipeline.store import OutputBusy
 
     try:
         result = run_build(cfg, out_dir=out, address=args.address, config_path=args.config)
+    except NoUsableSources as exc:
+        print(f"cafe: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (OutputBusy, BuildConflict) as exc:
         print(f"cafe: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -100,3 +100,38 @@ def test_folder_build_quarantines_every_bad_input(tiny_models, bad_folder, tmp_p
     assert np.array(grey)[0, 0].tolist() == [100, 100, 100]
     white = [r for r in ds if r[S.SOURCE_URI].endswith("rgba.png")][0][S.INPUT_IMAGE]
     assert np.array(white)[0, 0].tolist() == [255, 255, 255]
+
+
+def test_no_usable_source_fails_before_ray_starts(tiny_models, tmp_path, capsys):
+    """An empty folder, or images without class sub-folders: exit 2 with the reason and the settings to check,
+    before Ray starts or a model loads; a fixed input is then planned afresh."""
+    import ray
+    import yaml
+
+    from pipeline.build import NoUsableSources
+    from pipeline.cli import main
+
+    ray_before = ray.is_initialized()  # another test's cluster may be up: no new one may start
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(NoUsableSources, match=r"0 input\(s\) listed, none usable \(nothing listed\)"):
+        run_build(_folder_cfg(tiny_models, empty), out_dir=tmp_path / "out-empty")
+    flat = tmp_path / "flat"  # one image, not in a class sub-folder
+    flat.mkdir()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(flat / "a.png")
+    data = _folder_cfg(tiny_models, flat).model_dump(mode="json")
+    (tmp_path / "flat.yaml").write_text(yaml.safe_dump(data))
+    assert main(["build", str(tmp_path / "flat.yaml"), "--out", str(tmp_path / "out-flat")]) == 2
+    err = capsys.readouterr().err
+    assert "1 input(s) listed, none usable" in err and "build.sources.class_from" in err
+    assert ray.is_initialized() == ray_before
+    assert not list((tmp_path / "out-flat").rglob("_PLAN.json"))  # no plan recorded for an unusable input
+    # the input fixed (a class sub-folder), the same output plans again instead of reusing the empty plan
+    (flat / "cat").mkdir()
+    (flat / "a.png").rename(flat / "cat" / "a.png")
+    from pipeline.build import write_plan, stage_keys
+    from pipeline.store import Storage
+
+    cfg = _folder_cfg(tiny_models, flat)
+    chunks = write_plan(cfg, Storage(tmp_path / "out-flat"), stage_keys(cfg, {})["plan"], [])
+    assert len(chunks) == 1
