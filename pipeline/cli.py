@@ -34,6 +34,7 @@ import logging
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -239,8 +240,6 @@ def cmd_jobs(args) -> int:
         sys.stdout.write(c.get_job_logs(args.job_id))
         return EXIT_OK
     stopped = c.stop_job(args.job_id)
-    import time
-
     deadline = time.monotonic() + args.wait_s
     while time.monotonic() < deadline and exit_status(c.get_job_info(args.job_id)) is None:
         time.sleep(0.5)
@@ -440,7 +439,6 @@ def cmd_world_make(args) -> int:
 
 def cmd_world_check(args) -> int:
     import json
-    import time
 
     from training.world.gates import format_table, measure_gates
 

@@ -130,8 +130,9 @@ def refilter(dataset_dir: str | os.PathLike, overrides: list[str] | None,
     else:  # no rename on an object store: unpublish, clear, write, publish (_SUCCESS last)
         out = Storage(out.uri, owner=owner)
         out.delete("_SUCCESS")
-        for name in ("candidates", "dataset", "quarantine", "report", "manifest.json"):
-            out.delete_dir(name) if name != "manifest.json" else out.delete(name)
+        out.delete("manifest.json")
+        for table in ("candidates", "dataset", "quarantine", "report"):
+            out.delete_dir(table)
         manifest = _write(src, out, old, cfg, list(overrides or []))
         manifest["timings_s"] = {"refilter_wall": round(time.perf_counter() - t0, 3)}
         out.write_json("manifest.json", manifest)

@@ -161,8 +161,8 @@ class GenerationLedger:
         counted = 0
         for name in self.out.list(f"{self.dir}/attempts"):
             try:
-                rec = json.loads(self.out.read_bytes(f"{self.dir}/attempts/{name}") or b"{}")
-            except (FileNotFoundError, ValueError):
+                rec = self.out.read_json(f"{self.dir}/attempts/{name}", default={})
+            except ValueError:  # an empty marker of an earlier version: it names no run
                 continue
             if rec.get("run") != run:
                 continue

@@ -185,7 +185,7 @@ def test_every_entrypoint_is_a_real_cafe_command_on_shared_storage(shipped, pape
                     if doc["kind"] == "RayCronJob"]
     commands = set()
     for ep in entrypoints:
-        meta = _check_entrypoint(shlex.split(ep), REPO, local_cluster=False)
+        meta, _ = _check_entrypoint(shlex.split(ep), REPO, local_cluster=False)
         commands.add(meta["cafe_command"])
     assert {"pipeline run", "build", "concepts run", "retrain"} <= commands
     for key, value in locations(paper).items():

@@ -148,9 +148,12 @@ def _cluster_spec(d) -> dict:
             "workerGroupSpecs": [_worker_group(d, w) for w in d.workers]}
 
 
+def _labels(d) -> dict:
+    return {"app.kubernetes.io/name": "cafe", "app.kubernetes.io/instance": d.name}
+
+
 def _meta(d, name: str) -> dict:
-    return {"name": name, "namespace": d.namespace, "labels": {"app.kubernetes.io/name": "cafe",
-                                                                "app.kubernetes.io/instance": d.name}}
+    return {"name": name, "namespace": d.namespace, "labels": _labels(d)}
 
 
 def _rayjob_spec(d, entrypoint: str) -> dict:
@@ -172,7 +175,7 @@ def _retrain_cronjob(d, rayjob: dict) -> list[dict]:
             "done\n")
     job_rayjob = {"apiVersion": "ray.io/v1", "kind": "RayJob",
                   "metadata": {"generateName": f"{d.name}-retrain-", "namespace": d.namespace,
-                               "labels": _meta(d, "x")["labels"]},
+                               "labels": _labels(d)},
                   "spec": rayjob}
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(d, creator)},

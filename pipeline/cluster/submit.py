@@ -86,8 +86,11 @@ def _is_local(address: str) -> bool:
     return host in ("localhost", "127.0.0.1", "::1")
 
 
-def _check_entrypoint(argv: list[str], working_dir: Path | None, local_cluster: bool) -> dict:
-    """Parse ``cafe ARGS`` with the real parser; validate its config; return metadata (command, config)."""
+def _check_entrypoint(argv: list[str], working_dir: Path | None, local_cluster: bool) -> tuple[dict, object]:
+    """Parse ``cafe ARGS`` with the real parser; validate its config (with the entrypoint's ``--set``); return
+    (metadata: command, config, run name; the loaded config or None for a command without one)."""
+    import argparse
+
     from pipeline.cli import build_parser
     from pipeline.config import load_config
 
@@ -96,8 +99,6 @@ def _check_entrypoint(argv: list[str], working_dir: Path | None, local_cluster: 
                           "cafe submit -- cafe pipeline run CONFIG")
     if argv[1:2] in (["submit"], ["jobs"]):
         raise SubmitError(f"`cafe {argv[1]}` runs on this machine, not as a job")
-    import argparse
-
     parser = build_parser()
     parser.exit_on_error = False
     try:
@@ -106,8 +107,8 @@ def _check_entrypoint(argv: list[str], working_dir: Path | None, local_cluster: 
         raise SubmitError(f"the entrypoint does not parse ({exc}): {shlex.join(argv)}") from None
     except SystemExit as exc:  # a sub-command's parser printed the reason (or --help)
         raise SubmitError(f"the entrypoint does not parse: {shlex.join(argv)}") from exc
-    meta = {"cafe_command": " ".join(a for a in (args.noun, getattr(args, "verb", None)) if a),
-            "_models_root": None}
+    meta = {"cafe_command": " ".join(a for a in (args.noun, getattr(args, "verb", None)) if a)}
+    cfg = None
     config = getattr(args, "config", None)
     jobs = getattr(args, "jobs", None)  # a concept job file is a config too (`cafe concepts run JOBS.yaml`)
     if not config and isinstance(jobs, str) and jobs.endswith((".yaml", ".yml")):
@@ -125,10 +126,9 @@ def _check_entrypoint(argv: list[str], working_dir: Path | None, local_cluster: 
         cfg = load_config(full, getattr(args, "overrides", []))  # ConfigError -> exit 3
         meta["config"] = str(config)
         meta["run_name"] = cfg.run.name
-        meta["_models_root"] = str(cfg.models.root)
         if not local_cluster:
             _check_shared_locations(cfg, meta["cafe_command"], getattr(args, "out", None))
-    return meta
+    return meta, cfg
 
 
 #: which config locations a command reads or writes (key prefixes); a command not listed uses all of them
@@ -163,12 +163,12 @@ def prepare(argv: list[str], address: str, working_dir: str | None = ".", wheels
     wd = Path(working_dir).resolve() if working_dir else None
     if wd is not None and not wd.is_dir():
         raise SubmitError(f"--working-dir {working_dir}: not a directory")
-    meta = _check_entrypoint(list(argv), wd, _is_local(address))
+    meta, cfg = _check_entrypoint(list(argv), wd, _is_local(address))
+    cfg = cfg or load_config_dict({})  # a command without a config: ray.forward_env's defaults travel
     runtime_env: dict = {}
-    models_root = meta.pop("_models_root")
     if wd is not None:
         runtime_env["working_dir"] = str(wd)
-        runtime_env["excludes"] = list(UPLOAD_EXCLUDES) + _model_excludes(wd, models_root)
+        runtime_env["excludes"] = list(UPLOAD_EXCLUDES) + _model_excludes(wd, str(cfg.models.root))
     for w in wheels:
         if not (w.endswith(".whl") and Path(w).is_file()):
             raise SubmitError(f"--wheel {w}: not a .whl file")
@@ -181,12 +181,7 @@ def prepare(argv: list[str], address: str, working_dir: str | None = ".", wheels
         if unpinned:
             raise SubmitError(f"--requirements {requirements}: pin every package (==): {', '.join(unpinned)}")
         runtime_env["pip"] = {"packages": lines}
-    cfg = load_config_dict({})  # only ray.forward_env's defaults travel; credentials never do
-    if "config" in meta:
-        from pipeline.config import load_config
-
-        cfg = load_config((wd / meta["config"]) if wd and not Path(meta["config"]).is_absolute() else meta["config"])
-    env = forwarded_env(cfg)
+    env = forwarded_env(cfg)  # ray.forward_env only: credentials never travel
     if env:
         runtime_env["env_vars"] = env
     sid = submission_id or f"cafe-{meta['cafe_command'].replace(' ', '-')}-{time.strftime('%Y%m%d-%H%M%S')}-" \
