@@ -3,13 +3,15 @@
 Usage::
 
     result = generate(cfg, image="x.png", text="Can you generate ...?", seed=0, out_dir="outputs/generate")
-    results = generate_batch(cfg, "requests.jsonl", out_dir="outputs/generate")   # Ray Data, one actor pool
+    summary = generate_batch(cfg, "requests.jsonl", out_dir="outputs/generate")   # Ray Data, one actor pool
 
 Models: the config's roles (t2i's VAE + scheduler, clip_cond, dino_cond, llm) and the trained weights that
 ``cafe train`` exported to ``<train.output_dir>/mllm`` and ``<train.output_dir>/diffusion``.
 Batch requests (Parquet or JSONL): ``image`` (path or URI), ``text``, optional ``clip_image`` (direct mode),
-``seed`` and ``id``. Every request ends as a row of ``results.parquet`` with the image path and the response,
-or with the error that stopped it; the others go on.
+``seed`` and ``id``. Every request ends as a row of ``results/`` (Parquet) with the image path and the response,
+or with the error that stopped it; the others go on. Models and outputs may be on storage URIs (``s3://``):
+trained weights are copied once into the local cache, images and results are written through ``pyarrow.fs``.
+Inference runs on ``train.generate.device`` (``auto``: the GPU when one is visible).
 """
 from __future__ import annotations
 
@@ -78,11 +80,25 @@ def trained_dirs(cfg, need_mllm: bool) -> tuple[str | None, str]:
     return (local_copy(root.uri_of("mllm")) if has_mllm else None), local_copy(root.uri_of("diffusion"))
 
 
-def load_assistant(cfg, need_mllm: bool = True, device: str = "cpu"):
+def inference_device(cfg) -> str:
+    """``train.generate.device``: ``auto`` → ``cuda`` when this process sees a GPU (a batch actor given
+    ``num_gpus_per_actor`` does: Ray sets its ``CUDA_VISIBLE_DEVICES``), else ``cpu``."""
+    device = cfg.train.generate.device
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_assistant(cfg, need_mllm: bool = True, device: str | None = None):
+    """The assistant on ``device`` (default: :func:`inference_device`), every model in its role dtype."""
     from pipeline.train import role_refs
     from training.assistant import Assistant
 
     mllm_dir, diffusion_dir = trained_dirs(cfg, need_mllm)
+    device = device or inference_device(cfg)
+    log.info("loading the assistant on %s", device)
     return Assistant.load(role_refs(cfg), mllm_dir, diffusion_dir, device=device,
                           max_new_tokens=cfg.train.mllm.max_new_tokens)
 
@@ -111,7 +127,7 @@ def generate(cfg, image: str, text: str | None, seed: int = 0, clip_from_image: 
     assistant = assistant or load_assistant(cfg, need_mllm=clip_from_image is None)
     g = cfg.train.generate
     out = assistant.generate(x, text, seed=seed, clip_image=y, steps=g.num_inference_steps,
-                             guidance=g.guidance_scale, scale_dino=g.scale_dino)
+                             guidance=g.guidance_scale, scale_dino=g.scale_dino, guidance_dino=g.guidance_dino)
     name = name or f"{Path(image).stem}-seed{seed}"
     store = Storage(out_dir if is_uri(out_dir) else str(Path(out_dir).absolute()))
     store.write_bytes(f"{name}.png", _png(out.image))
@@ -123,10 +139,10 @@ def generate_cli(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.requests:
-        rows = generate_batch(cfg, args.requests, args.out, address=args.address)
-        failed = sum(1 for r in rows if r["error"])
-        print(f"{len(rows) - failed} of {len(rows)} request(s) generated; results: {args.out}/results.parquet")
-        return 1 if failed else 0
+        summary = generate_batch(cfg, args.requests, args.out, address=args.address)
+        print(f"{summary.requests - summary.failed} of {summary.requests} request(s) generated; results: "
+              f"{summary.results}")
+        return 1 if summary.failed else 0
     if not args.image:
         raise GenerateError("--image is required (or --requests for batch mode)")
     result = generate(cfg, args.image, args.text, seed=args.seed, clip_from_image=args.clip_from_image,
@@ -157,12 +173,16 @@ class _GenerateActor:
             self.load_error = str(exc)
 
     def __call__(self, batch: dict) -> dict:
+        from training.data.ids import stable_hash
+
         ids, responses, paths, errors = [], [], [], []
         n = len(batch["image"])
         for i in range(n):
-            rid = str(batch["id"][i]) if "id" in batch else str(i)
             clip_image = batch.get("clip_image", [None] * n)[i] or None
             seed = int(batch["seed"][i]) if "seed" in batch and batch["seed"][i] is not None else 0
+            # a request without an id is named by what it asks (unique across batches and actors)
+            rid = str(batch["id"][i]) if "id" in batch and batch["id"][i] is not None else \
+                stable_hash(batch["image"][i], batch["text"][i], clip_image, seed)[:16]
             response, path, error = "", "", ""
             try:
                 if self.load_error:
@@ -183,11 +203,21 @@ class _GenerateActor:
                 "image_path": np.array(paths, dtype=object), "error": np.array(errors, dtype=object)}
 
 
-def generate_batch(cfg, requests: str, out_dir: str, address: str | None = None) -> list[dict]:
-    """Every request of a Parquet/JSONL file through one actor pool; writes ``<out_dir>/results.parquet``."""
-    import pyarrow as pa
+@dataclass
+class BatchSummary:
+    requests: int
+    failed: int
+    results: str  # the results' Parquet directory (local path or URI)
+
+
+def generate_batch(cfg, requests: str, out_dir: str, address: str | None = None) -> BatchSummary:
+    """Every request of a Parquet/JSONL file (local or URI) through one actor pool (GPU actors with
+    ``train.generate.num_gpus_per_actor``). Results stream out as the actors finish them: images under
+    ``<out_dir>/images/``, one row per request in ``<out_dir>/results/`` (Parquet shards: id, response,
+    image_path, error), written by Ray Data while later requests are still generating."""
     import ray.data
     from ray.data import ActorPoolStrategy
+    from ray.data.expressions import col
 
     from pipeline.local_ray import ray_session
 
@@ -196,6 +226,7 @@ def generate_batch(cfg, requests: str, out_dir: str, address: str | None = None)
     if not is_uri(requests) and not Path(requests).is_file():
         raise GenerateError(f"requests file not found: {requests}")
     g = cfg.train.generate
+    store = Storage(out_dir)
     with ray_session(cfg, address):
         ds = ray.data.read_parquet(src) if src.endswith(".parquet") else ray.data.read_json(src)
         missing = {"image", "text"} - set(ds.columns())
@@ -205,7 +236,13 @@ def generate_batch(cfg, requests: str, out_dir: str, address: str | None = None)
                              batch_size=g.batch_size, batch_format="numpy",
                              compute=ActorPoolStrategy(size=g.num_actors), num_gpus=g.num_gpus_per_actor,
                              num_cpus=1)
-        rows = out.take_all()
-    table = pa.Table.from_pylist([{k: r[k] for k in ("id", "response", "image_path", "error")} for r in rows])
-    Storage(out_dir).write_parquet("results.parquet", table)
-    return rows
+        if store.exists(RESULTS):
+            store.delete_dir(RESULTS)  # a re-run replaces the results (its images are overwritten by name)
+        out.write_parquet(store.uri_of(RESULTS))
+        results = ray.data.read_parquet(store.uri_of(RESULTS))
+        total = results.count()
+        failed = results.filter(expr=col("error") != "").count()
+    return BatchSummary(total, failed, store.uri_of(RESULTS))
+
+
+RESULTS = "results"

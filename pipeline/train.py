@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -61,6 +62,10 @@ class TrainSummary:
     output: str | None = None
     seconds: float = 0.0
     resumed_from: int | None = None
+    #: rank → {"local", "total"} frozen parameter elements it holds (ZeRO-3: its partition)
+    frozen_share: dict[int, dict] = field(default_factory=dict)
+    #: rank → the checkpoint files it pulled to resume (empty when the run did not resume)
+    pulled: dict[int, list[str]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,6 +113,8 @@ def encoder_fingerprint(cfg) -> str:
     key = {r: fingerprint(cfg.models.role_dir(r)) for r in ("t2i", "clip_cond", "dino_cond")}
     key["select_layer"] = cfg.train.mllm.select_layer
     key["version"] = 1
+    if cfg.train.cache.dtype != "float32":  # (float32 caches keep the keys they had before dtypes existed)
+        key["dtype"] = cfg.train.cache.dtype
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -142,20 +149,33 @@ def data_paths(cfg, model: str) -> tuple[list[str], bool]:
     return paths, bool(cached and cached[0])
 
 
-def _read(paths: list[str], model: str, cached: bool, images_folder: bool):
-    import ray.data
+#: the columns each trainer reads: from the dataset (images, encoded on the fly) or from a cache (features)
+READS = {
+    "mllm": {"images": (schema.ID, schema.INPUT_IMAGE, schema.TARGET_IMAGE, schema.USER_TEXT, schema.ASSISTANT_TEXT),
+             "cache": (schema.ID, schema.USER_TEXT, schema.ASSISTANT_TEXT, "vision_input", "clip_target")},
+    "diffusion": {"images": (schema.ID, schema.INPUT_IMAGE, schema.TARGET_IMAGE),
+                  "cache": (schema.ID, "latent_mean", "latent_std", "clip_target", "dino_input")},
+    "promptnet": {"images": (schema.ID, schema.INPUT_IMAGE), "cache": (schema.ID, schema.INPUT_IMAGE)},
+}
 
+
+def _read(paths: list[str], model: str, cached: bool, images_folder: bool, shuffle_seed: int | None = None):
+    """The training rows: only the columns ``model`` reads; with ``shuffle_seed``, files in a seeded order (the
+    same in every epoch and after a resume: the row buffer, seeded per epoch, varies the rest)."""
+    import ray.data
+    from ray.data import FileShuffleConfig
+
+    shuffle = None if shuffle_seed is None else FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=False)
     if images_folder:
-        return ray.data.read_images(paths, mode="RGB", include_paths=True)
-    columns = None
-    if not cached:
-        wanted = {
-            "mllm": [schema.ID, schema.INPUT_IMAGE, schema.TARGET_IMAGE, schema.USER_TEXT, schema.ASSISTANT_TEXT],
-            "diffusion": [schema.ID, schema.INPUT_IMAGE, schema.TARGET_IMAGE],
-            "promptnet": [schema.ID, schema.INPUT_IMAGE],
-        }
-        columns = wanted[model]
-    return ray.data.read_parquet(paths, columns=columns)
+        return ray.data.read_images(paths, mode="RGB", include_paths=True, shuffle=shuffle)
+    return ray.data.read_parquet(paths, columns=list(READS[model]["cache" if cached else "images"]), shuffle=shuffle)
+
+
+def pad_to_workers(ds, rows: int, workers: int):
+    """``ds`` with its first rows repeated at the end so that ``workers`` equal shards hold every row (Ray
+    Train's equal split drops the remainder otherwise): at most ``workers − 1`` rows are seen twice an epoch."""
+    extra = -rows % workers
+    return ds.union(ds.limit(extra)) if extra else ds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +186,9 @@ def _read(paths: list[str], model: str, cached: bool, images_folder: bool):
 def _worker_loop(config: dict) -> None:
     import ray.train
 
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if config["use_gpu"] else "cpu")
+    # the accelerator follows this run's devices, not the driver's environment (`make` exports DS_ACCELERATOR=cpu,
+    # and a local cluster's workers inherit it)
+    os.environ["DS_ACCELERATOR"] = "cuda" if config["use_gpu"] else "cpu"
     import deepspeed
     import torch
 
@@ -182,29 +204,32 @@ def _worker_loop(config: dict) -> None:
     zero3 = ds_config if engine.zero_stage(ds_config) == 3 else None
     recipe = recipe_class(config["model"])(config["section"], config["roles"]).setup(
         device, encoders=not config["cached"], zero3_config=zero3)
+    progress = config["progress"]
+    if progress is not None:
+        progress.placed.remote(rank, engine.frozen_share(recipe.module))
     shard = ray.train.get_dataset_shard("train")
     micro = config["micro_batch"]
-
-    memory: list = []
+    shuffle = config["shuffle_buffer"] > 0
+    memory: list[dict] = []
 
     def batches(epoch: int):
-        if config["in_memory"] and memory:
-            yield from memory
+        """Epoch ``epoch``'s micro-batches of this worker, the same every time it is called (a resumed run skips
+        exactly the ones it had trained): full micro-batches, every row of the shard once or more."""
+        if config["in_memory"]:
+            if not memory:  # the shard in its stream order, once; each epoch a permutation of it
+                memory.append(engine._concat(list(shard.iter_batches(batch_size=4096, batch_format="numpy"))))
+            yield from engine.full_batches(engine.permuted(memory[0], config["seed"], epoch, shuffle), micro)
             return
         kwargs = {}
-        if config["shuffle_buffer"]:
+        if shuffle:
             kwargs = {"local_shuffle_buffer_size": config["shuffle_buffer"], "local_shuffle_seed": config["seed"] + epoch}
-        for batch in shard.iter_batches(batch_size=micro, batch_format="numpy", drop_last=True, **kwargs):
-            if config["in_memory"]:
-                memory.append(batch)
-            yield batch
+        yield from engine.full_batches(shard.iter_batches(batch_size=micro, batch_format="numpy", **kwargs), micro)
 
     writer = None
     if rank == 0 and config["log_dir"]:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(config["log_dir"])
-    progress = config["progress"]
 
     def on_metrics(metrics: dict) -> None:
         if rank != 0:
@@ -226,10 +251,12 @@ def _worker_loop(config: dict) -> None:
     tmp = None
     if checkpoint is not None:
         tmp = tempfile.mkdtemp(prefix="cafe-resume-")
-        checkpoint.to_directory(tmp)
+        pulled = pull_checkpoint(checkpoint.filesystem, checkpoint.path, Path(tmp), rank)
         resume_dir = Path(tmp)
-        if progress is not None and rank == 0:
-            progress.resumed.remote(json.loads((resume_dir / engine.STATE_FILE).read_text())["step"])
+        if progress is not None:
+            progress.pulled.remote(rank, pulled)
+            if rank == 0:
+                progress.resumed.remote(json.loads((resume_dir / engine.STATE_FILE).read_text())["step"])
     plan = engine.Plan(max_steps=config["total_steps"], epochs=config["epochs"], accumulation=config["accumulation"],
                        every=config["every"], stop_at=config["stop_at"], log_every=config["log_every"],
                        seed=config["seed"])
@@ -246,6 +273,41 @@ def _worker_loop(config: dict) -> None:
         dist.barrier()
 
 
+_RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")
+
+
+def pull_checkpoint(fs, path: str, dest: Path, rank: int) -> list[str]:
+    """Copy what rank ``rank`` needs to resume from a Ray Train checkpoint (``fs``/``path``: its
+    ``pyarrow.fs`` filesystem and path) into ``dest``; return the relative paths pulled.
+
+    DeepSpeed's ``load_checkpoint`` reads, per rank, the shared model-state file (``mp_rank_00_model_states.pt``,
+    ZeRO-0/1/2) or its own (``zero_pp_rank_<r>_…_model_states.pt``, ZeRO-3) and its own optimizer partition
+    (``…zero_pp_rank_<r>_…_optim_states.pt``; with ``elastic_checkpoint`` off, the default); ``state.json``
+    says where to continue. The other ranks' partitions and the ``weights/`` export (the driver reads those)
+    stay where they are: on 64 ranks each pulls 1/64 of the optimizer state instead of all of it."""
+    import pyarrow.fs as pafs
+
+    from training.trainers.engine import WEIGHTS_DIR
+
+    root = path.rstrip("/")
+    pulled = []
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        if info.type != pafs.FileType.File:
+            continue
+        rel = info.path[len(root) + 1:]
+        if rel.startswith(f"{WEIGHTS_DIR}/"):
+            continue
+        m = _RANK_FILE.search(rel.rsplit("/", 1)[-1])
+        if m is not None and int(m.group(1)) != rank:
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(info.path) as src, open(target, "wb") as out:
+            shutil.copyfileobj(src, out, 16 << 20)
+        pulled.append(rel)
+    return sorted(pulled)
+
+
 # ---------------------------------------------------------------------------------------------
 # the driver
 # ---------------------------------------------------------------------------------------------
@@ -259,6 +321,7 @@ def _progress_actor():
         def __init__(self):
             self.metrics: list[dict] = []
             self.resumed_at = None
+            self.ranks: dict[str, dict] = {"placed": {}, "pulled": {}}
 
         def update(self, metrics: dict) -> None:
             self.metrics.append(metrics)
@@ -266,8 +329,17 @@ def _progress_actor():
         def resumed(self, step: int) -> None:
             self.resumed_at = step
 
+        def placed(self, rank: int, share: dict) -> None:
+            self.ranks["placed"][rank] = share
+
+        def pulled(self, rank: int, files: list[str]) -> None:
+            self.ranks["pulled"][rank] = files
+
         def since(self, n: int) -> tuple[list[dict], int | None]:
             return self.metrics[n:], self.resumed_at
+
+        def per_rank(self) -> dict:
+            return self.ranks
 
     return Progress.remote()
 
@@ -282,6 +354,7 @@ def train_model(cfg, model: str, address: str | None = None, echo=print) -> Trai
     """Run (or resume) ``cafe train MODEL``; return what happened. ``echo``: where progress lines go."""
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; allowed: {', '.join(MODELS)}")
+    import pyarrow.fs
     import ray
     import ray.train
     from ray.data import ExecutionOptions
@@ -312,16 +385,15 @@ def train_model(cfg, model: str, address: str | None = None, echo=print) -> Trai
                 f"train.workers: {workers.num_workers} worker(s) × {workers.cpus_per_worker} CPU leave {free:g} of the "
                 f"local cluster's CPUs for Ray Data's read tasks, and the run would hang: lower "
                 f"train.workers.cpus_per_worker or raise ray.num_cpus")
-        ds = _read(paths, model, cached, images_folder)
+        data = cfg.train.data
+        ds = _read(paths, model, cached, images_folder, cfg.run.seed if data.shuffle_files else None)
         rows = ds.count()
         if rows == 0:
             raise ValueError(f"no training rows in {paths}")
-        per_worker = rows // workers.num_workers
+        ds = pad_to_workers(ds, rows, workers.num_workers)
+        per_worker = -(-rows // workers.num_workers)
         total = engine.steps_for(per_worker, section.micro_batch_size, section.gradient_accumulation,
                                  section.epochs, section.max_steps)
-        if per_worker < section.micro_batch_size:
-            raise ValueError(f"{rows} rows over {workers.num_workers} worker(s) fill no micro-batch of "
-                             f"{section.micro_batch_size}: lower train.{model}.micro_batch_size")
         epochs_needed = section.epochs if section.max_steps is None else 10**9
         progress = _progress_actor()
         loop_config = {
@@ -350,7 +422,8 @@ def train_model(cfg, model: str, address: str | None = None, echo=print) -> Trai
                 execution_options=ExecutionOptions(preserve_order=True), enable_shard_locality=False),
         )
         echo(f"[{model}] run {name}: {rows} rows ({'cache' if cached else 'images'}), {workers.num_workers} "
-             f"worker(s), {total} steps, ZeRO-{engine.zero_stage(ds_config)}, {'bf16' if bf16 else 'fp32'}")
+             f"worker(s), {total} steps, ZeRO-{engine.zero_stage(ds_config)}, {'bf16' if bf16 else 'fp32'}, "
+             f"shuffle: {'files + ' if data.shuffle_files else ''}{data.shuffle_buffer}-row buffer")
         box: dict = {}
         thread = threading.Thread(target=lambda: box.update(result=_fit(trainer, box)), daemon=True)
         thread.start()
@@ -370,15 +443,25 @@ def train_model(cfg, model: str, address: str | None = None, echo=print) -> Trai
         result = box["result"]
         summary = TrainSummary(model, name, losses[-1]["step"] if losses else (resumed or 0), total, losses,
                                seconds=time.perf_counter() - t0, resumed_from=resumed)
+        ranks = ray.get(progress.per_rank.remote())
+        summary.frozen_share, summary.pulled = ranks["placed"], ranks["pulled"]
         if result.checkpoint is not None:
-            summary.checkpoint = result.checkpoint.path
-            with result.checkpoint.as_directory() as d:
-                state = json.loads((Path(d) / engine.STATE_FILE).read_text())
-                summary.steps = state["step"]
+            ckpt = result.checkpoint
+            summary.checkpoint = ckpt.path
+            with tempfile.TemporaryDirectory(prefix="cafe-export-") as d:
+                # state.json and weights/ only: not the ranks' optimizer partitions
+                fs, root = ckpt.filesystem, ckpt.path.rstrip("/")
+                with fs.open_input_stream(f"{root}/{engine.STATE_FILE}") as f:
+                    summary.steps = json.loads(f.read())["step"]
+                pyarrow.fs.copy_files(f"{root}/{engine.WEIGHTS_DIR}", d, source_filesystem=fs)
                 out = Storage(_abs(cfg.train.output_dir)).sub(model)
-                _export(Path(d) / engine.WEIGHTS_DIR, out)
+                _export(Path(d), out)
                 summary.output = out.uri
         ray.kill(progress)
+        share = summary.frozen_share.get(0)
+        if share and share["local"] < share["total"]:
+            echo(f"[{model}] ZeRO-3: each rank held {share['local'] / share['total']:.1%} of the "
+                 f"{share['total'] / 1e6:.2f} M frozen parameters (rank 0: {share['local'] / 1e6:.2f} M)")
         echo(f"[{model}] step {summary.steps}/{total} in {summary.seconds:.0f} s; weights: {summary.output}")
     return summary
 
@@ -416,19 +499,20 @@ def _export(src: Path, out: Storage) -> None:
 class _CacheEncoder:
     """Ray Data actor: every feature of :data:`training.encoders.FEATURES` for a batch of dataset rows."""
 
-    def __init__(self, roles: dict, select_layer: int, device: str):
+    def __init__(self, roles: dict, select_layer: int, device: str, dtype: str = "float32"):
         from training.encoders import FEATURES
         from training.trainers.base import load_encoders
 
         self.want = FEATURES
+        self.dtype = dtype
         self.encoders = load_encoders(roles, device, FEATURES, select_layer=select_layer)
 
     def __call__(self, batch: dict) -> dict:
-        from training.trainers.base import batch_features
+        from training.trainers.base import batch_features, store_features
 
         feats = batch_features(batch, self.encoders, self.want)
         out = {c: batch[c] for c in CACHE_TEXT if c in batch}
-        out.update({k: v.numpy().astype(np.float32) for k, v in feats.items()})
+        out.update({k: store_features(v, self.dtype) for k, v in feats.items()})
         return out
 
 
@@ -462,14 +546,14 @@ def cache_embeddings(cfg, address: str | None = None, force: bool = False):
             ds = ray.data.read_parquet(root.uri_of("dataset/data"),
                                        columns=[*CACHE_TEXT, schema.INPUT_IMAGE, schema.TARGET_IMAGE])
             encoded = ds.map_batches(_CacheEncoder, fn_constructor_args=(role_refs(cfg), cfg.train.mllm.select_layer,
-                                                                           device),
+                                                                           device, c.dtype),
                                      batch_size=c.batch_size, batch_format="numpy",
                                      compute=ActorPoolStrategy(size=c.num_actors), num_gpus=c.num_gpus_per_actor,
                                      num_cpus=c.num_cpus_per_actor)
             encoded.write_parquet(cache.uri_of("data"))
             rows = ray.data.read_parquet(cache.uri_of("data")).count()
             cache.write_json(CACHE_META, {"fingerprint": fp, "rows": rows, "dataset": root.uri,
-                                          "select_layer": cfg.train.mllm.select_layer,
+                                          "select_layer": cfg.train.mllm.select_layer, "dtype": c.dtype,
                                           "seconds": round(time.perf_counter() - t0, 2)})
             cache.write_bytes(SUCCESS, b"")
             yield f"{out}: cached {rows} rows as {cache.uri} in {time.perf_counter() - t0:.1f} s"

@@ -36,7 +36,10 @@ class MLLMTrainConfig(OptimConfig):
     epochs: int = Field(5, ge=1, le=100_000)
     lam: float = Field(1.0, ge=0, le=1e6, description="λ of the embedding MSE term (D2)")
     select_layer: int = Field(-2, ge=-64, le=64, description="CLIP vision hidden layer whose patch tokens V reads")
-    max_new_tokens: int = Field(48, ge=1, le=4096, description="inference: response length limit")
+    max_new_tokens: int = Field(128, ge=1, le=4096, description="inference: response length limit")
+    #: recompute the frozen LLM's layer activations in the backward pass instead of keeping them (V is reached
+    #: through every layer): activation memory falls to about one layer's, for about a third more compute
+    gradient_checkpointing: bool = False
 
 
 class DiffusionTrainConfig(OptimConfig):
@@ -45,6 +48,8 @@ class DiffusionTrainConfig(OptimConfig):
     drop_clip: float = Field(0.1, ge=0, le=1)
     drop_dino: float = Field(0.1, ge=0, le=1)
     n_clip_tokens: int = Field(1, ge=1, le=256)
+    #: recompute the UNet blocks' activations in the backward pass (diffusers' gradient checkpointing)
+    gradient_checkpointing: bool = False
 
 
 class PromptNetTrainConfig(OptimConfig):
@@ -94,9 +99,14 @@ class TrainDataConfig(_Strict):
 
     datasets: list[str] = Field(default_factory=lambda: ["outputs/tiny"], min_length=1, max_length=1024)
     cache: Literal["auto", "off", "require"] = "auto"
-    shuffle_buffer: int = Field(0, ge=0, le=10_000_000, description="rows in Ray Data's local shuffle buffer (0: off)")
-    #: each worker keeps its shard's micro-batches in memory after the first epoch and replays them (a small
-    #: fine-tuning set trained for many epochs: saves one Ray Data pass per epoch). Off for large datasets.
+    #: read the Parquet files in a seeded random order (the build writes a source's rows next to each other)
+    shuffle_files: bool = True
+    #: rows in each worker's shuffle buffer, reseeded every epoch (0: rows in file order). Memory: this many rows
+    #: per worker (images ≈ 0.5–1 MB a row at 512 px; cached features ≈ 1–4 MB)
+    shuffle_buffer: int = Field(256, ge=0, le=10_000_000)
+    #: each worker reads its shard once and keeps it in memory; every epoch is a permutation of it (seeded by
+    #: run.seed and the epoch; its order when shuffle_buffer is 0). For a small fine-tuning set trained for many
+    #: epochs: saves one Ray Data pass per epoch. Off for large datasets.
     in_memory: bool = False
 
 
@@ -106,6 +116,12 @@ class CheckpointConfig(_Strict):
 
 
 class CacheConfig(_Strict):
+    """``cafe cache``: the frozen encoders' outputs written once per dataset. ``dtype``: how features are stored —
+    ``float16``/``bfloat16`` halve the bytes (a 512-px row at paper scale: ≈ 4 MB in float32) where the consumer
+    runs in that dtype anyway (bf16 training); ``bfloat16`` is stored as its 16-bit pattern (Parquet has no
+    bfloat16 type) and read back as such. Training upcasts to float32 before the trained layers."""
+
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     batch_size: int = Field(64, ge=1, le=MAX_BATCH_SIZE)
     num_actors: int = Field(1, ge=1, le=1024)
     num_gpus_per_actor: float = Field(0.0, ge=0, le=8)
@@ -113,11 +129,19 @@ class CacheConfig(_Strict):
 
 
 class GenerateConfig(_Strict):
-    """``cafe generate``: the sampler and the guidance of the conditioned diffusion model."""
+    """``cafe generate``: the sampler and the guidance of the conditioned diffusion model, and where it runs.
+
+    Guidance (D1): one scale on (both conditions) vs (neither) by default; with ``guidance_dino`` set, two scales
+    — ``guidance_scale`` on the CLIP condition and ``guidance_dino`` on the DINO stream given it (three model
+    evaluations a step instead of two; equal scales give the one-scale result). ``device``: ``auto`` = CUDA
+    when the process sees a GPU (a batch actor with ``num_gpus_per_actor`` > 0 does), else the CPU; the
+    models run in their role dtypes (``models.roles.<role>.dtype``: float16/bfloat16 on GPUs)."""
 
     num_inference_steps: int = Field(30, ge=1, le=1000)
     guidance_scale: float = Field(3.0, ge=0, le=50)
+    guidance_dino: float | None = Field(None, ge=0, le=50)
     scale_dino: float = Field(1.0, ge=0, le=10)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(8, ge=1, le=MAX_BATCH_SIZE)
     num_actors: int = Field(1, ge=1, le=1024)
     num_gpus_per_actor: float = Field(0.0, ge=0, le=8)

@@ -156,7 +156,10 @@ def test_cafe_plan_reruns_exactly_the_dependants_of_a_changed_key(tmp_path):
         LoopContext.load(str(ROOT / "configs/tiny.yaml"), sets + extra, rounds=2), ctx.state) if i.action == "run"}
     assert plan([]) == set()
     # operational settings are in no key
-    assert plan(["build.profusion.num_actors=2", "train.checkpoint.every_steps=7", "pipeline.eval.device=cpu"]) == set()
+    assert plan(["build.profusion.num_actors=2", "train.checkpoint.every_steps=7", "pipeline.eval.device=cpu",
+                 "train.mllm.gradient_checkpointing=true", "train.diffusion.gradient_checkpointing=true"]) == set()
+    assert plan(["train.mllm.max_new_tokens=64"]) == {"eval-r0", "eval-r1", "report"}  # inference only
+    assert plan(["train.data.shuffle_buffer=0"]) == set(names) - {"build-r0"}  # which rows train together
     assert plan(["train.diffusion.lr=0.002"]) == {"train-diffusion-r0", "eval-r0", "build-r1", "train-diffusion-r1",
                                                   "train-mllm-r1", "eval-r1", "report"}
     assert plan(["train.mllm.lam=2.0"]) == {"train-mllm-r0", "eval-r0", "build-r1", "train-diffusion-r1",

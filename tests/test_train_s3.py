@@ -1,5 +1,6 @@
 """`cafe train` with its run storage on s3:// (moto's S3 server on 127.0.0.1): checkpoints go to the bucket, a
-stopped run resumes from them, and the exported weights can go to the bucket too."""
+stopped run resumes from them, and the exported weights can go to the bucket too; `cafe generate` then reads those
+weights, its input images and its requests from the bucket and writes its images and results there."""
 from __future__ import annotations
 
 import pytest
@@ -37,3 +38,26 @@ def test_checkpoints_and_resume_on_s3(tmp_path, s3_bucket):
     # Ray Train prunes to `keep` within one fit; the first run's older checkpoint may outlive a resume (observed: 3)
     assert 2 <= sum(i.base_name.startswith("checkpoint_") for i in runs) <= 3
     assert second.checkpoint.rstrip("/").rsplit("/", 1)[-1] in {i.base_name for i in runs}
+
+    # generate: trained weights, image and requests on s3, outputs to s3 (direct mode: no MLLM trained here)
+    import json
+
+    import pyarrow.parquet as pq
+
+    from pipeline.generate import generate, generate_batch
+    from pipeline.store import Storage
+
+    image = sorted((tu.WORLD / "sources").rglob("*.png"))[0]
+    bucket = Storage(s3_bucket)
+    bucket.write_bytes("in/x.png", image.read_bytes())
+    bucket.write_bytes("in/requests.jsonl", json.dumps(
+        {"id": "a", "image": f"{s3_bucket}/in/x.png", "text": "", "clip_image": f"{s3_bucket}/in/x.png"}).encode())
+    gen = cfg(generate={"num_inference_steps": 2})
+    res = generate(gen, f"{s3_bucket}/in/x.png", "", clip_from_image=f"{s3_bucket}/in/x.png",
+                   out_dir=f"{s3_bucket}/gen", name="one")
+    assert res.image_path == f"{s3_bucket}/gen/one.png" and bucket.read_bytes("gen/one.png")[:4] == b"\x89PNG"
+    summary = generate_batch(gen, f"{s3_bucket}/in/requests.jsonl", f"{s3_bucket}/batch")
+    assert (summary.requests, summary.failed) == (1, 0) and summary.results == f"{s3_bucket}/batch/results"
+    fs, root = pafs.FileSystem.from_uri(summary.results)
+    rows = pq.read_table(root, filesystem=fs).to_pylist()
+    assert rows[0]["image_path"] == f"{s3_bucket}/batch/images/a.png" and bucket.is_file("batch/images/a.png")

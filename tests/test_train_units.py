@@ -148,12 +148,13 @@ def test_exactly_the_intended_parameters_train():
 # -- training through the DeepSpeed engine -------------------------------------------------------
 
 
-def _train(recipe, batch, steps, lr, resume=None, stop_at=None, ckpt_sink=None):
+def _train(recipe, batch, steps, lr, resume=None, stop_at=None, ckpt_sink=None, stage=2, bf16=False):
     from training.trainers import engine
 
     plan = engine.Plan(max_steps=steps, epochs=10**6, stop_at=stop_at)
-    return engine.run_training(recipe, tu.ds_config(len(batch["id"]), lr), lambda e: [batch], plan, resume,
-                               on_checkpoint=ckpt_sink)
+    cfg = tu.ds_config(len(batch["id"]), lr, stage=stage, warmup=0 if bf16 else 1)
+    cfg["bf16"] = {"enabled": bf16}
+    return engine.run_training(recipe, cfg, lambda e: [batch], plan, resume, on_checkpoint=ckpt_sink)
 
 
 # PromptNet trains alone against a frozen UNet: it can only move one S* token, so its bar is lower (stated). On the
@@ -192,6 +193,34 @@ def test_stopped_and_resumed_run_continues_exactly(dataset, dist, tmp_path):
     rest = _train(_recipe("diffusion"), batch, steps=5, lr=1e-3, resume=saved)
     assert [m["loss"] for m in part.losses] == [m["loss"] for m in full.losses[:3]]
     assert [m["loss"] for m in rest.losses] == [m["loss"] for m in full.losses[3:]]  # steps 4 and 5, exact
+
+
+def test_bf16_zero3_mllm_checkpoints_and_resumes_bit_identically(dataset, dist, tmp_path):
+    """The paper's MLLM setting (bf16, ZeRO-3 with the LLM loaded partitioned) stopped after step 2 and resumed:
+    steps 3–4 equal the uninterrupted run's exactly, the module ran in bf16, V/H/token kept fp32 masters."""
+    import shutil
+
+    from pipeline.train import recipe_class
+
+    llm = tu.sensitive_llama(tmp_path / "llm")
+    batch = tu.numpy_batch(dataset)
+
+    def recipe():
+        return recipe_class("mllm")(tu.sections()["mllm"], tu.roles(llm)).setup(
+            "cpu", zero3_config={**tu.ds_config(8, 1e-2, stage=3), "bf16": {"enabled": True}})
+
+    full = _train(recipe(), batch, steps=4, lr=1e-2, stage=3, bf16=True)
+    saved = tmp_path / "ckpt"
+    part = _train(recipe(), batch, steps=4, lr=1e-2, stop_at=2, stage=3, bf16=True,
+                  ckpt_sink=lambda d, state: shutil.copytree(d, saved, dirs_exist_ok=True))
+    names = {p.name for p in (saved / "deepspeed" / "state").iterdir()}
+    assert any(n.startswith("bf16_zero_pp_rank_0") for n in names), names  # a bf16 ZeRO-3 checkpoint
+    rest = _train(recipe(), batch, steps=4, lr=1e-2, resume=saved, stage=3, bf16=True)
+    losses = [m["loss"] for m in full.losses]
+    print("bf16 ZeRO-3 MLLM losses", losses)
+    assert all(math.isfinite(x) for x in losses) and len(set(losses)) == 4  # it trains (each step moves)
+    assert [m["loss"] for m in part.losses] == losses[:2]
+    assert [m["loss"] for m in rest.losses] == losses[2:]  # exact
 
 
 @pytest.mark.parametrize("model", ["diffusion", "mllm"])

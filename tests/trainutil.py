@@ -118,3 +118,18 @@ def sensitive_llama(out: Path, init_std: float = 0.4) -> str:
         if (WORLD / "llm" / f).exists():
             shutil.copy(WORLD / "llm" / f, out / f)
     return str(out)
+
+
+def reduce_rank(rank: int, world: int, store: str, out) -> None:
+    """One gloo rank of a two-process test: rank r contributes {"loss": r + 1, "mse": 10·(r + 1)}."""
+    import torch
+    import torch.distributed as dist
+
+    from training.trainers.engine import mean_over_ranks
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        out.put((rank, mean_over_ranks({"loss": rank + 1.0, "mse": 10.0 * (rank + 1)}, torch.device("cpu"))))
+    finally:
+        dist.destroy_process_group()

@@ -69,8 +69,11 @@ class Assistant:
 
     @torch.no_grad()
     def sample(self, clip_embed: torch.Tensor, dino_tokens: torch.Tensor, seeds: Sequence[int], steps: int = 30,
-               guidance: float = 3.0, scale_dino: float = 1.0) -> list[np.ndarray]:
-        """Images (H, W, 3) uint8 for a batch of conditions; row i's noise comes from ``seeds[i]`` alone."""
+               guidance: float = 3.0, scale_dino: float = 1.0, guidance_dino: float | None = None) -> list[np.ndarray]:
+        """Images (H, W, 3) uint8 for a batch of conditions; row i's noise comes from ``seeds[i]`` alone.
+
+        Guidance (D1): ``ε(∅,∅) + guidance·(ε(c,d) − ε(∅,∅))``; with ``guidance_dino``, separate scales:
+        ``ε(∅,∅) + guidance·(ε(c,∅) − ε(∅,∅)) + guidance_dino·(ε(c,d) − ε(c,∅))`` (equal scales: the same)."""
         unet = self.diffusion.unet
         b = clip_embed.shape[0]
         size, ch = unet.config.sample_size, unet.config.in_channels
@@ -81,12 +84,21 @@ class Assistant:
         latents = latents * sched.init_noise_sigma
         clip = clip_embed.to(self.device, unet.dtype)
         dino = dino_tokens.to(self.device, unet.dtype)
-        clip2, dino2 = torch.cat([torch.zeros_like(clip), clip]), torch.cat([torch.zeros_like(dino), dino])
+        zc, zd = torch.zeros_like(clip), torch.zeros_like(dino)
+        if guidance_dino is None:
+            branches = [(zc, zd), (clip, dino)]
+        else:
+            branches = [(zc, zd), (clip, zd), (clip, dino)]
+        clips, dinos = torch.cat([c for c, _ in branches]), torch.cat([d for _, d in branches])
+        k = len(branches)
         for t in sched.timesteps:
-            x = sched.scale_model_input(torch.cat([latents, latents]), t)
-            out = self.diffusion(x, t.expand(2 * b).to(self.device), clip2, dino2, scale_dino=scale_dino)
-            uncond, cond = out.chunk(2)
-            latents = sched.step(uncond + guidance * (cond - uncond), t, latents, eta=0.0).prev_sample
+            x = sched.scale_model_input(torch.cat([latents] * k), t)
+            out = self.diffusion(x, t.expand(k * b).to(self.device), clips, dinos, scale_dino=scale_dino).chunk(k)
+            if guidance_dino is None:
+                eps = out[0] + guidance * (out[1] - out[0])
+            else:
+                eps = out[0] + guidance * (out[1] - out[0]) + guidance_dino * (out[2] - out[1])
+            latents = sched.step(eps, t, latents, eta=0.0).prev_sample
         images = self.vae.decode((latents / self.scaling).to(self.vae.dtype)).sample
         images = ((images.float() + 1) / 2).clamp(0, 1)
         return list((images * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
@@ -94,13 +106,15 @@ class Assistant:
     # -- the assistant ----------------------------------------------------------------------------
 
     def generate(self, image: np.ndarray, text: str, seed: int = 0, clip_image: np.ndarray | None = None,
-                 steps: int = 30, guidance: float = 3.0, scale_dino: float = 1.0) -> Generation:
+                 steps: int = 30, guidance: float = 3.0, scale_dino: float = 1.0,
+                 guidance_dino: float | None = None) -> Generation:
         return self.generate_batch([image], [text], [seed], None if clip_image is None else [clip_image], steps,
-                                   guidance, scale_dino)[0]
+                                   guidance, scale_dino, guidance_dino=guidance_dino)[0]
 
     def generate_batch(self, images: Sequence[np.ndarray], texts: Sequence[str], seeds: Sequence[int],
                        clip_images: Sequence[np.ndarray] | None = None, steps: int = 30, guidance: float = 3.0,
-                       scale_dino: float = 1.0, batch_size: int = 32) -> list[Generation]:
+                       scale_dino: float = 1.0, batch_size: int = 32,
+                       guidance_dino: float | None = None) -> list[Generation]:
         """:meth:`generate` for many requests: the MLLM answers each request, the diffusion model samples in
         batches of ``batch_size`` (row i's noise still comes from ``seeds[i]`` alone)."""
         if not (len(images) == len(texts) == len(seeds)) or (clip_images is not None and len(clip_images) != len(images)):
@@ -130,6 +144,6 @@ class Assistant:
                     responses.append("")
             if clip_images is None:
                 clip = torch.stack(clips)
-            samples = self.sample(clip, dino, list(seeds[sl]), steps, guidance, scale_dino)
+            samples = self.sample(clip, dino, list(seeds[sl]), steps, guidance, scale_dino, guidance_dino)
             out += [Generation(r, im, source) for r, im in zip(responses, samples)]
         return out

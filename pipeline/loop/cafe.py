@@ -37,7 +37,10 @@ log = logging.getLogger(__name__)
 
 #: train settings that decide how a run goes, never what it learns (in no key)
 TRAIN_OPERATIONAL = frozenset({"storage_path", "output_dir", "log_dir", "run_name", "log_every", "stop_at_step",
-                               "checkpoint", "cache", "generate", "in_memory", "datasets"})
+                               "checkpoint", "cache", "generate", "datasets"})
+#: recipe settings that change how a run computes or what inference does, never what training learns: gradient
+#: checkpointing recomputes the same activations; the reply length is the evaluation's (in its key)
+RECIPE_OPERATIONAL = frozenset({"gradient_checkpointing", "max_new_tokens"})
 ROLES_TRAIN = ("t2i", "clip_cond", "dino_cond", "llm")
 
 
@@ -167,7 +170,7 @@ def _train_stage(r: int, model: str) -> Stage:
 
     def parts(ctx: LoopContext) -> dict:
         t = ctx.cfg.train
-        return {"model": model, "recipe": _semantic(getattr(t, model)),
+        return {"model": model, "recipe": _semantic(getattr(t, model), RECIPE_OPERATIONAL),
                 "train": _semantic(t, TRAIN_OPERATIONAL | {"mllm", "diffusion", "promptnet"}),
                 "deepspeed_file": _file_hash(t.deepspeed.config), "roles": ctx.roles(ROLES_TRAIN)}
 
@@ -205,6 +208,7 @@ def _eval_stage(r: int) -> Stage:
         if e.oracle:
             extra["oracle"] = ctx.fingerprint(e.oracle)
         return {"eval": _semantic(e, frozenset({"device"})), "format": 2, **extra,
+                "max_new_tokens": ctx.cfg.train.mllm.max_new_tokens,
                 "roles": ctx.roles(("t2i", "clip_filter", "dino_filter"))}
 
     def run(ctx: LoopContext, keys: dict) -> dict:

@@ -14,7 +14,8 @@ Sequence per row (training)::
 
 * the prompt is the tokenizer's chat template applied to the user text (with the generation prompt), or
   ``"USER: {text}\\nASSISTANT:"`` when the tokenizer has none;
-* ``L_LM``: next-token cross-entropy over the response tokens (EOS included) only;
+* ``L_LM``: next-token cross-entropy over the response tokens (EOS included) only, averaged per row and then
+  over rows (so that a batch split over data-parallel ranks has the loss of the whole batch);
 * ``MSE``: ``H(h_token)`` against the target's CLIP image embedding (``clip_cond``'s ``image_embeds``,
   L2-normalised — the same quantity that conditions the diffusion model); ``L = L_LM + λ·MSE`` (D2, λ=1).
 
@@ -136,13 +137,17 @@ class CafeMLLM(nn.Module):
             labels.append((start, resp))
             queries.append(q)
         embeds, mask = self._pad(seqs)
-        hidden = self.llm(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
+        hidden = self.llm(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True, use_cache=False)
         logits, last = hidden.logits, hidden.hidden_states[-1]
         target = torch.full(mask.shape, -100, dtype=torch.long, device=mask.device)
         for i, (start, resp) in enumerate(labels):
             target[i, start: start + len(resp)] = torch.tensor(resp, device=mask.device)
-        lm = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target[:, 1:].reshape(-1),
-                             ignore_index=-100)
+        # each row's mean over its response tokens, then the mean over rows: every row weighs the same, so the
+        # loss of a batch split over N ranks (averaged by the engine) equals the loss of the whole batch on one
+        tokens = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target[:, 1:].reshape(-1),
+                                 ignore_index=-100, reduction="none").view(len(seqs), -1)
+        counts = (target[:, 1:] != -100).sum(dim=1).clamp(min=1)
+        lm = (tokens.sum(dim=1) / counts).mean()
         h = last[torch.arange(len(queries)), torch.tensor(queries)]
         pred = self.head(h.to(self.head.weight.dtype))
         mse = F.mse_loss(pred.float(), clip_targets.float())
@@ -151,23 +156,24 @@ class CafeMLLM(nn.Module):
     # -- inference --------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def respond(self, vision_feats: torch.Tensor, user_text: str, max_new_tokens: int = 48) -> tuple[str, torch.Tensor]:
-        """Greedy response text and the predicted CLIP embedding (clip_dim,) for one image + user text."""
+    def respond(self, vision_feats: torch.Tensor, user_text: str, max_new_tokens: int = 128) -> tuple[str, torch.Tensor]:
+        """Greedy response text and the predicted CLIP embedding (clip_dim,) for one image + user text.
+
+        Decoding is the LLM's own ``generate`` over the input embeddings (its cache, its stopping at EOS). A reply
+        cut by ``max_new_tokens`` ends at its last whole word (the cut-off fragment is dropped)."""
         prompt = self.prompt_ids(user_text)
         seq, _, _ = self._sequence(vision_feats, prompt, [], query=False)
-        generated: list[int] = []
-        embeds = seq[None]
-        past = None
-        cur = embeds
-        for _ in range(max_new_tokens):
-            out = self.llm(inputs_embeds=cur, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            nxt = int(out.logits[0, -1].argmax())
-            if nxt == self.tokenizer.eos_token_id:
-                break
-            generated.append(nxt)
-            cur = self._embed_ids([nxt])[None]
-        response = self.tokenizer.decode(generated, skip_special_tokens=True).strip()
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        ids = self.llm.generate(inputs_embeds=seq[None], attention_mask=torch.ones(1, seq.shape[0], dtype=torch.long,
+                                                                                   device=seq.device),
+                                max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
+                                pad_token_id=pad)[0].tolist()
+        finished = tok.eos_token_id in ids
+        generated = ids[: ids.index(tok.eos_token_id)] if finished else ids
+        response = tok.decode(generated, skip_special_tokens=True).strip()
+        if not finished and " " in response:
+            response = response.rsplit(" ", 1)[0].rstrip()
         full, _, q = self._sequence(vision_feats, prompt, self.response_ids(response), query=True)
         last = self.llm(inputs_embeds=full[None], output_hidden_states=True).hidden_states[-1]
         pred = self.head(last[0, q].to(self.head.weight.dtype))

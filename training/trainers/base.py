@@ -59,10 +59,26 @@ def load_encoders(roles: dict[str, RoleRef], device: str, want: Sequence[str], s
     return enc
 
 
+def store_features(t: torch.Tensor, dtype: str) -> np.ndarray:
+    """A feature tensor as the cache stores it: float32 / float16 arrays, bfloat16 as its 16-bit pattern (uint16:
+    Parquet has no bfloat16; :func:`read_features` reads it back)."""
+    if dtype == "bfloat16":
+        return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return t.numpy().astype(np.dtype(dtype))
+
+
+def read_features(a) -> torch.Tensor:
+    """float32 features from a cache column: float32, float16, or bfloat16 bit patterns (uint16)."""
+    a = np.asarray(a)
+    if a.dtype == np.uint16:
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(np.array(a, dtype=np.float32))  # a copy: Ray's arrays may be read-only
+
+
 def batch_features(batch: dict, encoders: ConditionEncoders | None, want: Sequence[str]) -> dict[str, torch.Tensor]:
     """The features in ``want``: read from the batch when it carries them (a cache), else encoded from images."""
     if all(k in batch for k in want):
-        return {k: torch.as_tensor(np.asarray(batch[k]), dtype=torch.float32) for k in want}
+        return {k: read_features(batch[k]) for k in want}
     if encoders is None:
         raise ValueError(f"the batch carries no {list(want)} and no encoders were loaded")
     inputs = [decode_image(c) for c in batch[schema.INPUT_IMAGE]] if {"dino_input", "vision_input"} & set(want) else None

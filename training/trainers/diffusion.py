@@ -51,6 +51,8 @@ class DiffusionRecipe(Recipe):
             model = ConditionedUNet.from_unet(unet, clip_dim, dino_width, self.section.n_clip_tokens).float()
         model = model.to(device)  # the new layers are created on the CPU
         model.requires_grad_(True)
+        if getattr(self.section, "gradient_checkpointing", False):
+            model.unet.enable_gradient_checkpointing()
         self.scheduler = t2i.components.scheduler
         self.scaling = float(getattr(t2i.components.vae.config, "scaling_factor", 0.18215))
         self.module = DiffusionModule(model, self.scheduler)

@@ -25,7 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -114,6 +114,22 @@ def _gathered(engine, params):
     return contextlib.nullcontext()
 
 
+def frozen_share(module: torch.nn.Module) -> dict[str, int]:
+    """How many of the module's frozen parameter elements this rank holds (``local``) of how many (``total``):
+    under ZeRO-3 a partitioned parameter holds its ``ds_tensor`` slice (``ds_numel`` in all), otherwise all."""
+    local = total = 0
+    for p in module.parameters():
+        if p.requires_grad:
+            continue
+        if hasattr(p, "ds_id"):
+            local += int(p.ds_tensor.numel())
+            total += int(p.ds_numel)
+        else:
+            local += p.numel()
+            total += p.numel()
+    return {"local": local, "total": total}
+
+
 def save_checkpoint(engine, recipe, out: Path, state: dict) -> None:
     """Every rank writes its DeepSpeed shard; rank 0 also the recipe's weights export and ``state.json``."""
     import torch.distributed as dist
@@ -179,7 +195,7 @@ def run_training(recipe, ds_config: dict, batches: Callable[[int], Iterable[dict
             if micro_in_step < plan.accumulation:
                 continue
             step += 1
-            acc_terms = _mean_over_ranks(acc_terms)
+            acc_terms = mean_over_ranks(acc_terms, engine.device)
             seconds = time.perf_counter() - t0
             metrics = {**acc_terms, "step": step, "epoch": epoch, "lr": float(engine.get_lr()[0]),
                        "samples_per_s": rows_in_step / max(seconds, 1e-9)}
@@ -204,23 +220,89 @@ def run_training(recipe, ds_config: dict, batches: Callable[[int], Iterable[dict
     return result
 
 
-def _mean_over_ranks(terms: dict[str, float]) -> dict[str, float]:
-    """Loss terms averaged over the data-parallel ranks (each rank saw its own rows): the global batch's loss."""
+def mean_over_ranks(terms: dict[str, float], device: torch.device | str) -> dict[str, float]:
+    """Loss terms averaged over the data-parallel ranks (each rank saw its own rows): the global batch's loss.
+
+    The reduction runs on ``device``, the engine's: an NCCL process group (Ray Train's ``backend="nccl"``)
+    accepts only CUDA tensors, gloo only CPU ones."""
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return terms
     keys = sorted(terms)
-    t = torch.tensor([terms[k] for k in keys], dtype=torch.float64)
+    t = torch.tensor([terms[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t)}
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.cpu())}
 
 
 def steps_for(rows_per_worker: int, micro_batch: int, accumulation: int, epochs: int,
               max_steps: int | None) -> int:
-    """Optimizer steps: ``epochs`` passes over ``rows_per_worker`` (full micro-batches only), capped by max_steps."""
-    per_epoch = (rows_per_worker // micro_batch) // accumulation
-    total = per_epoch * epochs
+    """Optimizer steps: ``epochs`` passes over ``rows_per_worker`` in micro-batches of ``micro_batch`` (the last one
+    completed by :func:`full_batches`), ``accumulation`` micro-batches per step, capped by max_steps."""
+    per_epoch = -(-rows_per_worker // micro_batch) if rows_per_worker > 0 else 0
+    total = (per_epoch * epochs) // accumulation
     if max_steps is not None:
         total = min(total, max_steps) if total else max_steps
     return max(0, total)
+
+
+def _rows(batch: dict) -> int:
+    return len(next(iter(batch.values()))) if batch else 0
+
+
+def _concat(parts: list[dict]) -> dict:
+    import numpy as np
+
+    if len(parts) == 1:
+        return parts[0]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _take(batch: dict, idx) -> dict:
+    return {k: v[idx] for k, v in batch.items()}
+
+
+def full_batches(batches: Iterable[dict], micro: int) -> Iterator[dict]:
+    """Micro-batches of exactly ``micro`` rows from one epoch's ``batches`` (dicts of numpy columns, any sizes).
+
+    Rows keep their order; the last, partial micro-batch is completed with the epoch's first rows (cycled when
+    the epoch holds fewer than ``micro`` rows), as torch's ``DistributedSampler`` pads: every row is trained on
+    in every epoch and no row is dropped, and every rank yields the same number of micro-batches for the same
+    number of rows (a rank that yielded one fewer would leave the others waiting in a collective)."""
+    import numpy as np
+
+    head: list[dict] = []  # the epoch's first rows (up to `micro`), for the wrap
+    held, pending = 0, []
+    for batch in batches:
+        n = _rows(batch)
+        if n == 0:
+            continue
+        if held < micro:
+            head.append(_take(batch, slice(0, micro - held)))
+            held += min(n, micro - held)
+        pending.append(batch)
+        have = sum(_rows(b) for b in pending)
+        if have >= micro:
+            joined = _concat(pending)
+            cut = (have // micro) * micro
+            for start in range(0, cut, micro):
+                yield _take(joined, slice(start, start + micro))
+            pending = [_take(joined, slice(cut, have))] if have > cut else []
+    rest = sum(_rows(b) for b in pending)
+    if rest:
+        first = _concat(head)
+        fill = np.resize(np.arange(_rows(first)), micro - rest)  # cycles when the epoch is shorter than `micro`
+        yield _concat([_concat(pending), _take(first, fill)])
+
+
+def permuted(rows: dict, seed: int, epoch: int, shuffle: bool) -> Iterator[dict]:
+    """One epoch over rows held in memory: a permutation drawn from (seed, epoch), or their order when not
+    shuffling; as one batch for :func:`full_batches`."""
+    import numpy as np
+
+    n = _rows(rows)
+    if not shuffle:
+        yield rows
+        return
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    yield _take(rows, order)

@@ -46,6 +46,12 @@ class MLLMRecipe(Recipe):
             torch.manual_seed(0)
             mllm = CafeMLLM(llm.components.model, llm.components.tokenizer, vision_width, clip_dim, self.section.lam)
         self.module = MLLMModule(mllm.freeze_base().to(device))
+        if getattr(self.section, "gradient_checkpointing", False):
+            enable = getattr(mllm.llm, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:  # transformers < 5.x's name
+                mllm.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return self
 
     def _dims(self) -> tuple[int, int]:
@@ -57,6 +63,13 @@ class MLLMRecipe(Recipe):
     def module_train_mode(self, module) -> None:
         module.train()
         module.mllm.llm.eval()  # frozen: no dropout
+        # transformers checkpoints a layer only in training mode: the checkpointed layers themselves (not their
+        # children, which keep dropout off) say "training" so that the frozen LLM's activations are recomputed
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        for m in module.mllm.llm.modules():
+            if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing:
+                m.training = True
 
     def prepare(self, batch: dict, epoch: int, seed: int) -> dict:
         feats = batch_features(batch, self.encoders, WANT)
