@@ -68,6 +68,7 @@ class BuildResult:
     pending: int = 0
     pending_reasons: list[str] = field(default_factory=list)
     computed: dict = field(default_factory=dict)
+    report: str | None = None  # the report's location, when it was written
 
     @property
     def out_dir(self) -> Path:
@@ -80,8 +81,9 @@ class BuildResult:
         lines = [funnel_text(self.manifest),
                  f"kept {c['kept']} rows · candidates {c['candidates']} · quarantined {c['quarantined']}",
                  f"dataset:    {self.out}/dataset   (datasets.load_dataset / ray.data.read_parquet)",
-                 f"quarantine: {self.out}/quarantine",
-                 f"report:     {self.out}/report/report.md"]
+                 f"quarantine: {self.out}/quarantine"]
+        if self.report:
+            lines.append(f"report:     {self.report}")
         if self.pending:
             lines.append(f"PENDING: {self.pending} record(s) failed for a transient reason and were not published; "
                          "re-run the same command to retry exactly those")
@@ -210,11 +212,44 @@ def write_plan(cfg: CafeConfig, out: Storage, plan_key: str, exclude_uris: list[
 # ------------------------------------------------------------------------------------------------ run
 
 
-def _restart_args() -> dict:
-    """Stage actors restart and their tasks retry without a cap: a preemption or a node loss is an infrastructure
-    fault, never the data's. A chunk that keeps killing its worker is stopped by the generation ledger instead
-    (``build.max_chunk_attempts`` attempts of one run on nodes that stayed up, then ``worker_crashed``)."""
-    return {"max_restarts": -1, "max_task_retries": -1}
+class ChunkProgress:
+    """The build's progress on the console: one line at the first chunk, then every ``total/20`` chunks or 60 s,
+    and at the last — chunks done, rows kept, rate and ETA (each chunk's own line is at DEBUG)."""
+
+    def __init__(self, total: int, every_s: float = 60.0):
+        self.total, self.every_s = total, every_s
+        self.step = max(1, total // 20)
+        self.done = self.kept = 0
+        self.t0 = self.last = time.perf_counter()
+
+    def add(self, kept: int) -> None:
+        self.done += 1
+        self.kept += kept
+        now = time.perf_counter()
+        if self.done in (1, self.total) or self.done % self.step == 0 or now - self.last >= self.every_s:
+            self.last = now
+            log.info("%s", self.line(now))
+
+    def line(self, now: float) -> str:
+        rate = self.done / max(now - self.t0, 1e-9)  # chunks per second
+        left = (self.total - self.done) / rate if self.done < self.total else 0.0
+        return (f"build: {self.done}/{self.total} chunks ({self.done / self.total:.0%}), {self.kept} rows kept, "
+                f"{rate * 60:.1f} chunks/min, {'done' if not left else 'ETA ' + _duration(left)}")
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return f"{d}d {h}h" if d else f"{h}h {m:02d}m" if h else f"{m}m {s:02d}s"
+
+
+#: Stage actors restart and their tasks retry without a cap: a preemption or a node loss is an infrastructure fault,
+#: never the data's. That is Ray Data's default for actor pools (``max_restarts=-1``, ``max_task_retries=-1``,
+#: ``ActorPoolMapOperator``), so the graph passes nothing (Ray 2.60 deprecates both ``**ray_remote_args`` and
+#: ``ray_remote_args_fn``). A chunk that keeps killing its worker is stopped by the generation ledger instead
+#: (``build.max_chunk_attempts`` attempts of one run on nodes that stayed up, then ``worker_crashed``).
 
 
 def _pool(section, default_min: int = 1):
@@ -244,27 +279,25 @@ def stage_graph(ds, cfg: CafeConfig, kw: dict, env: dict[str, str] | None = None
     env_kw = {"runtime_env": {"env_vars": env}} if env else {}
     gen_gpus = b.sources.num_gpus_per_actor if b.sources.kind == "generate" else 0
     llm = b.dialogue.backend == "transformers"
-    # unbounded actor restarts and task retries; the ledger bounds a poison chunk (see _restart_args)
-    restarts = {"ray_remote_args_fn": _restart_args}
     res = b.resources or {}
     ds = ds.map_batches(SourcesStage, batch_size=1, batch_format="pyarrow",
                         compute=_pool(b.sources),
                         num_cpus=b.sources.num_cpus_per_actor, num_gpus=gen_gpus or None,
-                        resources=res.get("sources"), fn_constructor_kwargs=ekw("sources"), **restarts, **env_kw)
+                        resources=res.get("sources"), fn_constructor_kwargs=ekw("sources"), **env_kw)
     ds = ds.map_batches(GenerateStage, batch_size=None, batch_format="pyarrow",
                         compute=_pool(b.profusion),
                         num_cpus=b.profusion.num_cpus_per_actor, num_gpus=b.profusion.num_gpus_per_actor or None,
-                        resources=res.get("generate"), fn_constructor_kwargs=ekw("generate"), **restarts, **env_kw)
+                        resources=res.get("generate"), fn_constructor_kwargs=ekw("generate"), **env_kw)
     ds = ds.map_batches(ScoreStage, batch_size=None, batch_format="pyarrow",
                         compute=_pool(b.scoring),
                         num_cpus=b.scoring.num_cpus_per_actor, num_gpus=b.scoring.num_gpus_per_actor or None,
-                        resources=res.get("score"), fn_constructor_kwargs=ekw("score"), **restarts, **env_kw)
+                        resources=res.get("score"), fn_constructor_kwargs=ekw("score"), **env_kw)
     d = b.dialogue
     ds = ds.map_batches(DialogueStage, batch_size=None, batch_format="pyarrow",
                         compute=_pool(d.transformers if llm else d),
                         num_cpus=d.num_cpus_per_actor,
                         num_gpus=(d.transformers.num_gpus_per_actor or None) if llm else None,
-                        resources=res.get("dialogue"), fn_constructor_kwargs=ekw("dialogue"), **restarts, **env_kw)
+                        resources=res.get("dialogue"), fn_constructor_kwargs=ekw("dialogue"), **env_kw)
     ds = ds.map_batches(sink_batch, batch_size=None, batch_format="pyarrow", num_cpus=b.sink_num_cpus,
                         resources=res.get("sink"), fn_kwargs=kw, **env_kw)
     return ds
@@ -402,13 +435,15 @@ def run_build(cfg: CafeConfig, out_dir: str | os.PathLike | None = None, address
                 env = forwarded_env(cfg)
                 eager = _eager_stages(cfg, out, keys, todo)
                 graph = stage_graph(ds, cfg, kw, env, eager)
+                progress = ChunkProgress(len(todo))
                 for batch in graph.iter_batches(batch_size=None, batch_format="pyarrow"):
                     lease.check()
                     for row in batch.to_pylist():
                         done += 1
+                        progress.add(row["kept"] if row["committed"] else 0)
                         if row["committed"]:
-                            log.info("build: chunk %s committed, %d kept (%d/%d)", row["chunk"], row["kept"], done,
-                                     len(todo))
+                            log.debug("build: chunk %s committed, %d kept (%d/%d)", row["chunk"], row["kept"], done,
+                                      len(todo))
                         else:
                             pending += row["pending"]
                             reasons += json.loads(row["reasons"])
@@ -448,16 +483,17 @@ def run_build(cfg: CafeConfig, out_dir: str | os.PathLike | None = None, address
         manifest = redact_obj(manifest)
         write_dataset_card(out, manifest)
         out.write_json("manifest.json", manifest)
+        report = None
         if len(done_chunks) == len(chunks):
             try:
                 from pipeline.report import write_report
 
-                write_report(out.uri, max_samples=cfg.build.report_samples)
+                report = str(write_report(out.uri, max_samples=cfg.build.report_samples))
             except Exception as exc:  # noqa: BLE001 - the dataset is valid without its report; say so loudly
                 log.error("report failed (the dataset is complete; re-run `cafe report %s`): %s", out_uri, exc)
             out.write_bytes("_SUCCESS", b"")
         return BuildResult(out_uri, manifest, pending=pending, pending_reasons=sorted(set(reasons)),
-                           computed={"chunks_run": len(todo)})
+                           computed={"chunks_run": len(todo)}, report=report)
     finally:
         lease.release()
 

@@ -139,6 +139,9 @@ class SourcesConfig(_Strict):
         return "manifest" if self.kind == "table" or self.manifest else "folder"
 
 
+MAX_PHRASE_CHARS = 200
+
+
 class InstructionsConfig(_Strict):
     """k seeded instructions per source, built into prompts as SPEC §1.2 says."""
 
@@ -159,6 +162,9 @@ class InstructionsConfig(_Strict):
             key = " ".join(phrase.split()).casefold()
             if not key:
                 raise ValueError(f"phrases[{i}] is blank; every phrase must have text")
+            if len(phrase) > MAX_PHRASE_CHARS:
+                raise ValueError(f"phrases[{i}] has {len(phrase)} characters; at most {MAX_PHRASE_CHARS} (a phrase "
+                                 "goes into 77-token CLIP prompts)")
             if key in seen:
                 raise ValueError(f"phrases[{i}] {phrase!r} repeats phrases[{seen[key]}] {phrases[seen[key]]!r} "
                                  "(ignoring case and spacing); phrases must be distinct (they make the row ids)")
@@ -183,17 +189,17 @@ class ProFusionConfig(_Strict):
     """ProFusion fusion sampling and per-image fine-tuning (SPEC §4.5; defaults = the authors' notebook)."""
 
     num_inference_steps: int = Field(50, ge=1, le=1000)
-    s1: float = Field(7.0, ge=0.0, description="guidance on the S* prompt")
-    s2: float = Field(5.0, ge=0.0, description="guidance on the class-word reference prompt")
+    s1: float = Field(7.0, ge=0.0, le=50.0, description="guidance on the S* prompt")
+    s2: float = Field(5.0, ge=0.0, le=50.0, description="guidance on the class-word reference prompt")
     refine_step: int = Field(1, ge=0, le=10)
     gamma: float = Field(0.6, ge=0.0, le=10.0)
-    w_r: float = Field(7.0, ge=0.0)
+    w_r: float = Field(7.0, ge=0.0, le=50.0)
     refine_eta: float = Field(1.0, ge=0.0, le=1.0)
     finetune: bool = False
-    finetune_steps: int = Field(100, ge=1)
+    finetune_steps: int = Field(100, ge=1, le=100_000)
     finetune_batch_size: BatchSize = Field(4, ge=1)
-    finetune_lr: float = Field(2e-5, gt=0.0)
-    finetune_weight_decay: float = Field(1e-2, ge=0.0)
+    finetune_lr: float = Field(2e-5, gt=0.0, le=1.0)
+    finetune_weight_decay: float = Field(1e-2, ge=0.0, le=1.0)
     finetune_prompt: str = "a photo of holder"
     #: the text context S* is fine-tuned in: ``none`` = BOS + prompt + EOS (the authors' code), ``max_length`` =
     #: padded to the tokenizer's length, the context sampling uses and the base model was trained with
@@ -205,7 +211,7 @@ class ProFusionConfig(_Strict):
     #: up-cast for the fine-tuning and cast back exactly), ``auto`` = the t2i UNet's storage dtype.
     finetune_precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto", description="autocast dtype of fine-tuning; trained parameters are always float32")
-    num_augmentations: int = Field(31, ge=0)
+    num_augmentations: int = Field(31, ge=0, le=1024)
     augmentation: Literal["generic", "none"] = "generic"
     batch_size: BatchSize = Field(4, ge=1, description="(source, instruction) pairs per actor call")
     num_actors: ActorCount = Field(1, ge=1)
@@ -252,17 +258,17 @@ class OpenAIBackendConfig(_Strict):
     base_url: str = Field("http://127.0.0.1:8000/v1", pattern=r"^https?://")
     model: str = "llama-2-70b-chat"
     api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    timeout_s: float = Field(60.0, gt=0.0)
+    timeout_s: float = Field(60.0, gt=0.0, le=3600.0)
     max_concurrency: int = Field(8, ge=1, le=256)
     max_retries: int = Field(3, ge=0, le=20)
-    backoff_s: float = Field(1.0, ge=0.0)
+    backoff_s: float = Field(1.0, ge=0.0, le=600.0)
     temperature: float = Field(0.7, ge=0.0, le=2.0)
-    max_tokens: int = Field(256, ge=8)
+    max_tokens: int = Field(256, ge=8, le=32_768)
     json_schema: bool = False
 
 
 class TransformersBackendConfig(_Strict):
-    max_new_tokens: int = Field(128, ge=1)
+    max_new_tokens: int = Field(128, ge=1, le=32_768)
     batch_size: BatchSize = Field(8, ge=1)
     do_sample: bool = False
     temperature: float = Field(0.7, gt=0.0, le=2.0)
@@ -279,7 +285,7 @@ class DialogueConfig(_Strict):
     styles: list[Literal["clear", "ambiguous", "question"]] = Field(
         default_factory=lambda: ["clear", "ambiguous", "question"], min_length=1
     )
-    max_chars: int = Field(600, ge=16)
+    max_chars: int = Field(600, ge=16, le=100_000)
     #: template/openai backends: the pool of actors issuing requests (each keeps ``openai.max_concurrency`` in flight)
     num_actors: ActorCount = 1
     #: the pool autoscales between ``num_actors`` and ``max_actors`` (null: a fixed pool of ``num_actors``)

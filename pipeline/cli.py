@@ -164,6 +164,13 @@ def cmd_build(args) -> int:
         print(f"cafe: {result.pending} record(s) pending after transient failures; re-run the same command",
               file=sys.stderr)
         return EXIT_FAILURE
+    counts = result.manifest["counts"]
+    if counts["kept"] == 0:
+        print(f"cafe: error: the build kept no row of {counts['candidates']} candidate(s) "
+              f"({counts['quarantined']} quarantined): the funnel above says where they went; the report's score "
+              f"histograms show the thresholds (build.rules.*), and `cafe refilter` tries others without "
+              f"regenerating", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK
 
 

@@ -79,6 +79,10 @@ MAX_LOCAL_CPUS = 4096
 MAX_LOCAL_GPUS = 64
 
 
+#: a Ray cluster address: ``auto``, ``host:port`` (IPv4, a name, or ``[IPv6]``) or ``ray://host:port``
+RAY_ADDRESS_PATTERN = r"^(auto|(ray://)?([A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5})$"
+
+
 class RayConfig(_Strict):
     """Where Ray runs (see :mod:`pipeline.local_ray`).
 
@@ -90,7 +94,8 @@ class RayConfig(_Strict):
     environment).
     """
 
-    address: str | None = None
+    #: ``auto``, ``host:port`` or ``ray://host:port`` (null: a local cluster)
+    address: str | None = Field(None, pattern=RAY_ADDRESS_PATTERN)
     num_cpus: int | None = Field(2, ge=1, le=MAX_LOCAL_CPUS)
     num_gpus: int | None = Field(None, ge=0, le=MAX_LOCAL_GPUS)
     object_store_memory_mb: int | None = Field(None, ge=64, le=1 << 24)  # 16 TiB
@@ -146,7 +151,7 @@ class RoleSpec(_Strict):
 class ModelsConfig(_Strict):
     """The model kit's view of the config: ``root`` + one :class:`RoleSpec` per role."""
 
-    root: str = "models"
+    root: str = Field("models", min_length=1)
     t2i: RoleSpec = RoleSpec(path="t2i")
     clip_filter: RoleSpec = RoleSpec(path="clip_filter")
     dino_filter: RoleSpec = RoleSpec(path="dino_filter")

@@ -254,11 +254,36 @@ def start_ray(cfg, address: str | None = None) -> bool:
     return True
 
 
+def quiet_data(verbose: bool | None = None) -> None:
+    """Ray Data's console for this driver: its progress bars where a terminal is attached, and otherwise nothing
+    every 10 s (the project prints its own progress lines); the execution plan and per-dataset INFO lines only at
+    ``--log-level DEBUG``. Its high-memory issue detector is silenced: it warns about every actor pool that
+    declares no ``memory`` (each of ours), whatever the node has free — object-store pressure is Ray's own
+    backpressure's job, and a worker killed for memory is retried as an infrastructure fault."""
+    import logging
+    import sys
+
+    from ray.data import DataContext
+
+    if verbose is None:
+        verbose = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = sys.stdout.isatty()
+    ctx.print_on_execution_start = verbose
+    detectors = getattr(getattr(ctx, "issue_detectors_config", None), "detectors", None)
+    if detectors is not None:
+        ctx.issue_detectors_config.detectors = [d for d in detectors if "HighMemory" not in getattr(d, "__name__", "")]
+    logging.getLogger("ray.data").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # (its one-line notices "progress bars disabled" / "progress will be logged")
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.DEBUG if verbose else logging.ERROR)
+
+
 @contextlib.contextmanager
 def ray_session(cfg, address: str | None = None):
     """Context manager around :func:`start_ray`; shuts Ray down (and restores the driver's environment) only if
     it started it."""
     started = start_ray(cfg, address)
+    quiet_data()
     try:
         yield
     finally:

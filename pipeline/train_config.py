@@ -5,7 +5,7 @@ shared keys (workers, DeepSpeed, data, checkpoints, logs). Defaults are the pape
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -97,7 +97,8 @@ class TrainDataConfig(_Strict):
     encodes on the fly, ``require`` fails when a cache is missing.
     """
 
-    datasets: list[str] = Field(default_factory=lambda: ["outputs/tiny"], min_length=1, max_length=1024)
+    datasets: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=lambda: ["outputs/tiny"],
+                                                                  min_length=1, max_length=1024)
     cache: Literal["auto", "off", "require"] = "auto"
     #: read the Parquet files in a seeded random order (the build writes a source's rows next to each other)
     shuffle_files: bool = True

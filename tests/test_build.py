@@ -261,6 +261,12 @@ def test_two_drivers_on_one_out(build_a, tiny_models, tmp_path, ray_local):
     with pytest.raises(OutputBusy, match="being built by another driver"):
         run_build(as_config(data), out_dir=out, lease_wait_s=0)
     assert proc.wait(timeout=600) == 0
+    # the first driver's console: the project's progress lines and the funnel, no Ray Data dumps or deprecations
+    console = (tmp_path / "first.log").read_text().splitlines()
+    assert len(console) <= 60, "\n".join(console)
+    assert any("build: 3/3 chunks (100%), 6 rows kept" in line for line in console), console
+    for noise in ("Total Progress", "Starting execution of Dataset", "Deprecat", "Progress bars", "issue detector"):
+        assert not any(noise in line for line in console), (noise, console)
     again = run_build(as_config(data), out_dir=out)
     assert again.computed["chunks_run"] == 0
     assert again.manifest["dataset_hash"] == reference.manifest["dataset_hash"]

@@ -135,3 +135,23 @@ def test_no_usable_source_fails_before_ray_starts(tiny_models, tmp_path, capsys)
     cfg = _folder_cfg(tiny_models, flat)
     chunks = write_plan(cfg, Storage(tmp_path / "out-flat"), stage_keys(cfg, {})["plan"], [])
     assert len(chunks) == 1
+
+
+def test_a_build_that_keeps_no_row_exits_1_with_its_funnel(tmp_path, capsys, monkeypatch):
+    """The CLI's end of a build that kept nothing (here a stand-in result: producing one takes a whole build, and
+    the build's own counts are tested elsewhere): the funnel is printed, then a one-line error, exit 1."""
+    import pipeline.build as build
+    from pipeline.cli import EXIT_FAILURE, EXIT_OK, main
+
+    funnel = [{"stage": "filter", "unit": "rows", "in": 6, "out": 0, "removed": {"dino_below_min": 6}}]
+    manifest = {"counts": {"kept": 0, "candidates": 6, "quarantined": 0}, "funnel": funnel}
+    monkeypatch.setattr(build, "run_build", lambda cfg, **kw: build.BuildResult(kw["out_dir"], manifest))
+    import pathlib
+
+    config = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    assert main(["build", config, "--out", str(tmp_path / "out")]) == EXIT_FAILURE
+    out, err = capsys.readouterr()
+    assert "kept 0 rows · candidates 6" in out and "report:" not in out  # no report was written: none named
+    assert "the build kept no row of 6 candidate(s)" in err and "build.rules" in err and len(err.splitlines()) == 1
+    manifest["counts"]["kept"] = 2
+    assert main(["build", config, "--out", str(tmp_path / "out")]) == EXIT_OK

@@ -167,6 +167,38 @@ def test_absurd_resources_are_refused(override, needle):
     assert needle in str(info.value)
 
 
+@pytest.mark.parametrize("override", [
+    "build.profusion.s1=1000000000000", "build.profusion.s2=1000000000000", "build.profusion.w_r=1000000000000",
+    "build.profusion.finetune_steps=1000000000000", "build.profusion.finetune_lr=1000000000000",
+    "build.profusion.finetune_weight_decay=1000000000000", "build.profusion.num_augmentations=1000000000000",
+    "build.dialogue.openai.timeout_s=1000000000000", "build.dialogue.openai.backoff_s=1000000000000",
+    "build.dialogue.openai.max_tokens=1000000000000", "build.dialogue.transformers.max_new_tokens=1000000000000",
+    "build.dialogue.max_chars=1000000000000",
+])
+def test_absurd_numbers_are_refused(override):
+    with pytest.raises(ConfigError) as info:
+        load_config_dict({}, overrides=[override])
+    assert f"{override.replace('=', ' = ')}: Input should be less than or equal to" in str(info.value)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("ray.address=s3://bucket", "ray.address"), ("ray.address='$(touch pwned)'", "ray.address"),
+    ("ray.address=http://head:8265", "ray.address"),  # the dashboard's address is `cafe submit --address`'s
+    ("models.root=''", "models.root"), ("train.data.datasets=['']", "train.data.datasets[0]"),
+    (f"build.instructions.phrases=[{'x' * 5000}]", "at most 200"),
+])
+def test_malformed_addresses_roots_and_phrases_are_refused(override, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config_dict({}, overrides=[override])
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("address", ["auto", "127.0.0.1:6379", "head-svc.cafe.svc.cluster.local:6379",
+                                     "ray://10.0.0.4:10001", "[::1]:6379"])
+def test_real_ray_addresses_validate(address):
+    assert load_config_dict({}, overrides=[f"ray.address='{address}'"]).ray.address == address
+
+
 def test_paper_scale_resources_still_validate():
     cfg = load_config_dict({}, overrides=["build.profusion.num_actors=64", "build.scoring.num_actors=64",
                                           "build.scoring.num_gpus_per_actor=0.5", "build.scoring.batch_size=512",
