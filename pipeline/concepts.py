@@ -592,16 +592,21 @@ def generate(config: str | os.PathLike, concepts: Sequence[str], prompt: str, se
     ``'{}'`` in the prompt stands for the concept phrase. Several concepts compose (Infusion: each Δ at its own
     class noun). ``dci`` samples an ICO concept with DCI (λ = ``lam``, auxiliary noun automatic unless given).
     """
+    from training.data.ids import stable_hash
+    from training.models.fingerprint import fingerprint
+
     cfg, _ = load_jobs(config, None, overrides)
     storage = Storage(cfg.concepts.output)
+    # the request is resolved (concepts found, prompt checked) before any model loads: a typo answers at once
+    m, loaded, text = resolve_request(storage, concepts, prompt, method, fingerprint(cfg.models.role_dir("t2i")))
     local = _Local(cfg)
-    m, loaded, text = resolve_request(storage, concepts, prompt, method, local.fingerprint)
     seeds = [seed + i for i in range(num_images)]
     images = sample_concepts(local.t2i, m, loaded, [text] * num_images, seeds, cfg, local.device, dci=dci, lam=lam,
                              aux_noun=aux_noun)
     out_dir = Path(out or Path(cfg.run.output_dir) / "concepts-generate")
     out_dir.mkdir(parents=True, exist_ok=True)
-    tag = "-".join(concepts) + ("-dci" if dci else "")
+    # named by concepts, method, sampler and prompt: another prompt or method never overwrites an image
+    tag = "-".join(concepts) + f"-{m}" + ("-dci" if dci else "") + f"-{stable_hash(text, lam, aux_noun)[:8]}"
     paths = []
     for s, img in zip(seeds, images):
         p = out_dir / f"{tag}-seed{s}.png"
