@@ -80,15 +80,18 @@ def trained_dirs(cfg, need_mllm: bool) -> tuple[str | None, str]:
     return (local_copy(root.uri_of("mllm")) if has_mllm else None), local_copy(root.uri_of("diffusion"))
 
 
-def inference_device(cfg) -> str:
-    """``train.generate.device``: ``auto`` → ``cuda`` when this process sees a GPU (a batch actor given
-    ``num_gpus_per_actor`` does: Ray sets its ``CUDA_VISIBLE_DEVICES``), else ``cpu``."""
-    device = cfg.train.generate.device
-    if device == "auto":
-        import torch
+def inference_device(cfg, in_pool: bool = False) -> str:
+    """``train.generate.device``: ``auto`` → in a batch actor, ``cuda`` exactly when the pool asks Ray for GPUs
+    (``num_gpus_per_actor`` > 0: Ray gives the actor its GPU; an actor that asked for none must not take one,
+    and Ray does not hide the node's GPUs from it); in a plain process, ``cuda`` when it sees a GPU."""
+    g = cfg.train.generate
+    if g.device != "auto":
+        return g.device
+    if in_pool:
+        return "cuda" if g.num_gpus_per_actor > 0 else "cpu"
+    import torch
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_assistant(cfg, need_mllm: bool = True, device: str | None = None):
@@ -168,7 +171,7 @@ class _GenerateActor:
         self.assistant = None
         self.load_error = None
         try:
-            self.assistant = load_assistant(self.cfg, need_mllm=False)
+            self.assistant = load_assistant(self.cfg, need_mllm=False, device=inference_device(self.cfg, in_pool=True))
         except GenerateError as exc:
             self.load_error = str(exc)
 

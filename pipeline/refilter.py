@@ -67,6 +67,7 @@ PENDING_DIALOGUE = "pending_dialogue"
 class RefilterResult:
     out_dir: str  # a local directory or a URI
     manifest: dict
+    sweep: list[str] | None = None  # the threshold sweep against the world's oracle (Markdown lines), if judged
 
     def summary(self) -> str:
         from pipeline.report import funnel_text
@@ -77,6 +78,8 @@ class RefilterResult:
                  "no dialogue)",
                  f"dataset: {self.out_dir}/dataset   (datasets.load_dataset / ray.data.read_parquet)",
                  f"report:  {self.out_dir}/report/report.md"]
+        if self.sweep:
+            lines += ["threshold sweep against the oracle (precision/recall/F1 of kept vs good):", *self.sweep]
         if c[PENDING_DIALOGUE]:
             lines += [f"PENDING DIALOGUE: {c[PENDING_DIALOGUE]} row(s) pass the new rules but were filtered out at "
                       f"build time, so {m['refiltered_from']} has no images or dialogue for them; they are not in "
@@ -140,7 +143,9 @@ def refilter(dataset_dir: str | os.PathLike, overrides: list[str] | None,
     Storage(out.uri, owner=owner).write_bytes("_SUCCESS", b"")
     log.info("refilter: %s -> %s: kept %d of %d candidates, %d pending dialogue", src, out,
              manifest["counts"]["kept"], manifest["counts"]["candidates"], manifest["counts"][PENDING_DIALOGUE])
-    return RefilterResult(out.uri, manifest)
+    from pipeline.report import oracle_sweep
+
+    return RefilterResult(out.uri, manifest, sweep=oracle_sweep(out.uri))
 
 
 # ------------------------------------------------------------------------------------------------ checks

@@ -58,6 +58,8 @@ FIGURES: dict[str, str] = {
     schema.CLIP_T: "clip_t_hist.png",
     schema.DINO: "dino_hist.png",
     "samples": "samples.png",
+    "oracle_hist": "scores_by_oracle.png",
+    "sweep": "threshold_sweep.png",
 }
 _SCORE_LABELS = {schema.CLIP_T: "CLIP-T (image vs. filled instruction)", schema.DINO: "DINO (target vs. source)"}
 _DPI = 100
@@ -234,7 +236,7 @@ def write_report(out_dir: str | os.PathLike[str], max_samples: int = 8) -> Path 
     rules = manifest.get("rules", {})
     md += _thresholds_section(rules)
     md += _score_sections(tables["candidates"], rules, save)
-    md += _oracle_section(tables["candidates"], max_rows=max(24, 3 * max_samples))
+    md += _oracle_section(tables["candidates"], rules, save, max_rows=max(24, 3 * max_samples))
     md += _samples_section(tables["dataset"], max_samples, save)
     md += _timings_section(manifest)
 
@@ -353,56 +355,155 @@ def _score_sections(candidates: "_Shards | None", rules: dict[str, Any], save: A
     return lines
 
 
-def _oracle_section(candidates: "_Shards | None", max_rows: int) -> list[str]:
-    """The synthetic world's oracle beside the filter: agreement table and per-row verdicts (first rows by id).
+SWEEP_POINTS = 11  # thresholds per score in the report's sweep table (the plot draws more)
+
+
+def threshold_sweep(scores: dict[str, np.ndarray], good: np.ndarray, applied: dict[str, float | None],
+                    points: int = SWEEP_POINTS) -> list[dict[str, Any]]:
+    """Precision, recall and F1 of "kept" against the oracle's "good" as each rule's threshold moves.
+
+    For each score, ``points`` thresholds from its 5th to its 95th percentile plus the applied one; a row is kept
+    when its score reaches the threshold and the other scores reach their applied thresholds (a missing score
+    keeps nothing), the absolute rule of :mod:`filtering.rules`. Returns one record per (score, threshold):
+    ``{score, threshold, applied, kept, precision, recall, f1}`` (NaN where a ratio has no denominator)."""
+    good = np.asarray(good, bool)
+    out = []
+    for name, values in scores.items():
+        values = np.asarray(values, np.float64)
+        others = np.ones(len(good), bool)
+        for other, v in scores.items():
+            t = applied.get(other)
+            if other != name and t is not None:
+                others &= np.nan_to_num(np.asarray(v, np.float64), nan=-np.inf) >= t
+        finite = values[np.isfinite(values)]
+        grid = list(np.quantile(finite, np.linspace(0.05, 0.95, points))) if finite.size else []
+        if applied.get(name) is not None:
+            grid.append(float(applied[name]))
+        for t in sorted(set(round(float(x), 6) for x in grid)):
+            kept = (np.nan_to_num(values, nan=-np.inf) >= t) & others
+            tp = int(np.sum(kept & good))
+            p = tp / kept.sum() if kept.sum() else float("nan")
+            r = tp / good.sum() if good.sum() else float("nan")
+            f1 = 2 * p * r / (p + r) if (p + r) > 0 else float("nan")
+            out.append({"score": name, "threshold": t, "applied": applied.get(name) is not None
+                        and math.isclose(t, round(float(applied[name]), 6)), "kept": int(kept.sum()),
+                        "precision": p, "recall": r, "f1": f1})
+    return out
+
+
+def sweep_lines(sweep: list[dict[str, Any]]) -> list[str]:
+    """The sweep as a Markdown table (also printed by ``cafe refilter``), the applied threshold marked, then the
+    best F1 per score."""
+    ratio = lambda v: f"{v:.3f}" if math.isfinite(v) else "—"  # noqa: E731
+    lines = ["| score | threshold | kept | precision | recall | F1 |", "|---|---:|---:|---:|---:|---:|"]
+    for r in sweep:
+        mark = " (applied)" if r["applied"] else ""
+        lines.append(f"| {r['score']} | {r['threshold']:.3f}{mark} | {r['kept']} | {ratio(r['precision'])} | "
+                     f"{ratio(r['recall'])} | {ratio(r['f1'])} |")
+    for name in dict.fromkeys(r["score"] for r in sweep):
+        rows = [r for r in sweep if r["score"] == name and math.isfinite(r["f1"])]
+        if rows:
+            best = max(rows, key=lambda r: r["f1"])
+            lines.append(f"\nBest F1 for {name}: {best['f1']:.3f} at {best['threshold']:.3f} (precision "
+                         f"{ratio(best['precision'])}, recall {ratio(best['recall'])}, {best['kept']} kept).")
+    return lines
+
+
+def oracle_rows(candidates: "_Shards | None") -> tuple[list[dict[str, Any]], int] | None:
+    """(the candidates the world's oracle judged: id, instruction, scores, filter decision, verdicts; how many
+    candidates in all), or None without oracle verdicts (one bool column read to find out)."""
+    if candidates is None or not set(schema.ORACLE_COLUMNS) <= set(candidates.schema.names):
+        return None
+    if not any(b.column(0).null_count < b.num_rows for b in candidates.batches([schema.ORACLE_IDENTITY])):
+        return None
+    cols = [schema.ID, schema.INSTRUCTION, schema.CLIP_T, schema.DINO, schema.KEEP, schema.FILTER_REASON,
+            *schema.ORACLE_COLUMNS]
+    rows: list[dict[str, Any]] = []
+    for batch in candidates.batches(cols):  # a few numbers a row
+        d = batch.to_pydict()
+        rows += [dict(zip(cols, r)) for r in zip(*(d[c] for c in cols))]
+    judged = [r for r in rows if r[schema.ORACLE_IDENTITY] is not None and r[schema.ORACLE_INSTRUCTION] is not None
+              and r[schema.KEEP] is not None]
+    return judged, len(rows)
+
+
+def _sweep_inputs(rows: list[dict[str, Any]], rules: dict[str, Any]):
+    scores = {c: np.array([np.nan if r[c] is None else float(r[c]) for r in rows]) for c in (schema.CLIP_T, schema.DINO)}
+    return scores, {c: _finite(rules.get("thresholds", {}).get(c)) for c in scores}
+
+
+def oracle_sweep(out_dir: str | os.PathLike[str]) -> list[str] | None:
+    """The threshold sweep of a build or refilter output as Markdown lines (None without oracle verdicts)."""
+    storage = Storage(out_dir)
+    got = oracle_rows(_Shards.open(storage, "candidates"))
+    if not got or not got[0]:
+        return None
+    rows = got[0]
+    good = np.array([bool(r[schema.ORACLE_IDENTITY]) and bool(r[schema.ORACLE_INSTRUCTION]) for r in rows])
+    scores, applied = _sweep_inputs(rows, load_manifest(out_dir).get("rules", {}))
+    return sweep_lines(threshold_sweep(scores, good, applied))
+
+
+def _oracle_section(candidates: "_Shards | None", rules: dict[str, Any], save: Any, max_rows: int) -> list[str]:
+    """The synthetic world's oracle beside the filter: agreement table, a threshold sweep against the oracle
+    (table and plot), the scores split by the oracle's verdict, and the rows nearest each applied threshold.
 
     Present only when the candidates carry oracle verdicts (``build.scoring.oracle`` set). A row's "good" is
     identity kept and instruction followed; rows whose instruction the oracle cannot judge are counted apart.
     """
-    if candidates is None or not set(schema.ORACLE_COLUMNS) <= set(candidates.schema.names):
+    got = oracle_rows(candidates)
+    if got is None:
         return []
-    if not any(b.column(0).null_count < b.num_rows for b in candidates.batches([schema.ORACLE_IDENTITY])):
-        return []  # a build without the world's oracle: one bool column read, no section
-    cols = [schema.ID, schema.INSTRUCTION, schema.CLIP_T, schema.DINO, schema.KEEP, schema.FILTER_REASON,
-            *schema.ORACLE_COLUMNS]
-    keep, ident, instr, first = [], [], [], []
-    for batch in candidates.batches(cols):
-        d = batch.to_pydict()
-        keep += d[schema.KEEP]
-        ident += d[schema.ORACLE_IDENTITY]
-        instr += d[schema.ORACLE_INSTRUCTION]
-        first = heapq.nsmallest(max_rows, first + [dict(zip(cols, r)) for r in zip(*(d[c] for c in cols))],
-                                key=lambda r: r[schema.ID])
-    judged = [i for i in range(len(keep)) if ident[i] is not None and instr[i] is not None and keep[i] is not None]
+    rows, n_all = got
     from training.world.gates import oracle_agreement
 
-    k = np.array([bool(keep[i]) for i in judged])
-    good_id = np.array([bool(ident[i]) for i in judged])
-    good_in = np.array([bool(instr[i]) for i in judged])
-    a = oracle_agreement(k, good_id & good_in)
+    k = np.array([bool(r[schema.KEEP]) for r in rows])
+    good_id = np.array([bool(r[schema.ORACLE_IDENTITY]) for r in rows])
+    good_in = np.array([bool(r[schema.ORACLE_INSTRUCTION]) for r in rows])
+    good = good_id & good_in
+    a = oracle_agreement(k, good)
     ratio = lambda v: f"{v:.3f}" if math.isfinite(v) else "— (no rows)"  # noqa: E731
     lines = ["## Oracle (synthetic world)", "",
              "The world's oracle reads each generated target: **identity kept** (same class, colour and mark as "
              "the source) and **instruction followed** (the attribute the phrase asks for). \"good\" = both. "
              "The filter (rules on CLIP-T and DINO) never sees these verdicts.", "",
              "| measure | value |", "|---|---|",
-             f"| rows judged | {a['rows']} (not judgeable: {len(keep) - len(judged)}) |",
+             f"| rows judged | {a['rows']} (not judgeable: {n_all - len(rows)}) |",
              f"| kept by the filter | {a['kept']} |",
-             f"| oracle: identity kept | {int(good_id.sum())} ({good_id.mean():.1%}) |",
-             f"| oracle: instruction followed | {int(good_in.sum())} ({good_in.mean():.1%}) |",
+             f"| oracle: identity kept | {int(good_id.sum())} ({good_id.mean() if rows else 0:.1%}) |",
+             f"| oracle: instruction followed | {int(good_in.sum())} ({good_in.mean() if rows else 0:.1%}) |",
              f"| oracle: good (both) | {a['oracle_good']} ({a['oracle_good'] / max(1, a['rows']):.1%}) |",
              f"| precision of kept (good among kept) | {ratio(a['precision'])} |",
              f"| recall of kept (kept among good) | {ratio(a['recall'])} |",
-             f"| agreement (kept == good) | {ratio(a['agreement'])} |", "",
-             f"First {len(first)} candidates by id:", "",
-             "| id | instruction | clip_t | dino | filter | identity | instruction followed | oracle read |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"| agreement (kept == good) | {ratio(a['agreement'])} |", ""]
+    scores, applied = _sweep_inputs(rows, rules)
+    if rows:
+        sweep = threshold_sweep(scores, good, applied)
+        lines += ["### Threshold sweep against the oracle", "",
+                  "Each rule's threshold moved alone (the other held at its applied value); \"kept\" = both rules "
+                  "pass. Choose thresholds on one split of the sources and report them on another "
+                  "(`cafe refilter` applies new ones without regenerating).", "", *sweep_lines(sweep), "",
+                  f"![threshold sweep]({FIGURES['sweep']})", "",
+                  f"![scores by oracle verdict]({FIGURES['oracle_hist']})", ""]
+        save("sweep", _sweep_figure(threshold_sweep(scores, good, applied, points=41), applied))
+        save("oracle_hist", _verdict_figure(scores, good, applied))
+    per = max(1, max_rows // 2)
+    lines += [f"Rows nearest each applied threshold ({per} per score):", "",
+              "| id | instruction | clip_t | dino | filter | identity | instruction followed | oracle read |",
+              "|---|---|---|---|---|---|---|---|"]
     yes = {True: "yes", False: "no", None: "—"}
-    for r in first:
-        decision = "kept" if r[schema.KEEP] else f"dropped ({r[schema.FILTER_REASON]})"
-        lines.append(f"| `{_short_id(r[schema.ID])}` | {_cell(r[schema.INSTRUCTION])} | {_num(r[schema.CLIP_T], 3)} | "
-                     f"{_num(r[schema.DINO], 3)} | {decision} | {yes[r[schema.ORACLE_IDENTITY]]} | "
-                     f"{yes[r[schema.ORACLE_INSTRUCTION]]} | {_cell(r[schema.ORACLE_READING])} |")
+    shown: set[Any] = set()
+    for c, t in applied.items():
+        if t is None:
+            continue
+        near = sorted((r for r in rows if r[c] is not None), key=lambda r: (abs(float(r[c]) - t), str(r[schema.ID])))
+        for r in [r for r in near if r[schema.ID] not in shown][:per]:
+            shown.add(r[schema.ID])
+            decision = "kept" if r[schema.KEEP] else f"dropped ({r[schema.FILTER_REASON]})"
+            lines.append(f"| `{_short_id(r[schema.ID])}` | {_cell(r[schema.INSTRUCTION])} | "
+                         f"{_num(r[schema.CLIP_T], 3)} | {_num(r[schema.DINO], 3)} | {decision} | "
+                         f"{yes[r[schema.ORACLE_IDENTITY]]} | {yes[r[schema.ORACLE_INSTRUCTION]]} | "
+                         f"{_cell(r[schema.ORACLE_READING])} |")
     return lines + [""]
 
 
@@ -525,6 +626,43 @@ def _hist_figure(score: str, values: np.ndarray, threshold: float | None, n_nan:
     ax.set_title(f"{score}: {values.size + n_nan} candidates ({values.size} plotted, {n_nan} NaN excluded)",
                  fontsize=10)
     fig.subplots_adjust(left=0.12, right=0.97, top=0.9, bottom=0.13)
+    return fig
+
+
+def _sweep_figure(sweep: list[dict[str, Any]], applied: dict[str, float | None]) -> Any:
+    names = list(dict.fromkeys(r["score"] for r in sweep))
+    fig = _new_figure(5.0 * max(1, len(names)), 3.6)
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(1, len(names), i + 1)
+        rs = [r for r in sweep if r["score"] == name]
+        x = [r["threshold"] for r in rs]
+        for key, color in (("precision", "#2b6ca3"), ("recall", "#e67e22"), ("f1", "#27ae60")):
+            ax.plot(x, [r[key] for r in rs], label=key, color=color)
+        if applied.get(name) is not None:
+            ax.axvline(applied[name], color="#c0392b", linestyle="--", linewidth=1.2, label="applied")
+        ax.set_xlabel(_SCORE_LABELS.get(name, name))
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{name}: kept vs oracle good", fontsize=10)
+        ax.legend(fontsize=7, loc="lower left")
+    fig.subplots_adjust(left=0.08, right=0.98, top=0.88, bottom=0.16, wspace=0.25)
+    return fig
+
+
+def _verdict_figure(scores: dict[str, np.ndarray], good: np.ndarray, applied: dict[str, float | None]) -> Any:
+    fig = _new_figure(5.0 * max(1, len(scores)), 3.6)
+    for i, (name, values) in enumerate(scores.items()):
+        ax = fig.add_subplot(1, len(scores), i + 1)
+        ok = np.isfinite(values)
+        if ok.any():
+            lo, hi = float(values[ok].min()), float(values[ok].max())
+            ax.hist([values[ok & good], values[ok & ~good]], bins=25, range=(lo, hi) if hi > lo else None,
+                    stacked=True, color=["#27ae60", "#c0392b"], label=["oracle: good", "oracle: not good"])
+        if applied.get(name) is not None:
+            ax.axvline(applied[name], color="black", linestyle="--", linewidth=1.2, label="applied")
+        ax.set_xlabel(_SCORE_LABELS.get(name, name))
+        ax.set_ylabel("candidates")
+        ax.legend(fontsize=7, loc="upper left")
+    fig.subplots_adjust(left=0.08, right=0.98, top=0.92, bottom=0.16, wspace=0.25)
     return fig
 
 

@@ -173,9 +173,14 @@ def _read(paths: list[str], model: str, cached: bool, images_folder: bool, shuff
 
 def pad_to_workers(ds, rows: int, workers: int):
     """``ds`` with its first rows repeated at the end so that ``workers`` equal shards hold every row (Ray
-    Train's equal split drops the remainder otherwise): at most ``workers − 1`` rows are seen twice an epoch."""
+    Train's equal split drops the remainder otherwise): at most ``workers − 1`` rows are seen twice an epoch.
+    Fewer rows than workers: the rows repeat until every worker has one."""
     extra = -rows % workers
-    return ds.union(ds.limit(extra)) if extra else ds
+    parts = []
+    while extra > 0:
+        parts.append(ds.limit(min(extra, rows)))
+        extra -= min(extra, rows)
+    return ds.union(*parts) if parts else ds
 
 
 # ---------------------------------------------------------------------------------------------

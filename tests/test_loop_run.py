@@ -129,6 +129,7 @@ def test_loop_with_every_location_on_s3_resumes_and_its_outputs_are_read(tmp_pat
                           "build.rules.clip_t_min=1.0", "--out", refiltered], cwd=REPO, capture_output=True,
                          text=True, timeout=300)
     assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-2000:]
+    assert "threshold sweep against the oracle" in ref.stdout and "| clip_t | 1.000 (applied) | 0 |" in ref.stdout
     new = Storage(refiltered)
     manifest = new.read_json("manifest.json")
     assert manifest["refiltered_from"] == dataset.uri and manifest["counts"]["kept"] == 0  # no cosine reaches 1

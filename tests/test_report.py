@@ -161,8 +161,11 @@ def test_files_written_and_valid_pngs(built):
     out, _ = built
     report = out / "report"
     assert (report / "report.md").is_file()
-    for name in FIGURES.values():
-        assert_png(report / name)
+    for role, name in FIGURES.items():
+        if role in ("sweep", "oracle_hist"):  # drawn only for candidates with the world oracle's verdicts
+            assert not (report / name).exists()
+        else:
+            assert_png(report / name)
     assert not [p.name for p in report.iterdir() if ".tmp" in p.name]
 
 
@@ -174,8 +177,8 @@ def test_funnel_table_has_exact_numbers(built):
         for reason, n in rec["removed"].items():
             assert f"{reason}: {n}" in cells[5]
     assert "Warning" not in md
-    for name in FIGURES.values():
-        assert f"]({name})" in md
+    for role, name in FIGURES.items():
+        assert (f"]({name})" in md) == (role not in ("sweep", "oracle_hist"))  # those two: oracle builds only
 
 
 def test_counts_thresholds_hashes(built):
@@ -333,3 +336,52 @@ def test_every_table_with_zero_shards(pristine, tmp_path):
     assert f"*{schema.CLIP_T} of all 0 candidates: 0 plotted, 0 NaN/missing excluded" in md
     assert "Warning" not in md  # the counts agree with the (empty) shards
     assert not (out / "report" / "samples.png").exists()
+
+
+def test_threshold_sweep_against_the_oracle(pristine, tmp_path):
+    """With oracle verdicts on the candidates: the sweep's precision/recall/F1 equal a direct count for every
+    threshold, the applied threshold is marked, both figures are written, and the rows listed are the ones
+    nearest each applied threshold (not the first by id)."""
+    import numpy as np
+
+    from pipeline.report import threshold_sweep
+
+    out = clone(pristine, tmp_path)
+    rng = np.random.default_rng(3)
+    n = 40
+    clip_t, dino = rng.uniform(0.1, 0.5, n), rng.uniform(0.3, 0.95, n)
+    good_id, good_in = dino + rng.normal(0, 0.08, n) > 0.6, clip_t + rng.normal(0, 0.05, n) > 0.25
+    rows = pair_rows([f"o{i:02d}" for i in range(n)], list(clip_t), list(dino))
+    applied = RULES["thresholds"]
+    for r, ok_id, ok_in in zip(rows, good_id, good_in):
+        keep = r[schema.CLIP_T] >= applied["clip_t"] and r[schema.DINO] >= applied["dino"]
+        r.update({schema.KEEP: bool(keep), schema.FILTER_REASON: None if keep else "below",
+                  schema.ORACLE_IDENTITY: bool(ok_id), schema.ORACLE_INSTRUCTION: bool(ok_in),
+                  schema.ORACLE_READING: "read"})
+    cand = schema.arrow_schema("candidates")
+    write_shards(out, "candidates", {"000000.parquet": pa.Table.from_pylist(
+        [{c: r.get(c) for c in cand.names} for r in rows], schema=cand)})
+    md = Path(write_report(out)).read_text()
+
+    good = good_id & good_in
+    sweep = threshold_sweep({"clip_t": clip_t, "dino": dino}, good, applied)
+    for rec in sweep:
+        other = "dino" if rec["score"] == "clip_t" else "clip_t"
+        values = {"clip_t": clip_t, "dino": dino}
+        kept = (values[rec["score"]] >= rec["threshold"]) & (values[other] >= applied[other])
+        assert rec["kept"] == kept.sum()
+        assert rec["precision"] == pytest.approx((kept & good).sum() / kept.sum(), nan_ok=True) if kept.sum() else \
+            np.isnan(rec["precision"])
+        assert rec["recall"] == pytest.approx((kept & good).sum() / good.sum())
+    assert sum(r["applied"] for r in sweep) == 2  # the applied threshold of each score is a row
+    at_applied = [r for r in sweep if r["applied"]][0]
+    keep = (clip_t >= applied["clip_t"]) & (dino >= applied["dino"])
+    assert at_applied["precision"] == pytest.approx((keep & good).sum() / keep.sum())  # = the filter's own
+    assert "### Threshold sweep against the oracle" in md and "(applied)" in md and "Best F1 for dino" in md
+    from pipeline.report import oracle_sweep, sweep_lines
+
+    assert oracle_sweep(out) == sweep_lines(sweep)  # what `cafe refilter` prints after its new thresholds
+    for role in ("sweep", "oracle_hist"):
+        assert (out / "report" / FIGURES[role]).read_bytes()[:4] == b"\x89PNG"
+    nearest = sorted(range(n), key=lambda i: (abs(dino[i] - applied["dino"]), f"o{i:02d}"))[0]
+    assert f"`o{nearest:02d}`" in md.split("Rows nearest each applied threshold")[1]

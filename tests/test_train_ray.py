@@ -163,6 +163,8 @@ def test_every_row_is_trained_in_each_epoch_on_two_ranks(ray_local):
     assert len(seen[0]) == len(seen[1]) == 2  # 6 rows a rank → 2 full micro-batches each
     assert all(len(b) == 4 for r in seen.values() for b in r)
     assert {i for r in seen.values() for b in r for i in b} == {f"r{i:02d}" for i in range(rows)}
+    one = ray.data.from_items([{"id": "only"}])
+    assert pad_to_workers(one, 1, 4).count() == 4  # fewer rows than workers: every worker still gets one
 
 
 def test_cache_generate_and_errors(tmp_path, data, ray_local, one_worker, one_worker_mllm):

@@ -195,18 +195,22 @@ def test_stopped_and_resumed_run_continues_exactly(dataset, dist, tmp_path):
     assert [m["loss"] for m in rest.losses] == [m["loss"] for m in full.losses[3:]]  # steps 4 and 5, exact
 
 
-def test_bf16_zero3_mllm_checkpoints_and_resumes_bit_identically(dataset, dist, tmp_path):
-    """The paper's MLLM setting (bf16, ZeRO-3 with the LLM loaded partitioned) stopped after step 2 and resumed:
-    steps 3–4 equal the uninterrupted run's exactly, the module ran in bf16, V/H/token kept fp32 masters."""
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_bf16_zero3_mllm_checkpoints_and_resumes_bit_identically(checkpointing, dataset, dist, tmp_path):
+    """The paper's MLLM setting (bf16, ZeRO-3 with the LLM loaded partitioned, with and without gradient
+    checkpointing of the frozen LLM) stopped after step 2 and resumed: steps 3–4 equal the uninterrupted run's
+    exactly."""
     import shutil
+    from types import SimpleNamespace
 
     from pipeline.train import recipe_class
 
     llm = tu.sensitive_llama(tmp_path / "llm")
     batch = tu.numpy_batch(dataset)
+    section = SimpleNamespace(**vars(tu.sections()["mllm"]), gradient_checkpointing=checkpointing)
 
     def recipe():
-        return recipe_class("mllm")(tu.sections()["mllm"], tu.roles(llm)).setup(
+        return recipe_class("mllm")(section, tu.roles(llm)).setup(
             "cpu", zero3_config={**tu.ds_config(8, 1e-2, stage=3), "bf16": {"enabled": True}})
 
     full = _train(recipe(), batch, steps=4, lr=1e-2, stage=3, bf16=True)

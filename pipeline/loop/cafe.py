@@ -170,7 +170,9 @@ def _train_stage(r: int, model: str) -> Stage:
 
     def parts(ctx: LoopContext) -> dict:
         t = ctx.cfg.train
-        return {"model": model, "recipe": _semantic(getattr(t, model), RECIPE_OPERATIONAL),
+        # a 16-bit cache rounds the features the model learns from (float32 keeps the keys it always had)
+        cache = {"cache_dtype": t.cache.dtype} if t.cache.dtype != "float32" and t.data.cache != "off" else {}
+        return {"model": model, "recipe": _semantic(getattr(t, model), RECIPE_OPERATIONAL), **cache,
                 "train": _semantic(t, TRAIN_OPERATIONAL | {"mllm", "diffusion", "promptnet"}),
                 "deepspeed_file": _file_hash(t.deepspeed.config), "roles": ctx.roles(ROLES_TRAIN)}
 
