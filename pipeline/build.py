@@ -349,6 +349,17 @@ def write_dataset_card(out: Storage, manifest: dict) -> None:
     funnel = "\n".join(f"| {f['stage']} | {f['in']} | {f['out']} | "
                        f"{', '.join(f'{k}: {v}' for k, v in sorted(f['removed'].items())) or '–'} |"
                        for f in manifest["funnel"])
+    rules = manifest.get("rules", {})
+    applied = rules.get("thresholds", {})
+    rules_text = f"`{rules.get('mode', '?')}` rules: " + (", ".join(f"{k} ≥ {v:.4g}" for k, v in sorted(applied.items()))
+                                                          or "no thresholds recorded")
+    oracle = manifest.get("oracle")
+    oracle_text = ""
+    if oracle and oracle.get("kept") and oracle.get("precision") is not None and oracle.get("recall") is not None:
+        oracle_text = (f"\nJudged by the synthetic world's oracle: {oracle['precision']:.1%} of the kept rows keep the "
+                       f"source's identity and follow the instruction ({1 - oracle['precision']:.1%} do not); "
+                       f"{oracle['recall']:.1%} of the candidates that do were kept (report: threshold sweep).")
+    columns = "\n".join(f"| `{c}` | {S.DESCRIPTIONS.get(c, '')} |" for c in S.DATASET_COLUMNS)
     body = f"""# {header['pretty_name']}
 
 Built by `cafe build` (CAFE dataset construction: ProFusion generation, CLIP/DINO filtering, LLM dialogue).
@@ -362,9 +373,16 @@ Each row pairs a source image (`input_image`) and a user request (`user_text`) w
 - license: `{header['license']}` — the license of the generated data follows the source images' and the models'
   licenses; set `build.license` to record it.
 
+Filter ({rules_text}); the rows below a threshold are in `candidates/` with their scores, and `cafe refilter`
+applies other thresholds without regenerating.{oracle_text}
+
 | stage | in | out | removed |
 | --- | --- | --- | --- |
 {funnel}
+
+| column | what it holds |
+| --- | --- |
+{columns}
 
 Read it with `datasets.load_dataset("<this directory>", split="train")` or `ray.data.read_parquet("<this directory>/data")`.
 """
@@ -479,7 +497,11 @@ def run_build(cfg: CafeConfig, out_dir: str | os.PathLike | None = None, address
             "num_chunks": len(chunks),
         }
         from pipeline.redact import redact_obj
+        from pipeline.report import oracle_summary
 
+        oracle = oracle_summary(out.uri)  # the world's oracle on these candidates (None for real data)
+        if oracle is not None:
+            manifest["oracle"] = oracle
         manifest = redact_obj(manifest)
         write_dataset_card(out, manifest)
         out.write_json("manifest.json", manifest)

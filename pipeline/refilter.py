@@ -278,6 +278,13 @@ def _write(src: Storage, new: Storage, old: dict, cfg: CafeConfig, overrides: li
     manifest = _manifest(old, cfg, overrides, src.uri, decision.thresholds, funnel, {
         "kept": kept, "candidates": int(decision.keep.size), "quarantined": quarantined,
         "dataset_bytes": dataset_bytes, PENDING_DIALOGUE: pending}, h.hexdigest(), len(chunks))
+    from pipeline.report import oracle_summary
+
+    oracle = oracle_summary(new.uri)  # the new decisions against the world's oracle (None for real data)
+    if oracle is not None:
+        manifest["oracle"] = oracle
+    else:
+        manifest.pop("oracle", None)
     write_dataset_card(new, manifest)
     return manifest
 

@@ -427,6 +427,20 @@ def oracle_rows(candidates: "_Shards | None") -> tuple[list[dict[str, Any]], int
     return judged, len(rows)
 
 
+def oracle_summary(out_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The filter against the world's oracle for a build output's candidates (rows, kept, precision, recall of
+    kept vs "good" = identity kept and instruction followed), or None without verdicts."""
+    got = oracle_rows(_Shards.open(Storage(out_dir), "candidates"))
+    if not got or not got[0]:
+        return None
+    from training.world.gates import oracle_agreement
+
+    rows = got[0]
+    a = oracle_agreement(np.array([bool(r[schema.KEEP]) for r in rows]),
+                         np.array([bool(r[schema.ORACLE_IDENTITY]) and bool(r[schema.ORACLE_INSTRUCTION]) for r in rows]))
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in a.items()}
+
+
 def _sweep_inputs(rows: list[dict[str, Any]], rules: dict[str, Any]):
     scores = {c: np.array([np.nan if r[c] is None else float(r[c]) for r in rows]) for c in (schema.CLIP_T, schema.DINO)}
     return scores, {c: _finite(rules.get("thresholds", {}).get(c)) for c in scores}

@@ -55,8 +55,13 @@ def test_oracle_verdicts_and_report_table(world_build):
     assert "## Oracle (synthetic world)" in report
     assert f"| rows judged | {n} (not judgeable: 0) |" in report
     assert f"| kept by the filter | {int(keep.sum())} |" in report
+    assert "### Threshold sweep against the oracle" in report and "Rows nearest each applied threshold" in report
+    card = (out / "dataset" / "README.md").read_text()
+    assert "`absolute` rules: clip_t ≥ 0.2, dino ≥ 0.6" in card and "| `dino` | DINO similarity" in card
     if keep.sum():
         assert f"| precision of kept (good among kept) | {tp / keep.sum():.3f} |" in report
+        assert result.manifest["oracle"]["precision"] == pytest.approx(tp / keep.sum())
+        assert f"{tp / keep.sum():.1%} of the kept rows keep the source's identity" in card
     # the published dataset does not carry the evaluation columns
     kept = pq.read_table(out / "dataset" / "data")
     assert not set(S.ORACLE_COLUMNS) & set(kept.column_names)

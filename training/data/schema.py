@@ -74,6 +74,29 @@ DATASET_COLUMNS = (
     ID, ROUND, SOURCE_ID, SOURCE_URI, CLASS, INSTRUCTION, FILLED_PROMPT, INPUT_IMAGE, USER_TEXT, TARGET_IMAGE,
     ASSISTANT_TEXT, DIALOGUE_STYLE, GENERATOR, GENERATOR_PARAMS, PARENT_ID, CHECKPOINT, SEED, CLIP_T, DINO, CLIP_I,
 )
+#: what each published column holds (the dataset card's column table)
+DESCRIPTIONS = {
+    ID: "row id: stable hash of (round, source id, instruction)",
+    ROUND: "0 = ProFusion targets; r ≥ 1 = self-distillation round r (CAFE Eq. 4)",
+    SOURCE_ID: "stable hash of the source image's location and content",
+    SOURCE_URI: "where the source image was read",
+    CLASS: "the source's class word (from its folder or the configured mapping)",
+    INSTRUCTION: "the instruction phrase applied to the source, e.g. \"on the beach\"",
+    FILLED_PROMPT: "\"a {class} {phrase}\": the text CLIP-T scores the target against",
+    INPUT_IMAGE: "the source image (the assistant's input)",
+    USER_TEXT: "the user's request in the dialogue",
+    TARGET_IMAGE: "the generated image (the assistant's target)",
+    ASSISTANT_TEXT: "the assistant's answer in the dialogue",
+    DIALOGUE_STYLE: "clear, ambiguous or question: how the request is phrased",
+    GENERATOR: "what made the target (profusion, self_distill_eq4, self_distill_mix, …)",
+    GENERATOR_PARAMS: "the generator's settings, JSON",
+    PARENT_ID: "round r ≥ 1: the round r−1 row of the same source and instruction (null in round 0)",
+    CHECKPOINT: "round r ≥ 1: the id of the trained models that generated the target (null in round 0)",
+    SEED: "the generation seed of this row",
+    CLIP_T: "CLIP similarity of the target to the filled prompt (instruction followed)",
+    DINO: "DINO similarity of the target to the source (identity kept)",
+    CLIP_I: "CLIP image similarity of the target to the source",
+}
 #: candidates keep ids, lineage, scores and the decision: no second copy of the images
 CANDIDATE_COLUMNS = (ID, ROUND, SOURCE_ID, CLASS, INSTRUCTION, FILLED_PROMPT, PARENT_ID, CHECKPOINT, SEED, CLIP_T,
                      DINO, CLIP_I, KEEP,
