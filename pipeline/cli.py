@@ -182,6 +182,18 @@ def cmd_refilter(args) -> int:
     return EXIT_OK
 
 
+def cmd_export(args) -> int:
+    from pipeline.export import export_messages
+
+    try:
+        result = export_messages(args.dataset, args.out, address=args.address)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"cafe: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"exported {result.rows} conversation(s) as messages: {result.out}   (datasets.load_dataset)")
+    return EXIT_OK
+
+
 def cmd_report(args) -> int:
     from pipeline.report import write_report
 
@@ -670,6 +682,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = nouns.add_parser("report", help="regenerate the report of a built dataset")
     p.add_argument("dataset")
     p.set_defaults(func=cmd_report)
+
+    p = nouns.add_parser("export", help="write a built dataset in another stack's layout (messages: chat "
+                         "conversations + images, for LLaVA/TRL-style trainers)")
+    p.add_argument("dataset", help="output directory (or URI) of a `cafe build`")
+    p.add_argument("--out", required=True, help="where the export goes (a directory or URI; replaced)")
+    p.add_argument("--format", default="messages", choices=["messages"])
+    p.add_argument("--address", help="Ray address of an existing cluster (default: a local loopback cluster)")
+    p.set_defaults(func=cmd_export)
 
     p = nouns.add_parser("train", help="train CAFE's MLLM, conditioned diffusion model or PromptNet (Ray Train + "
                          "DeepSpeed); re-running the same command resumes from the latest checkpoint")
