@@ -118,6 +118,64 @@ def test_conditioned_model_saves_and_loads(tmp_path):
         assert torch.equal(model(z, t, clip, dino), back(z, t, clip, dino))
 
 
+def load_in_plain_diffusers(directory, scale_dino: float):
+    """The loading snippet of docs/training.md ("The diffusion model in plain diffusers"), verbatim: diffusers,
+    torch and safetensors only — nothing of this project."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    cfg = json.loads((d / "conditioner.json").read_text())
+    unet = UNet2DConditionModel.from_pretrained(d / "unet")
+    state = load_file(d / "ip_adapter.safetensors")
+    procs = {}
+    for name in unet.attn_processors:
+        if not name.endswith("attn2.processor"):
+            procs[name] = AttnProcessor2_0()
+            continue
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        proc = IPAdapterAttnProcessor2_0(hidden_size=attn.to_k.out_features, cross_attention_dim=attn.to_k.in_features,
+                                         num_tokens=(1,), scale=scale_dino)
+        proc.load_state_dict({k.removeprefix(name + "."): v for k, v in state.items() if k.startswith(name + ".")})
+        procs[name] = proc
+    unet.set_attn_processor(procs)
+    cross, n = cfg["cross_attention_dim"], cfg["n_clip_tokens"]
+    clip_proj, clip_norm = torch.nn.Linear(cfg["clip_dim"], n * cross), torch.nn.LayerNorm(cross)
+    dino_proj = torch.nn.Linear(cfg["dino_width"], cross)
+    for module, prefix in ((clip_proj, "clip_proj"), (clip_norm, "clip_norm"), (dino_proj, "dino_proj")):
+        module.load_state_dict({k.removeprefix(f"image_proj.{prefix}."): v for k, v in state.items()
+                                if k.startswith(f"image_proj.{prefix}.")})
+
+    def predict(z_t, t, clip_embed, dino_tokens):
+        clip_tokens = clip_norm(clip_proj(clip_embed).view(clip_embed.shape[0], n, cross))
+        return unet(z_t, t, encoder_hidden_states=(clip_tokens, [dino_proj(dino_tokens)])).sample
+
+    return predict
+
+
+@pytest.mark.parametrize("scale_dino", [1.0, 0.5])
+def test_the_exported_diffusion_model_runs_in_plain_diffusers(scale_dino, tmp_path):
+    model = _conditioned()
+    with torch.no_grad():  # a DINO stream that differs from its initialisation (copied from to_k/to_v)
+        for p in model.dual_processors().values():
+            p.to_k_dino.weight.mul_(1.5)
+            p.to_v_dino.weight.add_(0.05)
+    model.save(tmp_path / "diffusion")
+    predict = load_in_plain_diffusers(tmp_path / "diffusion", scale_dino)
+    g = torch.Generator().manual_seed(0)
+    z, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 600])
+    clip, dino = torch.randn(2, 64, generator=g), torch.randn(2, 65, 96, generator=g)
+    with torch.no_grad():
+        ours = model.eval()(z, t, clip, dino, scale_dino=scale_dino)
+        plain = predict(z, t, clip, dino)
+    torch.testing.assert_close(plain, ours, rtol=1e-4, atol=1e-5)
+
+
 def test_condition_drop_rates_are_independent_and_near_a_tenth(dataset):
     recipe = _recipe("diffusion")
     batch = tu.numpy_batch(dataset)

@@ -20,6 +20,9 @@ On disk (a directory)::
     unet/                    diffusers UNet2DConditionModel folder (config.json + safetensors): loadable by diffusers
     conditioner.safetensors  clip_proj.*, dino_proj.*, <attn2 layer>.to_k_dino / to_v_dino weights
     conditioner.json         {clip_dim, dino_width, n_clip_tokens, ...}
+    ip_adapter.safetensors   the same weights for plain diffusers: each attn2's DINO k/v as the state dict of
+                             diffusers' IPAdapterAttnProcessor2_0 (``<processor>.to_k_ip.0.weight``), the
+                             projections as ``image_proj.*`` (loading snippet: docs/training.md)
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from training.attention.dual_stream import DualStreamAttnProcessor
 
 CONDITIONER_WEIGHTS = "conditioner.safetensors"
 CONDITIONER_CONFIG = "conditioner.json"
+IP_ADAPTER_WEIGHTS = "ip_adapter.safetensors"  # the conditioner for plain diffusers (IPAdapterAttnProcessor2_0)
 
 
 class ConditionedUNet(nn.Module):
@@ -116,6 +120,20 @@ class ConditionedUNet(nn.Module):
         save_file({k: v.detach().contiguous() for k, v in self.conditioner_state().items()},
                   str(out / CONDITIONER_WEIGHTS))
         (out / CONDITIONER_CONFIG).write_text(json.dumps(self.config, indent=2))
+        save_file({k: v.detach().contiguous() for k, v in self.ip_adapter_state().items()}, str(out / IP_ADAPTER_WEIGHTS))
+
+    def ip_adapter_state(self) -> dict[str, torch.Tensor]:
+        """The same weights in the layout plain diffusers loads (``IP_ADAPTER_WEIGHTS``, docs/training.md): the DINO
+        stream of each attn2 as the state dict of diffusers' ``IPAdapterAttnProcessor2_0`` (``to_k_ip.0``,
+        ``to_v_ip.0``) under the processor's name, and the projections under ``image_proj.``. With the UNet called
+        as ``unet(z, t, encoder_hidden_states=(clip_tokens, [dino_tokens]))`` and each processor's ``scale`` =
+        ``scale_dino``, its output equals this model's (tested)."""
+        state = {f"image_proj.{k}": v for k, v in self.conditioner_state().items()
+                 if k.split(".")[0] in ("clip_proj", "clip_norm", "dino_proj")}
+        for name, proc in self.dual_processors().items():
+            state[f"{name}.to_k_ip.0.weight"] = proc.to_k_dino.weight
+            state[f"{name}.to_v_ip.0.weight"] = proc.to_v_dino.weight
+        return state
 
     def load_conditioner(self, state: dict[str, torch.Tensor]) -> None:
         own = self.conditioner_state()
