@@ -29,10 +29,10 @@ from pipeline.build_config import _Strict
 MAX_ACTORS = 4096
 #: method name -> (module, parameter dataclass)
 METHOD_PARAMS = {
-    "ico": ("training.methods.ico", "IcoParams"),
-    "infusion": ("training.methods.infusion", "InfusionParams"),
+    "ico": ("training.methods.params", "IcoParams"),
+    "infusion": ("training.methods.params", "InfusionParams"),
 }
-DCI_PARAMS = ("training.methods.dci", "DciParams")
+DCI_PARAMS = ("training.methods.params", "DciParams")
 
 
 def params_class(method: str):

@@ -347,3 +347,20 @@ def test_real_read_only_and_full_disks_give_one_line(tmp_path):
     err = [line for line in out.stderr.splitlines() if line.startswith("cafe: error:") or "Traceback" in line]
     assert err == [f"cafe: error: {ro}: Read-only file system",
                    f"cafe: error: {full}/m: No space left on device"], out.stderr
+
+
+def test_help_validation_and_lookup_errors_import_no_torch(tmp_path):
+    """`cafe --help`, `cafe config validate`, a config error and an unknown concept answer without importing torch
+    or Ray (each costs seconds to import; at paper scale a model load costs minutes)."""
+    code = ("import sys; from pipeline.cli import main\n"
+            "assert main(['config', 'validate', 'configs/tiny.yaml', 'configs/paper.yaml']) == 0\n"
+            "assert main(['config', 'validate', '--set', 'ray.num_cpus=0', 'configs/tiny.yaml']) == 3\n"
+            "assert main(['concepts', 'generate', '--config', 'configs/concepts/tiny.yaml', '--concept', 'nope', "
+            f"'--prompt', 'x', '--set', 'concepts.output={tmp_path}/c']) == 1\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray', 'diffusers'))\n"
+            "assert not heavy, heavy[:5]\n"
+            "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-1000:] + out.stderr[-2000:]
+    assert "no finished run of concept 'nope'" in out.stderr

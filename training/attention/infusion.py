@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PLACEMENTS = ("post_v", "pre_v")
+from training.methods.params import INFUSION_PLACEMENTS as PLACEMENTS  # noqa: E402  (one definition)
 
 
 @dataclass(frozen=True)

@@ -32,35 +32,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from training.methods.params import DciParams  # noqa: F401  (re-exported)
 from training.attention.dbim import DbimAttnProcessor, DbimConfig
 from training.attention.ico import installed_processors
 from training.methods.ico import (IcoConcept, concept_phrase, decode_latents, encode_prompts, guided,
                                   inference_prompt_ids, initial_latents, make_scheduler)
 
 _AUX_SEED_TAG = 0xDC1
-
-
-@dataclass(frozen=True)
-class DciParams:
-    """DCI sampling parameters (SPEC §4.2 defaults: the authors' sample.py)."""
-
-    lam: float = 0.0  # injection ratio λ; -inf => M_c = 1 exactly (single-branch)
-    agg_time: float = 0.3
-    steps: int = 200
-    guidance: float = 6.0
-    eta: float = 1.0
-    share_guidance: bool = True
-    aux_nouns: tuple[str, ...] = ("dog", "cat", "car", "person")
-
-    def __post_init__(self):
-        if math.isnan(self.lam):
-            raise ValueError("DciParams.lam: NaN not allowed; allowed: a float or ±inf")
-        if not 0.0 <= self.agg_time <= 1.0:
-            raise ValueError(f"DciParams.agg_time: {self.agg_time!r} must be in [0, 1]")
-        if int(self.steps) < 1:
-            raise ValueError(f"DciParams.steps: {self.steps!r} must be ≥ 1")
-        if self.eta < 0:
-            raise ValueError(f"DciParams.eta: {self.eta!r} must be ≥ 0")
 
 
 def aux_seed(seed: int) -> int:

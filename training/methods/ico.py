@@ -65,6 +65,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from training.methods.params import ICO_PROMPTS as _PROMPTS, IcoParams  # noqa: F401  (re-exported)
 from training.attention.ico import IcoAttnProcessor, cross_attention_names, ico_processors, installed_processors
 
 ARTIFACT = "ico.safetensors"
@@ -74,57 +75,6 @@ PLACEHOLDER_ID = 0  # id spliced into V/context slots; its embedding is always r
 PRIOR_PROMPT = "a photo of a {noun}"
 MANUAL_PROMPT = "a photo of {phrase}"
 _AUTOCAST = {"auto": None, "fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-_PROMPTS = ("ico", "manual")
-
-
-@dataclass(frozen=True)
-class IcoParams:
-    """ICO fine-tuning parameters; the defaults are the authors' last run (SPEC §4.1)."""
-
-    steps: int = 900
-    learning_rate: float = 1e-5  # per sample: effective lr = learning_rate · batch_size (one device)
-    context_lr_scale: float = 10.0
-    weight_decay: float = 0.01
-    batch_size: int = 1
-    num_prefix: int = 1  # P
-    num_suffix: int = 1  # S
-    new_tokens: tuple[str, ...] = ("<new1>", "<new2>", "<new3>")
-    init_token_ids: tuple[int, ...] | None = None
-    init_word: str | None = None
-    context_init_words: tuple[str, str] = ("a", ".")
-    prompt: str = "ico"
-    prior_weight: float = 1.0
-    flip_p: float = 0.5
-    precision: str = "auto"   # "auto": autocast in the base's own half dtype, fp32 for a float32 base
-    code_compat: bool = False
-
-    def __post_init__(self):
-        for name in ("steps", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"IcoParams.{name}: {getattr(self, name)!r} must be ≥ 1")
-        for name in ("num_prefix", "num_suffix"):
-            if int(getattr(self, name)) < 0:
-                raise ValueError(f"IcoParams.{name}: {getattr(self, name)!r} must be ≥ 0")
-        if not self.new_tokens or len(set(self.new_tokens)) != len(self.new_tokens) or \
-                not all(t and not any(c.isspace() for c in t) for t in self.new_tokens):
-            raise ValueError(f"IcoParams.new_tokens: {self.new_tokens!r} must be distinct non-empty strings "
-                             "without whitespace")
-        if self.init_token_ids is not None and self.init_word is not None:
-            raise ValueError("IcoParams: give init_token_ids or init_word, not both")
-        if self.init_token_ids is not None and len(self.init_token_ids) != len(self.new_tokens):
-            raise ValueError(f"IcoParams.init_token_ids: {self.init_token_ids!r} needs one id per new token "
-                             f"({len(self.new_tokens)})")
-        if len(self.context_init_words) != 2:
-            raise ValueError(f"IcoParams.context_init_words: {self.context_init_words!r} must be (prefix, suffix)")
-        if self.prompt not in _PROMPTS:
-            raise ValueError(f"IcoParams.prompt: {self.prompt!r} not allowed; allowed: {_PROMPTS}")
-        if self.precision not in _AUTOCAST:
-            raise ValueError(f"IcoParams.precision: {self.precision!r} not allowed; allowed: {tuple(_AUTOCAST)}")
-        if not 0.0 <= self.flip_p <= 1.0:
-            raise ValueError(f"IcoParams.flip_p: {self.flip_p!r} must be in [0, 1]")
-        for name in ("learning_rate", "context_lr_scale", "weight_decay", "prior_weight"):
-            if float(getattr(self, name)) < 0:
-                raise ValueError(f"IcoParams.{name}: {getattr(self, name)!r} must be ≥ 0")
 
 
 # ----------------------------------------------------------------------------------------- prompts

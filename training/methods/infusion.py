@@ -63,49 +63,10 @@ from training.attention.infusion import (
     route,
 )
 
-MODES = ("paper", "code_compat")
+from training.methods.params import INFUSION_MODES as MODES, InfusionParams  # noqa: E402,F401
 PRECISIONS = {"auto": None, "fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 WEIGHTS_FILE = "infusion.safetensors"
 META_FILE = "infusion.json"
-
-
-@dataclass(frozen=True)
-class InfusionParams:
-    """Infusion training settings (defaults: SPEC §4.3)."""
-
-    steps: int = 500  # optimizer steps
-    learning_rate: float = 0.01
-    batch_size: int = 4
-    grad_accum: int = 4
-    templates: tuple[str, ...] = ("a photo of a {}",)
-    placement: str = "post_v"  # D6: "post_v" (Δ ∈ inner_dim after to_v) | "pre_v" (Δ ∈ text width before to_v)
-    mode: str = "paper"  # "paper" | "code_compat"
-    flip_p: float = 0.5
-    precision: str = "auto"  # autocast dtype of the frozen base: "auto" (its own dtype) | "fp32" | "fp16" | "bf16"
-    #: draw z0 from the VAE posterior each step (diffusers' scripts) instead of its mean (see module doc)
-    sample_posterior: bool = False
-
-    def __post_init__(self):
-        for name in ("steps", "batch_size", "grad_accum"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"InfusionParams.{name}={value!r}: must be an integer >= 1")
-        if not self.learning_rate > 0:
-            raise ValueError(f"InfusionParams.learning_rate={self.learning_rate!r}: must be > 0")
-        if isinstance(self.templates, str) or not self.templates:
-            raise ValueError(f"InfusionParams.templates={self.templates!r}: must be a non-empty tuple of strings")
-        object.__setattr__(self, "templates", tuple(self.templates))
-        for t in self.templates:
-            if not isinstance(t, str) or t.count("{}") != 1:
-                raise ValueError(f"InfusionParams.templates: {t!r} must contain '{{}}' exactly once")
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"InfusionParams.placement={self.placement!r}: allowed {PLACEMENTS}")
-        if self.mode not in MODES:
-            raise ValueError(f"InfusionParams.mode={self.mode!r}: allowed {MODES}")
-        if not 0.0 <= self.flip_p <= 1.0:
-            raise ValueError(f"InfusionParams.flip_p={self.flip_p!r}: must be in [0, 1]")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"InfusionParams.precision={self.precision!r}: allowed {tuple(PRECISIONS)}")
 
 
 @dataclass
