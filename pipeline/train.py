@@ -355,6 +355,17 @@ def _format(model: str, m: dict, total: int) -> str:
     return f"[{model}] step {m['step']}/{total} {terms} lr {m['lr']:.2e} {m['samples_per_s']:.1f} rows/s{extra}"
 
 
+def _eta(step: int, total: int, start: int, seconds: float) -> str:
+    """`` · ETA 3m 10s`` from the steps done since ``start`` in ``seconds`` (start-up included: an upper bound)."""
+    done = step - start
+    if done <= 0 or step >= total:
+        return ""
+    left = (total - step) * seconds / done
+    m, s = divmod(int(left), 60)
+    h, m = divmod(m, 60)
+    return f" · ETA {h}h {m:02d}m" if h else f" · ETA {m}m {s:02d}s"
+
+
 def train_model(cfg, model: str, address: str | None = None, echo=print) -> TrainSummary:
     """Run (or resume) ``cafe train MODEL``; return what happened. ``echo``: where progress lines go."""
     if model not in MODELS:
@@ -430,9 +441,13 @@ def train_model(cfg, model: str, address: str | None = None, echo=print) -> Trai
              f"worker(s), {total} steps, ZeRO-{engine.zero_stage(ds_config)}, {'bf16' if bf16 else 'fp32'}, "
              f"shuffle: {'files + ' if data.shuffle_files else ''}{data.shuffle_buffer}-row buffer")
         box: dict = {}
+        t_fit = time.perf_counter()
         thread = threading.Thread(target=lambda: box.update(result=_fit(trainer, box)), daemon=True)
         thread.start()
         seen, losses, resumed = 0, [], None
+        # the console gets about 20 lines a run (and one a minute at most apart); TensorBoard gets every log_every
+        every = max(cfg.train.log_every, -(-total // 20))
+        last_line = time.perf_counter()
         while thread.is_alive():
             thread.join(timeout=1.0)
             new, resumed_at = ray.get(progress.since.remote(seen))
@@ -440,7 +455,10 @@ def train_model(cfg, model: str, address: str | None = None, echo=print) -> Trai
                 resumed = resumed_at
                 echo(f"[{model}] resumed from the checkpoint at step {resumed_at}")
             for m in new:
-                echo(_format(model, m, total))
+                now = time.perf_counter()
+                if m["step"] % every == 0 or m["step"] in (1, total) or now - last_line >= 60:
+                    echo(_format(model, m, total) + _eta(m["step"], total, resumed or 0, now - t_fit))
+                    last_line = now
             seen += len(new)
             losses += new
         if "error" in box:

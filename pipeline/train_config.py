@@ -162,6 +162,7 @@ class TrainConfig(_Strict):
     output_dir: str = "outputs/train"
     log_dir: str = "outputs/train/tensorboard"
     run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    #: TensorBoard scalars every this many steps; the console prints about 20 lines a run (at least this far apart)
     log_every: int = Field(1, ge=1, le=1_000_000)
     stop_at_step: int | None = Field(None, ge=1)
     mllm: MLLMTrainConfig = MLLMTrainConfig()
