@@ -819,6 +819,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    if args.log_level != "DEBUG":  # no per-file "Loading weights" bars from transformers/diffusers (workers too)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from pipeline.config import ConfigError
 
     from training.errors import ModelLoadError  # torch-free: usage and config paths never import torch

@@ -72,7 +72,8 @@ class RunConfig(_Strict):
 
 #: environment variables forwarded to Ray workers by default: the offline switches and the HF cache location.
 #: Credentials (``HF_TOKEN``, keys) are refused here: runtime_env values show in job info and in Ray's logs.
-DEFAULT_FORWARD_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "DIFFUSERS_OFFLINE", "HF_HOME")
+DEFAULT_FORWARD_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "DIFFUSERS_OFFLINE", "HF_HOME",
+                       "HF_HUB_DISABLE_PROGRESS_BARS")
 
 #: bounds for a local cluster started by ``ray.init`` (one machine)
 MAX_LOCAL_CPUS = 4096

@@ -253,7 +253,7 @@ def test_forward_env_takes_names_only():
     cfg = load_config_dict({}, overrides=["ray.forward_env=[HF_HOME, MY_VAR_2]"])
     assert cfg.ray.forward_env == ["HF_HOME", "MY_VAR_2"]
     assert load_config_dict({}).ray.forward_env == ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE",
-                                                    "DIFFUSERS_OFFLINE", "HF_HOME"]
+                                                    "DIFFUSERS_OFFLINE", "HF_HOME", "HF_HUB_DISABLE_PROGRESS_BARS"]
     with pytest.raises(ConfigError) as info:
         load_config_dict({}, overrides=["ray.forward_env=[HF_HOME, 'HF_TOKEN=hf_abc']"])
     assert "forward_env[1] = 'HF_TOKEN=hf_abc' is not an environment variable name" in str(info.value)
