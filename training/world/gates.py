@@ -188,7 +188,8 @@ def measure_gates(world_dir: str | os.PathLike, *, n_oracle: int = 2000, n_t2i: 
     pairs = _eval_pairs(n_t2i, "held_out", "t2i")
     prompts = [D.caption(i, c) for i, c in pairs]
     seeds = [D._u64("t2i-seed", EVAL_SEED, k) % 2**31 for k in range(len(pairs))]
-    gen = generate(t2i.components, prompts, seeds, steps=30, guidance=2.5)
+    progress(f"gate t2i: sampling {len(prompts)} held-out captions × 30 steps (the slowest gate on a CPU)")
+    gen = generate(t2i.components, prompts, seeds, steps=30, guidance=2.5, progress=progress)
     if samples_path is not None:
         from PIL import Image
 

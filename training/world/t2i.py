@@ -225,10 +225,11 @@ def train_t2i(latents: torch.Tensor, caption_fn, tokenizer, cfg: DiffusionConfig
 
 @torch.no_grad()
 def generate(components, prompts: list[str], seeds: list[int], steps: int = 30, guidance: float = 2.5,
-             batch_size: int = 256) -> np.ndarray:
+             batch_size: int = 256, progress=None) -> np.ndarray:
     """Classifier-free-guided DDIM with the ``t2i`` components (kit's T2IComponents) → (N, H, W, 3) uint8.
 
     Each row's starting noise comes from its own generator seeded by its seed (rows are independent).
+    ``progress``: called with a line every 5 denoising steps of each batch (long runs on a CPU say where they are).
     """
     unet, vae, te, tok = components.unet, components.vae, components.text_encoder, components.tokenizer
     sched = components.scheduler
@@ -242,8 +243,10 @@ def generate(components, prompts: list[str], seeds: list[int], steps: int = 30, 
         x = x.to(unet.device, unet.dtype) * sched.init_noise_sigma
         sched.set_timesteps(steps)
         ctx = torch.cat([uncond, cond]).to(unet.dtype)
-        for t in sched.timesteps:
+        for k, t in enumerate(sched.timesteps, 1):
             u, c = unet(torch.cat([x, x]), t, encoder_hidden_states=ctx).sample.chunk(2)
             x = sched.step(u + guidance * (c - u), t, x).prev_sample
+            if progress is not None and (k % 5 == 0 or k == len(sched.timesteps)):
+                progress(f"  images {i + 1}–{i + len(p)} of {len(prompts)}: step {k}/{len(sched.timesteps)}")
         out.append(decode_latents(vae, x.float()))
     return np.concatenate(out)
