@@ -11,7 +11,9 @@ from tests.s3util import S3_ENV, s3_bucket, s3_server  # noqa: F401  (fixtures)
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_checkpoints_and_resume_on_s3(tmp_path, s3_bucket):
+def test_checkpoints_and_resume_on_s3(tmp_path, s3_bucket, ray_local):
+    """(On the module's Ray cluster, started after the S3 server's credentials are in the environment: its workers
+    inherit them, as nodes with a Secret would.)"""
     import pyarrow.fs as pafs
 
     from pipeline.config import load_config_dict
@@ -27,7 +29,7 @@ def test_checkpoints_and_resume_on_s3(tmp_path, s3_bucket):
         return load_config_dict({"run": {"name": "s3"}, "models": {"root": str(tu.WORLD)},
                                  "ray": {"num_cpus": 2}, "train": train})
 
-    first = train_model(cfg(stop_at_step=2), "diffusion", echo=lambda s: None)  # starts (and stops) its own Ray
+    first = train_model(cfg(stop_at_step=2), "diffusion", echo=lambda s: None)
     assert first.steps == 2 and first.checkpoint.startswith(s3_bucket.removeprefix("s3://"))
     second = train_model(cfg(), "diffusion", echo=lambda s: None)
     assert second.resumed_from == 2 and [m["step"] for m in second.losses] == [3]

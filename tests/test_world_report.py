@@ -35,5 +35,7 @@ def test_agreement_table_matches_an_independent_count(tmp_path):
     assert "| precision of kept (good among kept) | 0.667 |" in text
     assert "| recall of kept (kept among good) | 1.000 |" in text
     assert "| agreement (kept == good) | 0.750 |" in text
-    assert text.count("red-star-none → red-star-none") == 5  # every candidate's row in the per-row table
+    # the rows nearest each applied threshold: every judged candidate here (4 ≤ 12 per score), each once; c4 has no
+    # verdict and is not listed
+    assert text.count("red-star-none → red-star-none") == 4
     assert "dropped (score_missing)" in text
