@@ -49,7 +49,7 @@ FUNNEL_ORDER = ("sources", "generate", "score", "rules", "dialogue")
 OPERATIONAL_FIELDS = frozenset({
     "num_actors", "max_actors", "num_gpus_per_actor", "num_cpus_per_actor", "batch_size", "base_url",
     "timeout_s", "max_concurrency", "max_retries", "backoff_s", "api_key_env", "report_samples",
-    "max_chunk_attempts", "max_failed_chunks", "lease_ttl_s", "lease_wait_s", "device",
+    "max_chunk_attempts", "lease_ttl_s", "lease_wait_s", "device",
 })
 
 
@@ -69,7 +69,6 @@ class BuildResult:
     pending_reasons: list[str] = field(default_factory=list)
     computed: dict = field(default_factory=dict)
     report: str | None = None  # the report's location, when it was written
-    failed_chunks: list[str] = field(default_factory=list)  # ended by an error this run; a re-run retries them
 
     @property
     def out_dir(self) -> Path:
@@ -85,10 +84,6 @@ class BuildResult:
                  f"quarantine: {self.out}/quarantine"]
         if self.report:
             lines.append(f"report:     {self.report}")
-        if self.failed_chunks:
-            lines.append(f"FAILED: {len(self.failed_chunks)} chunk(s) ended by an error (logged above) and were not "
-                         f"published ({', '.join(self.failed_chunks[:5])}{', …' if len(self.failed_chunks) > 5 else ''}"
-                         "); fix the cause and re-run the same command to retry exactly those")
         if self.pending:
             lines.append(f"PENDING: {self.pending} record(s) failed for a transient reason and were not published; "
                          "re-run the same command to retry exactly those")
@@ -449,7 +444,7 @@ def run_build(cfg: CafeConfig, out_dir: str | os.PathLike | None = None, address
         todo = [c for c in chunks if c not in sunk]
         log.info("build: %d chunks; %d to do (keys %s)", len(chunks), len(todo), keys)
         t_pipeline = time.perf_counter()
-        pending, reasons, reported = 0, [], set()
+        pending, reasons = 0, []
         if todo:
             with ray_session(cfg, address):
                 kw = {"config": cfg.model_dump(mode="json"), "out": out.uri, "keys": keys, "owner": owner}
@@ -459,13 +454,10 @@ def run_build(cfg: CafeConfig, out_dir: str | os.PathLike | None = None, address
                 eager = _eager_stages(cfg, out, keys, todo)
                 graph = stage_graph(ds, cfg, kw, env, eager)
                 progress = ChunkProgress(len(todo))
-                # one chunk per block: an error escaping a stage loses that chunk, not the run (up to the limit)
-                ray.data.DataContext.get_current().max_errored_blocks = cfg.build.max_failed_chunks
                 for batch in graph.iter_batches(batch_size=None, batch_format="pyarrow"):
                     lease.check()
                     for row in batch.to_pylist():
                         done += 1
-                        reported.add(row["chunk"])
                         progress.add(row["kept"] if row["committed"] else 0)
                         if row["committed"]:
                             log.debug("build: chunk %s committed, %d kept (%d/%d)", row["chunk"], row["kept"], done,
@@ -476,10 +468,6 @@ def run_build(cfg: CafeConfig, out_dir: str | os.PathLike | None = None, address
                             log.warning("build: chunk %s has %d pending record(s) (%d/%d)", row["chunk"],
                                         row["pending"], done, len(todo))
         pipeline_seconds = time.perf_counter() - t_pipeline
-        failed = [c for c in todo if c not in reported]
-        if failed:
-            log.error("build: %d chunk(s) ended by an error and were not published: %s", len(failed),
-                      ", ".join(failed[:10]))
         lease.check()
         sunk = set(c.removesuffix(".json") for c in out.list(f"_work/sink/{keys['dialogue']}"))
         done_chunks = [c for c in chunks if c in sunk]
@@ -527,7 +515,7 @@ def run_build(cfg: CafeConfig, out_dir: str | os.PathLike | None = None, address
                 log.error("report failed (the dataset is complete; re-run `cafe report %s`): %s", out_uri, exc)
             out.write_bytes("_SUCCESS", b"")
         return BuildResult(out_uri, manifest, pending=pending, pending_reasons=sorted(set(reasons)),
-                           computed={"chunks_run": len(todo)}, report=report, failed_chunks=failed)
+                           computed={"chunks_run": len(todo)}, report=report)
     finally:
         lease.release()
 

@@ -332,10 +332,6 @@ class BuildConfig(_Strict):
     #: quarantined (``worker_crashed``); attempts cut short by a driver, job or node death do not count, and
     #: Ray's actor restarts and task retries are unbounded (infrastructure faults are retried, never charged)
     max_chunk_attempts: int = Field(3, ge=1, le=100)
-    #: chunks a run may lose to an unexpected error (an exception escaping a stage: a full disk, a bug) while it
-    #: finishes the others; such a chunk is not published, the run exits 1 naming it, and a re-run retries it
-    #: (-1: no limit; 0: the first error ends the run)
-    max_failed_chunks: int = Field(100, ge=-1, le=10_000_000)
     #: one driver per output: a lease whose heartbeat is older than this belongs to a dead driver
     lease_ttl_s: float = Field(60.0, ge=1.0, le=86_400.0)
     #: how long a second driver waits for a live owner before refusing (0: refuse at once)

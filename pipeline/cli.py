@@ -160,10 +160,6 @@ def cmd_build(args) -> int:
         print(f"cafe: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     print(result.summary())
-    if result.failed_chunks:
-        print(f"cafe: error: {len(result.failed_chunks)} chunk(s) ended by an error; re-run the same command to retry "
-              "them", file=sys.stderr)
-        return EXIT_FAILURE
     if result.pending:
         print(f"cafe: {result.pending} record(s) pending after transient failures; re-run the same command",
               file=sys.stderr)
