@@ -574,13 +574,14 @@ def job_status(source: str | os.PathLike | None = None, config: str | os.PathLik
 class _Local:
     """The base model and embedders in this process (``generate``/``eval`` without a pool)."""
 
-    def __init__(self, cfg: CafeConfig):
-        from training.models.kit import fingerprint, load_role, resolve_device
+    def __init__(self, cfg: CafeConfig, fingerprint: str | None = None):
+        from training.models.kit import fingerprint as fingerprint_of
+        from training.models.kit import load_role, resolve_device
 
         spec = cfg.models.t2i
         self.device = str(resolve_device(spec.device))
         self.t2i = load_role("t2i", cfg.models.role_dir("t2i"), dtype=spec.dtype, device=self.device).components
-        self.fingerprint = fingerprint(cfg.models.role_dir("t2i"))
+        self.fingerprint = fingerprint or fingerprint_of(cfg.models.role_dir("t2i"))
         self.embedders = Embedders(cfg, self.device)
 
 
@@ -598,8 +599,9 @@ def generate(config: str | os.PathLike, concepts: Sequence[str], prompt: str, se
     cfg, _ = load_jobs(config, None, overrides)
     storage = Storage(cfg.concepts.output)
     # the request is resolved (concepts found, prompt checked) before any model loads: a typo answers at once
-    m, loaded, text = resolve_request(storage, concepts, prompt, method, fingerprint(cfg.models.role_dir("t2i")))
-    local = _Local(cfg)
+    base = fingerprint(cfg.models.role_dir("t2i"))
+    m, loaded, text = resolve_request(storage, concepts, prompt, method, base)
+    local = _Local(cfg, fingerprint=base)  # the base's weights hashed once
     seeds = [seed + i for i in range(num_images)]
     images = sample_concepts(local.t2i, m, loaded, [text] * num_images, seeds, cfg, local.device, dci=dci, lam=lam,
                              aux_noun=aux_noun)
