@@ -531,6 +531,20 @@ def cmd_concepts_generate(args) -> int:
     return EXIT_OK
 
 
+def cmd_concepts_masks(args) -> int:
+    from pipeline.concepts import ConceptError, masks
+
+    try:
+        paths = masks(args.config, args.concept, image=args.image, out=args.out, tokens=args.token,
+                      overrides=args.overrides, seed=args.seed)
+    except ConceptError as exc:
+        print(f"cafe: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    for p in paths:
+        print(p)
+    return EXIT_OK
+
+
 def cmd_concepts_eval(args) -> int:
     from pipeline.concepts import ConceptError, evaluate, format_metrics
 
@@ -741,7 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="configs/concepts/tiny.yaml", help="job file or config naming concepts.output")
     p.add_argument("--concept", action="append", metavar="ID", help="concept id; repeat to compose Infusion concepts")
     p.add_argument("--prompt")
-    p.add_argument("--method", choices=["ico", "infusion"], help="when a concept has runs of both methods")
+    p.add_argument("--method", choices=["ico", "infusion", "em"], help="when a concept has runs of several methods")
     p.add_argument("--dci", action="store_true", help="DCI dual-branch sampling (ICO concepts)")
     p.add_argument("--lambda", dest="lam", type=float, help="DCI injection ratio λ (default concepts.dci.lam)")
     p.add_argument("--aux-noun", dest="aux_noun", help="DCI auxiliary noun (default: automatic)")
@@ -753,10 +767,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray address for batch mode")
     _add_set(p)
     p.set_defaults(func=cmd_concepts_generate)
+    p = concepts.add_parser("masks", help="an EM concept's token masks as PNGs + overlays: the job's final masks, or "
+                            "estimated on --image by the trained tokens")
+    p.add_argument("--config", default="configs/concepts/tiny.yaml", help="job file or config naming concepts.output")
+    p.add_argument("--concept", required=True, help="the EM concept id")
+    p.add_argument("--image", help="an image (path or URI) to segment with the trained tokens")
+    p.add_argument("--token", action="append", metavar="TOKEN", help="only this token; repeatable (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the timesteps and noise of the estimate")
+    p.add_argument("--out", help="output directory (default <run.output_dir>/concepts-masks/<concept>)")
+    _add_set(p)
+    p.set_defaults(func=cmd_concepts_masks)
     p = concepts.add_parser("eval", help="CLIP-T, CLIP-I, DINO (and LFD/W2 with concepts.eval.divergence) of a concept")
     p.add_argument("--config", default="configs/concepts/tiny.yaml")
     p.add_argument("--concept", required=True)
-    p.add_argument("--method", choices=["ico", "infusion"])
+    p.add_argument("--method", choices=["ico", "infusion", "em"])
     _add_set(p)
     p.set_defaults(func=cmd_concepts_eval)
 

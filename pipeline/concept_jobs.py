@@ -10,8 +10,9 @@ Usage::
 **Job sources.** A YAML job file is a config file (any section of the tree) with a ``jobs:`` list and an
 optional ``base:`` config file it extends (relative to the job file); a JSONL file (one job per line) or a
 Parquet table (one job per row) holds jobs only, and the config comes from ``--config``. A job is
-``{id, method, noun, images, params?, seed?}``: ``id`` is the concept id (a single path segment), ``images`` a
-list of local paths / storage URIs (or one folder). Each job is validated on its own — a bad job becomes a
+``{id, method, noun, images, params?, seed?, masks?}``: ``id`` is the concept id (a single path segment), ``images``
+a list of local paths / storage URIs (or one folder). An EM job (``method: em``) needs no noun; its optional
+``masks`` maps a token to a ground-truth mask image (evaluation only: the IoU history). Each job is validated on its own — a bad job becomes a
 *failed* record with its error and the other jobs run.
 
 **Run ids.** ``run_id`` = sha256 over what determines the result: method, noun, images (as given), the resolved
@@ -44,7 +45,8 @@ from pipeline.build_config import _deep_merge
 from pipeline.config import CafeConfig, ConfigError, load_config_dict, read_config_data
 from pipeline.store import Storage
 
-JOB_KEYS = ("id", "method", "noun", "images", "params", "seed")
+JOB_KEYS = ("id", "method", "noun", "images", "params", "seed", "masks")
+METHODS = ("ico", "infusion", "em")
 STATES = ("queued", "running", "done", "failed")
 SUCCESS_MARKER = "_SUCCESS"
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -132,6 +134,8 @@ class ConceptJob:
     params: dict[str, Any] = field(default_factory=dict)   # resolved: config defaults + job params
     seed: int = 0
     image_hashes: list[str] = field(default_factory=list)   # sha256 of each reference file ("unreadable" if none)
+    masks: dict[str, str] = field(default_factory=dict)      # EM: token -> ground-truth mask image (evaluation only)
+    mask_hashes: dict[str, str] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)  # config values outside params that change the result
     run_id: str = ""
     error: str | None = None
@@ -201,10 +205,11 @@ def parse_job(raw: Any, cfg: CafeConfig, base_fingerprint: str, index: int = 0) 
     if not isinstance(cid, str) or not _ID_RE.match(cid) or cid in (".", ".."):
         return fail(f"id = {cid!r}: a concept id must be one path segment of letters, digits, '_', '-', '.' "
                     f"(no '/', '\\\\' or leading '.'), at most 128 characters")
-    if method not in ("ico", "infusion"):
-        return fail(f"method = {method!r}: unknown method; allowed: ico, infusion")
-    noun = raw.get("noun")
-    if not isinstance(noun, str) or not noun.strip() or len(noun.split()) != 1:
+    if method not in METHODS:
+        return fail(f"method = {method!r}: unknown method; allowed: {', '.join(METHODS)}")
+    noun = raw.get("noun", "" if method == "em" else None)
+    if not (method == "em" and noun == "") and (not isinstance(noun, str) or not noun.strip()
+                                               or len(noun.split()) != 1):
         return fail(f"noun = {noun!r}: the class noun must be one word (e.g. 'dog')")
     job.noun = noun.strip()
     images = raw.get("images")
@@ -235,6 +240,23 @@ def parse_job(raw: Any, cfg: CafeConfig, base_fingerprint: str, index: int = 0) 
     except ValueError as exc:
         return fail(str(exc))
     job.params = _jsonable(dataclasses.asdict(resolved))
+    masks = raw.get("masks") or {}
+    if masks and method != "em":
+        return fail("masks: ground-truth masks are taken by EM jobs only (method: em)")
+    if not isinstance(masks, dict) or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in masks.items()):
+        return fail(f"masks = {masks!r}: expected a mapping token -> mask image path or URI")
+    unknown_tokens = sorted(set(masks) - set(resolved.tokens)) if method == "em" else []
+    if unknown_tokens:
+        return fail(f"masks: {unknown_tokens} are not tokens of this job; tokens: {list(resolved.tokens)}")
+    if method == "em" and max(resolved.images_of_tokens) >= len(expanded):
+        return fail(f"params.token_images {list(resolved.images_of_tokens)}: more images named than the "
+                    f"{len(expanded)} given")
+    untied = sorted(set(range(len(expanded))) - set(resolved.images_of_tokens)) if method == "em" else []
+    if untied:
+        return fail(f"images {untied} have no token: params.token_images ties each token to one image "
+                    f"({list(resolved.images_of_tokens)})")
+    job.masks = dict(masks)
+    job.mask_hashes = {k: _content_hash(v) for k, v in masks.items()}
     job.image_hashes = [_content_hash(loc) for loc in job.images]
     c = cfg.concepts
     job.settings = {"t2i_dtype": cfg.models.t2i.dtype, "sample": c.sample.model_dump(mode="json"),
@@ -276,6 +298,8 @@ def run_id(job: ConceptJob, base_fingerprint: str) -> str:
     the artifact (ICO's prior images are sampled with ``concepts.sample``)."""
     what = {"method": job.method, "noun": job.noun, "images": job.images, "image_hashes": job.image_hashes,
             "params": job.params, "seed": job.seed, "base": base_fingerprint, "settings": job.settings}
+    if job.masks:  # EM's ground truth shapes the artifact's IoU history
+        what["masks"] = job.mask_hashes
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -72,6 +72,36 @@ def _decode_reference(data: bytes, where: str, size: int) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
+def _decode_mask(data: bytes, where: str, size: int, image_hw: tuple[int, int]) -> np.ndarray:
+    """A ground-truth mask image (white = the token) → (size, size) bool, cropped and resized (nearest) as its image.
+
+    Raises ``ValueError`` when the mask's size differs from its image's ``image_hw``.
+    """
+    from PIL import Image
+
+    try:
+        mask = Image.open(io.BytesIO(data))
+        mask.load()
+    except OSError as exc:
+        raise ValueError(f"mask {where}: not a readable image ({exc})") from None
+    if (mask.height, mask.width) != tuple(image_hw):
+        raise ValueError(f"mask {where}: size {mask.width}x{mask.height} differs from its image's "
+                         f"{image_hw[1]}x{image_hw[0]}")
+    arr = np.asarray(mask.convert("L")) > 127
+    h, w = arr.shape
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    square = Image.fromarray(arr[top:top + s, left:left + s].astype(np.uint8) * 255)
+    return np.asarray(square.resize((size, size), Image.NEAREST)) > 127
+
+
+def _image_hw(data: bytes) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return img.height, img.width
+
+
 def read_image_bytes(location: str) -> bytes:
     """Bytes of a local path or storage URI; ``ValueError`` when it does not exist (not worth a retry)."""
     from pipeline.store import is_uri
@@ -96,7 +126,10 @@ def image_size(t2i) -> int:
 
 
 def concept_phrase(method: str, concept) -> str:
-    """What ``{}`` in a prompt stands for: ICO's ``<new1> <new2> <new3> noun``, Infusion's class noun."""
+    """What ``{}`` in a prompt stands for: ICO's ``<new1> <new2> <new3> noun``, Infusion's class noun, EM's subject
+    tokens (``[v1] and [v2]``)."""
+    if method == "em":
+        return concept.phrase()
     return _method("ico").concept_phrase(concept) if method == "ico" else concept.noun
 
 
@@ -177,6 +210,11 @@ def _sample_chunk(t2i, method, concepts, prompts, seeds, cfg, device, dci, lam, 
         return _method("ico").sample(t2i, concepts[0], list(prompts), list(seeds), device=device, **kw)
     if dci:
         raise ConceptError("DCI sampling applies to ICO concepts")
+    if method == "em":
+        if len(concepts) != 1:
+            raise ConceptError("EM composes the tokens of one concept (one job); name one EM concept per prompt")
+        em_kw = {k: v for k, v in kw.items() if k in ("steps", "guidance", "eta")}
+        return _method("em").sample(t2i, concepts[0], list(prompts), list(seeds), device=device, **em_kw)
     custom, _ = _method("infusion").sample(t2i, list(concepts), list(prompts), list(seeds), device=device, **kw)
     return custom
 
@@ -259,6 +297,8 @@ class ConceptWorker:
 
     def _check_noun(self, job: ConceptJob) -> None:
         ids = self.t2i.tokenizer(job.noun, add_special_tokens=False).input_ids
+        if job.method == "em":
+            return
         if job.method == "ico" and len(ids) != 1:
             raise ValueError(f"noun {job.noun!r} is {len(ids)} tokens for this tokenizer; ICO needs a class noun of "
                              f"exactly one token (its frozen embedding follows the new tokens)")
@@ -279,6 +319,13 @@ class ConceptWorker:
             prior = self._prior(job, n_prior) if n_prior else []
             return _method("ico").train_ico(self.t2i, refs, job.noun, params, job.seed, prior=prior,
                                             device=self.device, on_step=on_step), refs
+        if job.method == "em":
+            image_of = dict(zip(params.tokens, params.images_of_tokens))
+            gt = {token: _decode_mask(read_image_bytes(loc), loc, self.size,
+                                      _image_hw(read_image_bytes(job.images[image_of[token]])))
+                  for token, loc in job.masks.items()}
+            return _method("em").train_em(self.t2i, refs, params, job.seed, gt_masks=gt, device=self.device,
+                                          on_step=on_step), refs
         return _method("infusion").train_infusion(self.t2i, refs, job.noun, params, job.seed,
                                                   device=self.device, on_step=on_step), refs
 
@@ -391,7 +438,8 @@ def load_concept(storage: Storage, method: str, artifact: str):
     if key in _CONCEPT_CACHE:
         return _CONCEPT_CACHE[key]
     mod = _method(method)
-    cls = mod.IcoConcept if method == "ico" else mod.InfusionConcept
+    cls = {"ico": "IcoConcept", "infusion": "InfusionConcept", "em": "EmConcept"}[method]
+    cls = getattr(mod, cls)
     with tempfile.TemporaryDirectory(prefix="cafe-concept-load-") as tmp:
         sub = storage.sub(artifact)
         for rel in sub.list("", recursive=True):
@@ -426,6 +474,11 @@ def resolve_request(storage: Storage, concept_ids: Sequence[str], prompt: str, m
         if missing:
             raise ConceptError(f"prompt {prompt!r} does not contain the class noun(s) {missing}: Infusion puts each "
                                f"concept at its noun")
+    elif m == "em":
+        if len(concepts) != 1:
+            raise ConceptError("EM composes the tokens of one concept: name one EM concept (its job's tokens)")
+        if not any(t in prompt for t in concepts[0].tokens):
+            raise ConceptError(f"prompt {prompt!r} names none of the concept's tokens {concepts[0].tokens} (or '{{}}')")
     elif m == "ico":
         phrase = concept_phrase(m, concepts[0])
         if phrase not in prompt:
@@ -614,6 +667,56 @@ def generate(config: str | os.PathLike, concepts: Sequence[str], prompt: str, se
         p = out_dir / f"{tag}-seed{s}.png"
         p.write_bytes(_to_png(img))
         paths.append(str(p))
+    return paths
+
+
+def masks(config: str | os.PathLike, concept_id: str, image: str | None = None, out: str | None = None,
+          tokens: Sequence[str] | None = None, overrides: list[str] | None = None, seed: int = 0) -> list[str]:
+    """Write an EM concept's token masks as PNGs and an overlay; return the written paths.
+
+    Without ``image``: the masks the job ended with (on its own images). With ``image`` (a path or URI): the
+    trained tokens' masks estimated on that image (the concept's UNet, the job's mask settings and CRF).
+    """
+    from training.models.fingerprint import fingerprint
+
+    cfg, _ = load_jobs(config, None, overrides)
+    storage = Storage(cfg.concepts.output)
+    base = fingerprint(cfg.models.role_dir("t2i"))
+    _, artifact = latest_run(storage, concept_id, "em", base)
+    concept = load_concept(storage, "em", artifact)
+    em = _method("em")
+    out_dir = Path(out or Path(cfg.run.output_dir) / "concepts-masks" / concept_id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if image is None:
+        if concept.masks is None:
+            raise ConceptError(f"concept {concept_id!r}: its artifact holds no masks")
+        job = storage.sub(artifact).read_json("job.json", {})
+        local = None
+        pictures = [_decode_reference(read_image_bytes(loc), loc, concept.masks.shape[-1]) for loc in job["images"]]
+        found = {t: concept.masks[k] for k, t in enumerate(concept.tokens) if not tokens or t in tokens}
+        per_image = {t: concept.token_images[k] for k, t in enumerate(concept.tokens)}
+    else:
+        local = _Local(cfg, fingerprint=base)
+        size = image_size(local.t2i)
+        pictures = [_decode_reference(read_image_bytes(image), image, size)]
+        try:
+            _, found = em.concept_masks(local.t2i, concept, pictures[0], tokens=tokens, seed=seed, device=local.device)
+        except ValueError as exc:
+            raise ConceptError(str(exc)) from None
+        per_image = {t: 0 for t in found}
+    paths = []
+    for k, (token, mask) in enumerate(found.items()):
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", token).strip("_.") or f"token{k}"
+        p = out_dir / f"{k:02d}-{name}.png"
+        p.write_bytes(_to_png(mask.astype(np.uint8) * 255))
+        paths.append(str(p))
+        picture = pictures[per_image[token]].astype(np.float32)
+        over = picture.copy()
+        over[mask] = 0.45 * picture[mask] + 0.55 * np.array([255.0, 0.0, 0.0])
+        p = out_dir / f"{k:02d}-{name}-overlay.png"
+        p.write_bytes(_to_png(over.round().astype(np.uint8)))
+        paths.append(str(p))
+    del local
     return paths
 
 

@@ -12,7 +12,7 @@ Usage (a job file is a config file with a ``jobs:`` list and an optional ``base:
 
 The section holds how jobs run (actor pool, attempts, heartbeats), the per-method parameter defaults (checked
 against the method's own parameter dataclass: ``training.methods.ico.IcoParams``, ``InfusionParams``,
-``DciParams``) and how concepts are sampled and evaluated. The jobs themselves are *not* part of the validated
+``EmParams``, ``DciParams``) and how concepts are sampled and evaluated. The jobs themselves are *not* part of the validated
 tree: one bad job must fail alone, with its error in the job table, while the others run
 (:mod:`pipeline.concept_jobs`).
 """
@@ -31,6 +31,7 @@ MAX_ACTORS = 4096
 METHOD_PARAMS = {
     "ico": ("training.methods.params", "IcoParams"),
     "infusion": ("training.methods.params", "InfusionParams"),
+    "em": ("training.methods.params", "EmParams"),
 }
 DCI_PARAMS = ("training.methods.params", "DciParams")
 
@@ -130,6 +131,7 @@ class ConceptsConfig(_Strict):
     actors: ConceptActorsConfig = ConceptActorsConfig()
     ico: dict[str, Any] = Field(default_factory=dict, description="defaults for every ICO job (IcoParams fields)")
     infusion: dict[str, Any] = Field(default_factory=dict, description="defaults for every Infusion job")
+    em: dict[str, Any] = Field(default_factory=dict, description="defaults for every EM concept-mask job (EmParams)")
     dci: dict[str, Any] = Field(default_factory=dict, description="DciParams defaults for `generate --dci`")
     prior_images: str | None = Field(None, description="ICO prior preservation from real class images: a folder (path or "
                                       "URI; '{noun}' is replaced by the job's noun) of images with same-named .txt "

@@ -90,6 +90,28 @@ def test_bad_jobs_fail_alone_with_a_clear_error(job_file, change, needle):
     assert ok.error is None
 
 
+def test_em_jobs_need_no_noun_and_bad_em_jobs_fail_alone(job_file, tmp_path):
+    path, refs = job_file
+    cfg, raw = load_jobs(path)
+    good = {"id": "scene", "method": "em", "images": refs[:1], "params": {"tokens": ["[v1]", "[v2]"]},
+            "masks": {"[v1]": refs[0]}}
+    job = parse_job(good, cfg, "fp0")
+    assert job.error is None and job.noun == "" and job.params["tokens"] == ["[v1]", "[v2]"]
+    # the ground truth is part of what the artifact holds (its IoU history): another mask, another run
+    other = _png(tmp_path / "other-mask.png", colour=(255, 255, 255))
+    assert parse_job(dict(good, masks={"[v1]": other}), cfg, "fp0").run_id != job.run_id
+    assert parse_job(dict(good, masks={}), cfg, "fp0").run_id != job.run_id
+    for change, needle in (({"masks": {"[v9]": refs[0]}}, "not tokens of this job"),
+                           ({"masks": "gt.png"}, "expected a mapping"),
+                           ({"images": refs, "params": {"tokens": ["[v1]"]}}, "images [1] have no token"),
+                           ({"params": {"tokens": ["[v1]"], "token_images": [2]}}, "more images named"),
+                           ({"params": {"tokens": ["[v1]", "[v1]"]}}, "distinct"),
+                           ({"params": {"init": "word"}}, "one word per token")):
+        bad = parse_job(dict(good, **change), cfg, "fp0")
+        assert bad.error is not None and needle in bad.error, (change, bad.error)
+    assert "EM jobs only" in parse_job(dict(raw[0], masks={"x": refs[0]}), cfg, "fp0").error
+
+
 def test_empty_folder_is_no_images(job_file, tmp_path):
     path, _ = job_file
     cfg, raw = load_jobs(path)
@@ -166,5 +188,7 @@ def test_shipped_job_file_loads_and_every_job_is_valid():
     assert cfg.models.root.endswith("models/world")             # the embedded default's models (base: ../tiny.yaml)
     jobs = [parse_job(r, cfg, "fp", i) for i, r in enumerate(raw)]
     assert [j.error for j in jobs] == [None] * len(jobs)
-    assert {j.method for j in jobs} == {"ico", "infusion"}
-    assert all(len(j.images) >= 2 for j in jobs)
+    assert {j.method for j in jobs} == {"ico", "infusion", "em"}
+    assert all(len(j.images) >= 2 for j in jobs if j.method != "em")
+    em = next(j for j in jobs if j.method == "em")
+    assert em.noun == "" and set(em.masks) == {"[v1]", "[v2]"} and em.params["attn_res"] == 8

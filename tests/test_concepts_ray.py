@@ -18,7 +18,8 @@ from safetensors import safe_open
 from PIL import Image
 
 from pipeline.concept_jobs import SUCCESS_MARKER, JobTable, load_jobs, parse_job
-from pipeline.concepts import ConceptError, ConceptWorker, evaluate, generate, generate_batch, job_status, run_jobs
+from pipeline.concepts import (ConceptError, ConceptWorker, evaluate, generate, generate_batch, job_status, masks,
+                               run_jobs)
 from pipeline.store import OutputBusy, Storage
 from tests.buildutil import kill_session, wait_for
 
@@ -49,6 +50,7 @@ def _job_file(tmp: Path, models: Path, jobs: list[dict], **concepts) -> Path:
             "ico": {"steps": 4, "batch_size": 1, "learning_rate": 0.001},
             "infusion": {"steps": 3, "batch_size": 2, "grad_accum": 1},
             "dci": {"steps": 4},
+            "em": {"steps_tokens": 2, "steps_joint": 1, "mask_timesteps": 2, "reestimate_every": 1, "attn_res": 8},
             "sample": {"steps": 3},
             "samples_per_job": 1,
             "eval": {"prompts": ["a photo of {}"], "samples_per_prompt": 1},
@@ -68,6 +70,11 @@ def refs(tmp_path_factory):
 
 
 def test_pool_runs_good_jobs_and_fails_bad_ones_alone(tmp_path, tiny_models, refs, ray_local):
+    gt = np.zeros((40, 48), np.uint8)
+    gt[8:30, 10:34] = 255                                       # the red block of refs["red"][0]
+    gt_mask, small_mask = str(tmp_path / "gt.png"), str(tmp_path / "small.png")
+    Image.fromarray(gt).save(gt_mask)
+    Image.fromarray(gt[:20, :20]).save(small_mask)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
     jobs = [
@@ -80,11 +87,19 @@ def test_pool_runs_good_jobs_and_fails_bad_ones_alone(tmp_path, tiny_models, ref
         {"id": "bad/id", "method": "ico", "noun": "cat", "images": refs["red"]},
         {"id": "what", "method": "dreambooth", "noun": "cat", "images": refs["red"]},
         {"id": "empty", "method": "ico", "noun": "cat", "images": []},
+        # EM: a good job (ground truth for its first token), a mask of the wrong size (fails on the actor), a token
+        # tied to an image that is not there (fails at parsing)
+        {"id": "scene", "method": "em", "images": refs["red"][:1],
+         "params": {"tokens": ["[v1]", "[v2]"], "init": "word", "init_words": ["cat", "dog"]},
+         "masks": {"[v1]": gt_mask}},
+        {"id": "badmask", "method": "em", "images": refs["red"][:1],
+         "params": {"tokens": ["[v1]"], "init": "word", "init_words": ["cat"]}, "masks": {"[v1]": small_mask}},
+        {"id": "toomany", "method": "em", "images": refs["red"][:1], "params": {"tokens": ["[a]"], "token_images": [1]}},
     ]
     path = _job_file(tmp_path, tiny_models, jobs)
     summary = run_jobs(path, echo=lambda *_: None)
     by_id = {(r["concept_id"], r["method"]): r for r in summary["records"]}
-    assert summary["done"] == 3 and summary["failed"] == 6
+    assert summary["done"] == 4 and summary["failed"] == 8
     errors = {k[0]: r["error"] for k, r in by_id.items() if r["state"] == "failed"}
     assert "not found" in errors["missing"]
     assert "unreadable" in errors and "image" in errors["unreadable"]
@@ -92,6 +107,8 @@ def test_pool_runs_good_jobs_and_fails_bad_ones_alone(tmp_path, tiny_models, ref
     assert "one path segment" in errors["bad_id"]
     assert "unknown method" in errors["what"]
     assert "no reference images" in errors["empty"]
+    assert "differs from its image's 48x40" in errors["badmask"]
+    assert "more images named than the 1 given" in errors["toomany"]
     assert by_id[("missing", "ico")]["attempts"] == 1            # an input error is not retried
     out = Storage(tmp_path / "concepts")
     for key in [("red", "ico"), ("red", "infusion"), ("blue", "infusion")]:
@@ -108,10 +125,30 @@ def test_pool_runs_good_jobs_and_fails_bad_ones_alone(tmp_path, tiny_models, ref
     # re-running finds everything done or failed: nothing runs, nothing is rewritten
     marks = {p: p.stat().st_mtime_ns for p in (tmp_path / "concepts").rglob(SUCCESS_MARKER)}
     again = run_jobs(path, echo=lambda *_: None)
-    assert again["skipped"] == 3 and again["done"] == 3
+    assert again["skipped"] == 4 and again["done"] == 4
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "concepts").rglob(SUCCESS_MARKER)} == marks
     text = job_status(path)
-    assert "done: 3" in text and "failed: 6" in text
+    assert "done: 4" in text and "failed: 8" in text
+
+    # EM: tokens, delta, masks, IoU history (ground truth of [v1] only) and the figure; masks out; generation
+    art = Path(tmp_path / "concepts" / by_id[("scene", "em")]["artifact"])
+    em_meta = json.loads((art / "em.json").read_text())
+    assert [(h["stage"], h["step"]) for h in em_meta["history"]] == [(1, 0), (2, 1), (2, 2)]
+    assert all(set(h["iou"]) == {"[v1]"} for h in em_meta["history"])
+    assert {p.name for p in (art / "masks").iterdir()} == {"00.png", "01.png"}
+    assert (art / "em_unet_delta.safetensors").is_file() and (art / "mask_history.png").is_file()
+    final = masks(path, "scene", out=str(tmp_path / "m"))
+    assert [Path(p).name for p in final] == ["00-v1.png", "00-v1-overlay.png", "01-v2.png", "01-v2-overlay.png"]
+    assert np.array_equal(np.asarray(Image.open(final[0])) > 127, np.asarray(Image.open(art / "masks" / "00.png")) > 127)
+    other = masks(path, "scene", image=refs["blue"][1], out=str(tmp_path / "m2"), tokens=["[v2]"])
+    assert [Path(p).name for p in other] == ["00-v2.png", "00-v2-overlay.png"]
+    assert np.asarray(Image.open(other[0])).shape == (64, 64)
+    with pytest.raises(ConceptError, match="not this concept"):
+        masks(path, "scene", image=refs["blue"][1], tokens=["[v9]"])
+    composed = generate(path, ["scene"], "a photo of [v1] and [v2]", out=str(tmp_path / "g"))
+    assert np.asarray(Image.open(composed[0])).shape == (64, 64, 3)
+    with pytest.raises(ConceptError, match="names none of the concept's tokens"):
+        generate(path, ["scene"], "a photo of a cat", method="em")
 
     # generate: ICO with and without DCI, two Infusion concepts in one prompt; eval prints metrics
     plain = generate(path, ["red"], "a photo of {}", method="ico", seed=3, out=str(tmp_path / "g"))

@@ -121,3 +121,101 @@ class InfusionParams:
             raise ValueError(f"InfusionParams.flip_p={self.flip_p!r}: must be in [0, 1]")
         if self.precision not in PRECISION_NAMES:
             raise ValueError(f"InfusionParams.precision={self.precision!r}: allowed {PRECISION_NAMES}")
+
+
+EM_INITS = ("word", "random", "inversion")
+EM_UNET_PARAMS = ("all", "attention", "cross_attention")
+
+
+@dataclass(frozen=True)
+class EmParams:
+    """EM concept-mask settings (SPEC §4.4, D7; defaults from seed 003 and Break-A-Scene).
+
+    ``tokens`` are the K new tokens; ``token_images[k]`` is the image token k is tied to (default: image 0 for
+    every token); ``background_tokens`` name the tokens that stand for a background (a CRF label like any
+    other, never a generation subject of its own). ``init``: ``word`` (``init_words[k]``, one vocabulary token
+    each), ``random`` (a random row of the vocabulary's embedding statistics) or ``inversion`` (``init_steps``
+    steps of unmasked textual inversion at ``lr_tokens``). ``layers``: ``"all"`` attn2 layers resized to
+    ``attn_res`` (seed 003) or an int side (``16``: Break-A-Scene's 16×16 layers).
+    """
+
+    tokens: tuple[str, ...] = ("[v1]", "[v2]")
+    token_images: tuple[int, ...] | None = None
+    background_tokens: tuple[str, ...] = ()
+    init: str = "inversion"
+    init_words: tuple[str, ...] | None = None
+    init_steps: int = 100
+    steps_tokens: int = 400      # stage 2: tokens under the current masks, re-estimated every reestimate_every
+    steps_joint: int = 400       # stage 3: tokens + UNet, masks fixed
+    lr_tokens: float = 5e-4
+    lr_unet: float = 2e-6
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    batch_size: int = 1
+    flip_p: float = 0.5
+    attn_weight: float = 0.01
+    threshold: float = 0.5
+    attn_res: int = 16
+    layers: str | int = "all"
+    mask_timesteps: int = 50
+    reestimate_every: int = 1    # seed 003 reads as every step; 50 is a cheaper option
+    crf: bool = True
+    crf_iterations: int = 10     # CutLER's inference(10) and pairwise parameters (SPEC §4.4)
+    crf_gaussian_sxy: float = 3.0
+    crf_gaussian_compat: float = 7.0
+    crf_bilateral_sxy: float = 50.0
+    crf_bilateral_srgb: float = 5.0
+    crf_bilateral_compat: float = 10.0
+    unet_params: str = "all"     # stage 3: "all" (Break-A-Scene) | "attention" (attn1+attn2) | "cross_attention"
+    prompt: str = "a photo of {}"
+    precision: str = "auto"
+
+    def __post_init__(self):
+        object.__setattr__(self, "tokens", tuple(self.tokens))
+        object.__setattr__(self, "background_tokens", tuple(self.background_tokens))
+        if not self.tokens or len(set(self.tokens)) != len(self.tokens) or \
+                not all(isinstance(t, str) and t and not any(c.isspace() for c in t) for t in self.tokens):
+            raise ValueError(f"EmParams.tokens: {self.tokens!r} must be distinct non-empty strings without whitespace")
+        unknown = [t for t in self.background_tokens if t not in self.tokens]
+        if unknown:
+            raise ValueError(f"EmParams.background_tokens: {unknown} are not among tokens {list(self.tokens)}")
+        if len(self.background_tokens) == len(self.tokens):
+            raise ValueError("EmParams.background_tokens: at least one token must name a subject")
+        if self.token_images is not None:
+            object.__setattr__(self, "token_images", tuple(int(i) for i in self.token_images))
+            if len(self.token_images) != len(self.tokens) or min(self.token_images) < 0:
+                raise ValueError(f"EmParams.token_images: {self.token_images!r} needs one image index ≥ 0 per token "
+                                 f"({len(self.tokens)})")
+        if self.init not in EM_INITS:
+            raise ValueError(f"EmParams.init: {self.init!r} not allowed; allowed: {EM_INITS}")
+        if self.init == "word":
+            if self.init_words is None or len(self.init_words) != len(self.tokens):
+                raise ValueError(f"EmParams.init_words: {self.init_words!r} needs one word per token "
+                                 f"({len(self.tokens)}) with init 'word'")
+            object.__setattr__(self, "init_words", tuple(self.init_words))
+        for name in ("batch_size", "attn_res", "mask_timesteps", "reestimate_every", "crf_iterations"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"EmParams.{name}: {getattr(self, name)!r} must be an integer ≥ 1")
+        for name in ("init_steps", "steps_tokens", "steps_joint"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"EmParams.{name}: {getattr(self, name)!r} must be an integer ≥ 0")
+        if self.layers != "all" and not (isinstance(self.layers, int) and self.layers >= 1):
+            raise ValueError(f"EmParams.layers: {self.layers!r} not allowed; allowed: 'all' or a side ≥ 1")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"EmParams.threshold: {self.threshold!r} must be in (0, 1)")
+        if not 0.0 <= self.flip_p <= 1.0:
+            raise ValueError(f"EmParams.flip_p: {self.flip_p!r} must be in [0, 1]")
+        for name in ("lr_tokens", "lr_unet", "weight_decay", "grad_clip", "attn_weight", "crf_gaussian_sxy",
+                     "crf_gaussian_compat", "crf_bilateral_sxy", "crf_bilateral_srgb", "crf_bilateral_compat"):
+            if not float(getattr(self, name)) >= 0:
+                raise ValueError(f"EmParams.{name}: {getattr(self, name)!r} must be ≥ 0")
+        if self.unet_params not in EM_UNET_PARAMS:
+            raise ValueError(f"EmParams.unet_params: {self.unet_params!r} not allowed; allowed: {EM_UNET_PARAMS}")
+        if self.prompt.count("{}") != 1:
+            raise ValueError(f"EmParams.prompt: {self.prompt!r} must contain '{{}}' exactly once")
+        if self.precision not in PRECISION_NAMES:
+            raise ValueError(f"EmParams.precision: {self.precision!r} not allowed; allowed: {PRECISION_NAMES}")
+
+    @property
+    def images_of_tokens(self) -> tuple[int, ...]:
+        return self.token_images if self.token_images is not None else (0,) * len(self.tokens)
