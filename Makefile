@@ -40,13 +40,16 @@ train: setup
 	  --text "Can you generate an image for this circle on the right?" --out outputs/generate
 
 # per-concept jobs on the world's t2i (ICO + Infusion, ~30 s on 2 cores), then images with and without DCI and two
-# Infusion concepts in one prompt, and the metrics of one concept
+# Infusion concepts in one prompt, and the metrics of one concept; then EM concept masks on two world scenes
 concepts: setup
 	$(BIN)/cafe concepts run configs/concepts/tiny.yaml
 	$(BIN)/cafe concepts generate --concept cyan-circle --method ico --prompt "a {} on the right"
 	$(BIN)/cafe concepts generate --concept cyan-circle --method ico --prompt "a {} on the right" --dci --lambda 0.5
 	$(BIN)/cafe concepts generate --concept cyan-circle --concept blue-star --method infusion --prompt "a circle and a star"
 	$(BIN)/cafe concepts eval --concept cyan-circle --method ico
+	$(BIN)/cafe concepts run configs/concepts/em.yaml
+	$(BIN)/cafe concepts masks --config configs/concepts/em.yaml --concept heart-triangle
+	$(BIN)/cafe concepts generate --config configs/concepts/em.yaml --concept heart-triangle --prompt "a photo of [v1] and [v2]"
 
 # the synthetic world: retrain what changed (about 20 min on 2 cores from scratch) / re-measure every gate
 world: setup

@@ -467,7 +467,12 @@ def cmd_world_check(args) -> int:
     t0 = time.perf_counter()
     from training.models.kit import resolve_device
 
-    gates = measure_gates(args.dir, progress=lambda m: log.info("%s", m), device=str(resolve_device(args.device)))
+    device = str(resolve_device(args.device))
+    gates = measure_gates(args.dir, progress=lambda m: log.info("%s", m), device=device)
+    if (Path(args.dir) / "t2i_scenes").is_dir():  # the EM testbed (a world stage of its own)
+        from training.world.scenes_t2i import measure_scene_gates
+
+        gates += measure_scene_gates(args.dir, device=device, progress=lambda m: log.info("%s", m))
     print(format_table(gates))
     failed = [g.name for g in gates if not g.passed]
     print(f"{len(gates) - len(failed)}/{len(gates)} gates passed in {time.perf_counter() - t0:.0f} s"

@@ -188,7 +188,14 @@ def test_shipped_job_file_loads_and_every_job_is_valid():
     assert cfg.models.root.endswith("models/world")             # the embedded default's models (base: ../tiny.yaml)
     jobs = [parse_job(r, cfg, "fp", i) for i, r in enumerate(raw)]
     assert [j.error for j in jobs] == [None] * len(jobs)
-    assert {j.method for j in jobs} == {"ico", "infusion", "em"}
-    assert all(len(j.images) >= 2 for j in jobs if j.method != "em")
-    em = next(j for j in jobs if j.method == "em")
-    assert em.noun == "" and set(em.masks) == {"[v1]", "[v2]"} and em.params["attn_res"] == 8
+    assert {j.method for j in jobs} == {"ico", "infusion"}
+    assert all(len(j.images) >= 2 for j in jobs)
+
+
+def test_shipped_em_job_file_loads_on_the_scene_model():
+    cfg, raw = load_jobs("configs/concepts/em.yaml")
+    assert cfg.models.role_dir("t2i").as_posix().endswith("models/world/t2i_scenes")
+    jobs = [parse_job(r, cfg, "fp", i) for i, r in enumerate(raw)]
+    assert [j.error for j in jobs] == [None] * len(jobs) and {j.method for j in jobs} == {"em"}
+    assert all(j.noun == "" and set(j.masks) == set(j.params["tokens"]) and j.params["attn_res"] == 8 for j in jobs)
+    assert all(Path(m).is_file() for j in jobs for m in j.masks.values())

@@ -51,6 +51,14 @@ def test_every_stage_ran_and_every_role_loads_through_the_kit(quick_world):
     assert {g["name"] for g in gates} >= {"oracle", "t2i.class+colour", "clip.retrieval", "dino_filter.retrieval",
                                           "llm.reply"}
     assert json.loads((d / "llm" / "cafe_world.json").read_text())["trained"] is True
+    # the EM testbed: the t2i tuned on two-object scenes, its own gates, the t2i's VAE and tokenizer unchanged
+    scenes = load_role("t2i", d / "t2i_scenes")
+    assert smoke_forward(scenes)
+    assert {g["name"] for g in json.loads((d / "t2i_scenes" / "gates.json").read_text())} == {
+        "t2i_scenes.attention_iou", "t2i_scenes.two_objects", "t2i_scenes.class+colour"}
+    read = lambda p: (d / p).read_bytes()  # noqa: E731
+    assert read("t2i_scenes/vae/diffusion_pytorch_model.safetensors") == read("t2i/vae/diffusion_pytorch_model.safetensors")
+    assert read("t2i_scenes/unet/diffusion_pytorch_model.safetensors") != read("t2i/unet/diffusion_pytorch_model.safetensors")
 
 
 def test_assets(quick_world):
@@ -85,7 +93,9 @@ def test_keys_follow_dependencies():
     clip = stage_keys(replace(QUICK, clip=replace(QUICK.clip, lr=QUICK.clip.lr * 2)))
     assert {s for s in base if base[s] != clip[s]} == {"clip_filter", "clip_cond", "promptnet", "gates"}
     vae = stage_keys(replace(QUICK, vae=replace(QUICK.vae, steps=QUICK.vae.steps + 1)))
-    assert {s for s in base if base[s] != vae[s]} == {"vae", "t2i", "promptnet", "gates"}
+    assert {s for s in base if base[s] != vae[s]} == {"vae", "t2i", "t2i_scenes", "promptnet", "gates"}
+    scenes = stage_keys(replace(QUICK, scenes=replace(QUICK.scenes, attn_weight=2.0)))
+    assert {s for s in base if base[s] != scenes[s]} == {"t2i_scenes"}
     seed = stage_keys(replace(QUICK, seed=1))
     assert all(base[s] != seed[s] for s in base if s != "llm") and base != seed
 

@@ -380,7 +380,7 @@ class _Run:
         return states, layouts
 
     def prompt(self, token_indices: Sequence[int]) -> str:
-        return self.p.prompt.format(" and ".join(self.tokens[k] for k in token_indices))
+        return self.p.prompt.format(self.p.joiner.join(self.tokens[k] for k in token_indices))
 
     def tokens_of(self, image: int) -> list[int]:
         return [k for k, i in enumerate(self.image_of) if i == image]

@@ -168,6 +168,7 @@ class EmParams:
     crf_bilateral_compat: float = 10.0
     unet_params: str = "all"     # stage 3: "all" (Break-A-Scene) | "attention" (attn1+attn2) | "cross_attention"
     prompt: str = "a photo of {}"
+    joiner: str = " and "        # between the tokens named in one prompt: "a photo of [v1] and [v2]"
     precision: str = "auto"
 
     def __post_init__(self):

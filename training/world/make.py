@@ -15,6 +15,8 @@ pool           ``_work/pool-<key>.npz``: renders of random (instance, context) p
 oracle         ``oracle/`` (config.json + model.safetensors)
 vae            ``_work/vae-<key>/`` (fp32; the t2i stage stores it inside ``t2i/``)
 t2i            ``t2i/``: the SD2-layout pipeline folder (unet, vae, text_encoder, tokenizer, scheduler)
+t2i_scenes     ``t2i_scenes/``: the t2i fine-tuned on two-object captions with localised cross-attention (the EM
+               concept-mask testbed, :mod:`.scenes_t2i`), its gates in ``t2i_scenes/gates.json``
 clip_filter    ``clip_filter/`` (open_clip ``local-dir:`` layout)
 clip_cond      ``clip_cond/`` (transformers CLIPVisionModelWithProjection, converted from clip_filter)
 dino_filter    ``dino_filter/`` (transformers ViTModel)
@@ -52,6 +54,7 @@ from training.data.ids import stable_hash
 from training.world import domain as D
 from training.world.encoders import CLIPTrainConfig, DinoTrainConfig
 from training.world.llm import LLMTrainConfig
+from training.world.scenes_t2i import ScenesT2IConfig
 from training.world.t2i import DiffusionConfig, VAEConfig
 
 log = logging.getLogger(__name__)
@@ -83,6 +86,7 @@ class WorldConfig:
     clip: CLIPTrainConfig = field(default_factory=lambda: CLIPTrainConfig(steps=6000))
     dino: DinoTrainConfig = field(default_factory=lambda: DinoTrainConfig(steps=6000))
     llm: LLMTrainConfig = field(default_factory=LLMTrainConfig)
+    scenes: ScenesT2IConfig = field(default_factory=ScenesT2IConfig)
     store_dtype: str = "float16"
     num_sources_per_instance: int = 1
     eval_subjects_per_class: int = 2
@@ -96,7 +100,11 @@ class WorldConfig:
     def scaled(self, factor: float) -> "WorldConfig":
         """The same world with every training run ``factor`` times as long (a smoke test uses 0.01)."""
         s = lambda c: replace(c, steps=max(2, int(c.steps * factor)))  # noqa: E731
-        return replace(self, oracle=s(self.oracle), vae=s(self.vae), diffusion=s(self.diffusion), clip=s(self.clip),
+        scenes = replace(s(self.scenes), num_scenes=max(64, int(self.scenes.num_scenes * min(1.0, factor * 10))),
+                         num_singles=max(64, int(self.scenes.num_singles * min(1.0, factor * 10))),
+                         gate_scenes=max(4, int(self.scenes.gate_scenes * factor)),
+                         gate_captions=max(4, int(self.scenes.gate_captions * factor)))
+        return replace(self, scenes=scenes, oracle=s(self.oracle), vae=s(self.vae), diffusion=s(self.diffusion), clip=s(self.clip),
                        dino=s(self.dino), llm=s(self.llm), pool_size=max(600, int(self.pool_size * min(1.0, factor * 10))))
 
 
@@ -106,6 +114,8 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
     "oracle": (("oracle.py", "optim.py"), ("oracle",), ("pool",)),
     "vae": (("t2i.py", "optim.py"), ("vae",), ("pool",)),
     "t2i": (("t2i.py", "optim.py", "../models/tiny.py"), ("diffusion", "store_dtype"), ("pool", "vae")),
+    "t2i_scenes": (("scenes_t2i.py", "t2i.py", "optim.py", "../attention/em.py"), ("scenes", "store_dtype"),
+                   ("t2i", "oracle")),
     "clip_filter": (("encoders.py", "optim.py"), ("clip", "store_dtype"), ("pool",)),
     "clip_cond": (("encoders.py",), (), ("clip_filter",)),
     "dino_filter": (("encoders.py", "optim.py"), ("dino", "store_dtype"), ("pool",)),
@@ -119,7 +129,7 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
               ("oracle", "t2i", "clip_filter", "clip_cond", "dino_filter", "dino_cond", "llm")),
 }
 OUTPUTS = {
-    "oracle": ("oracle",), "t2i": ("t2i",), "clip_filter": ("clip_filter",), "clip_cond": ("clip_cond",),
+    "oracle": ("oracle",), "t2i": ("t2i",), "t2i_scenes": ("t2i_scenes",), "clip_filter": ("clip_filter",), "clip_cond": ("clip_cond",),
     "dino_filter": ("dino_filter",), "dino_cond": ("dino_cond",), "promptnet": ("promptnet",),
     "llm": ("llm", "dialogue_llm"), "assets": ("sources", "eval", "scenes", "samples.png"),
     "gates": ("gates.json", "GATES.md", "samples_t2i.png"),
@@ -131,7 +141,7 @@ def _code_hash(files: tuple[str, ...]) -> str:
 
 
 #: stages that read the domain directly (the others read it through the pool)
-_DOMAIN_STAGES = ("pool", "assets")
+_DOMAIN_STAGES = ("pool", "assets", "t2i_scenes")
 
 
 def stage_keys(cfg: WorldConfig) -> dict[str, str]:
@@ -324,6 +334,29 @@ class WorldMaker:
         pipe.save_pretrained(tmp, safe_serialization=True)
         write_clip_bpe_files(tmp / "tokenizer", 0, D.VOCABULARY)
         _replace_dir(tmp, self.world / "t2i")
+
+    def _stage_t2i_scenes(self):
+        from training.models.kit import load_role
+        from training.world.scenes_t2i import finetune_scenes, measure_scene_gates
+
+        dtype = getattr(torch, self.cfg.store_dtype)
+        t2i = load_role("t2i", self.world / "t2i", dtype="float32").components
+        c = self.cfg.scenes
+        unet, text_encoder = finetune_scenes(t2i, c, self.cfg.seed + 11, _Progress("t2i_scenes", c.steps), self.device)
+        tmp = _tmp(self.world, "t2i_scenes")
+        shutil.copytree(self.world / "t2i", tmp)
+        for name, module in (("unet", unet), ("text_encoder", text_encoder)):
+            shutil.rmtree(tmp / name)
+            module.to(dtype).save_pretrained(tmp / name, safe_serialization=True)
+        (tmp / "cafe_world.json").write_text(json.dumps({
+            "role": "t2i", "trained": True, "tuned_from": "t2i",
+            "note": "the world t2i fine-tuned on two-object captions with attention supervision of the class words "
+                    "(training.world.scenes_t2i): the EM concept-mask testbed"}, indent=2))
+        _replace_dir(tmp, self.world / "t2i_scenes")
+        gates = measure_scene_gates(self.world, n_iou=c.gate_scenes, n_single=c.gate_captions, n_two=c.gate_captions,
+                                    device=self.device, progress=lambda m: log.info("  %s", m))
+        (self.world / "t2i_scenes" / "gates.json").write_text(json.dumps([g.as_dict() for g in gates], indent=2))
+        return {"gates": {g.name: round(g.figure, 4) for g in gates}, "passed": all(g.passed for g in gates)}
 
     def _stage_clip_filter(self):
         from safetensors.torch import save_file
