@@ -99,6 +99,24 @@ def test_crf_k_labels_equal_a_direct_pydensecrf_call(scene):
     assert set(np.unique(ours)) <= {0, 1, 2}
 
 
+def test_crf_reference_size_scales_the_spatial_widths(scene):
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_softmax
+
+    image, masks = scene
+    maps = np.zeros((2, 8, 8), np.float32)
+    maps[0, 2:6, 0:4], maps[1, 2:6, 3:7] = 1.0, 1.0
+    probs = label_probabilities(maps, (32, 32))
+    ours = crf_labels(image, probs, EmParams(crf_reference_size=512))
+    d = dcrf.DenseCRF2D(32, 32, 3)
+    d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
+    d.addPairwiseGaussian(sxy=3.0 * 32 / 512, compat=7.0)
+    d.addPairwiseBilateral(sxy=50.0 * 32 / 512, srgb=5.0, rgbim=np.ascontiguousarray(image), compat=10.0)
+    assert np.array_equal(ours, np.argmax(np.array(d.inference(10)), axis=0).reshape(32, 32))
+    with pytest.raises(ValueError, match="crf_reference_size"):
+        EmParams(crf_reference_size=0)
+
+
 def test_crf_with_one_token_is_cutlers_binary_form(scene):
     image, masks = scene
     coarse = F.avg_pool2d(torch.from_numpy(masks[0].astype(np.float32))[None, None], 4)[0, 0].numpy() >= 0.25

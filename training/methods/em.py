@@ -87,17 +87,23 @@ def label_probabilities(maps: np.ndarray | torch.Tensor, size: tuple[int, int]) 
 
 
 def crf_labels(image: np.ndarray, probs: np.ndarray, params: EmParams) -> np.ndarray:
-    """DenseCRF (pydensecrf) labels (H, W) int64 in 0..K of ``image`` (H, W, 3) uint8 from ``probs`` (K+1, H, W)."""
+    """DenseCRF (pydensecrf) labels (H, W) int64 in 0..K of ``image`` (H, W, 3) uint8 from ``probs`` (K+1, H, W).
+
+    The spatial widths (sxy) are CutLER's in pixels, or — with ``crf_reference_size`` — scaled by the image's side
+    over that size (the parameters were set for natural images of about 512 px; at 32 px a bilateral sxy of 50
+    spans the whole image).
+    """
     import pydensecrf.densecrf as dcrf
     from pydensecrf.utils import unary_from_softmax
 
     c, h, w = probs.shape
     if image.shape != (h, w, 3) or image.dtype != np.uint8:
         raise ValueError(f"image: shape {image.shape} dtype {image.dtype}; allowed: ({h}, {w}, 3) uint8")
+    scale = 1.0 if params.crf_reference_size is None else max(h, w) / params.crf_reference_size
     d = dcrf.DenseCRF2D(w, h, c)
     d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
-    d.addPairwiseGaussian(sxy=params.crf_gaussian_sxy, compat=params.crf_gaussian_compat)
-    d.addPairwiseBilateral(sxy=params.crf_bilateral_sxy, srgb=params.crf_bilateral_srgb,
+    d.addPairwiseGaussian(sxy=params.crf_gaussian_sxy * scale, compat=params.crf_gaussian_compat)
+    d.addPairwiseBilateral(sxy=params.crf_bilateral_sxy * scale, srgb=params.crf_bilateral_srgb,
                            rgbim=np.ascontiguousarray(image), compat=params.crf_bilateral_compat)
     q = np.array(d.inference(params.crf_iterations))
     return np.argmax(q, axis=0).reshape(h, w).astype(np.int64)

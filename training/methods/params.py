@@ -166,6 +166,9 @@ class EmParams:
     crf_bilateral_sxy: float = 50.0
     crf_bilateral_srgb: float = 5.0
     crf_bilateral_compat: float = 10.0
+    #: None: the sxy values in pixels as given (SPEC); N: they are CutLER's at N-pixel images and scale with the
+    #: image (at 32 px, 512 turns the bilateral sxy 50 into 3.1 px)
+    crf_reference_size: int | None = None
     unet_params: str = "all"     # stage 3: "all" (Break-A-Scene) | "attention" (attn1+attn2) | "cross_attention"
     prompt: str = "a photo of {}"
     joiner: str = " and "        # between the tokens named in one prompt: "a photo of [v1] and [v2]"
@@ -200,6 +203,9 @@ class EmParams:
         for name in ("init_steps", "steps_tokens", "steps_joint"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"EmParams.{name}: {getattr(self, name)!r} must be an integer ≥ 0")
+        if self.crf_reference_size is not None and (not isinstance(self.crf_reference_size, int)
+                                                    or self.crf_reference_size < 1):
+            raise ValueError(f"EmParams.crf_reference_size: {self.crf_reference_size!r} must be null or an integer ≥ 1")
         if self.layers != "all" and not (isinstance(self.layers, int) and self.layers >= 1):
             raise ValueError(f"EmParams.layers: {self.layers!r} not allowed; allowed: 'all' or a side ≥ 1")
         if not 0.0 < self.threshold < 1.0:
