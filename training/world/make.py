@@ -100,10 +100,11 @@ class WorldConfig:
     def scaled(self, factor: float) -> "WorldConfig":
         """The same world with every training run ``factor`` times as long (a smoke test uses 0.01)."""
         s = lambda c: replace(c, steps=max(2, int(c.steps * factor)))  # noqa: E731
-        scenes = replace(s(self.scenes), num_scenes=max(64, int(self.scenes.num_scenes * min(1.0, factor * 10))),
-                         num_singles=max(64, int(self.scenes.num_singles * min(1.0, factor * 10))),
-                         gate_scenes=max(4, int(self.scenes.gate_scenes * factor)),
-                         gate_captions=max(4, int(self.scenes.gate_captions * factor)))
+        scenes = replace(s(self.scenes), num_scenes=max(64, int(self.scenes.num_scenes * factor)),
+                         num_singles=max(64, int(self.scenes.num_singles * factor)),
+                         batch_size=max(8, int(self.scenes.batch_size * min(1.0, factor * 10))),
+                         gate_scenes=max(2, int(self.scenes.gate_scenes * factor)),
+                         gate_captions=max(2, int(self.scenes.gate_captions * factor)))
         return replace(self, scenes=scenes, oracle=s(self.oracle), vae=s(self.vae), diffusion=s(self.diffusion), clip=s(self.clip),
                        dino=s(self.dino), llm=s(self.llm), pool_size=max(600, int(self.pool_size * min(1.0, factor * 10))))
 
