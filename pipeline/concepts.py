@@ -691,7 +691,6 @@ def masks(config: str | os.PathLike, concept_id: str, image: str | None = None, 
         if concept.masks is None:
             raise ConceptError(f"concept {concept_id!r}: its artifact holds no masks")
         job = storage.sub(artifact).read_json("job.json", {})
-        local = None
         pictures = [_decode_reference(read_image_bytes(loc), loc, concept.masks.shape[-1]) for loc in job["images"]]
         found = {t: concept.masks[k] for k, t in enumerate(concept.tokens) if not tokens or t in tokens}
         per_image = {t: concept.token_images[k] for k, t in enumerate(concept.tokens)}
@@ -716,7 +715,6 @@ def masks(config: str | os.PathLike, concept_id: str, image: str | None = None, 
         p = out_dir / f"{k:02d}-{name}-overlay.png"
         p.write_bytes(_to_png(over.round().astype(np.uint8)))
         paths.append(str(p))
-    del local
     return paths
 
 
