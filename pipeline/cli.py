@@ -358,9 +358,9 @@ def cmd_eval(args) -> int:
     cfg = load_config(args.config, args.overrides)
     mllm, diffusion = args.mllm, args.diffusion
     if args.checkpoint is not None:
-        from pipeline.loop.registry import Registry
+        from pipeline.loop.registry import open_registry, registry_location
 
-        v = Registry(_registry_path(cfg)).get(args.checkpoint)
+        v = open_registry(registry_location(cfg)).get(args.checkpoint)
         mllm, diffusion = v.checkpoint["mllm"], v.checkpoint["diffusion"]
     if diffusion is None:
         mllm, diffusion = mllm or join(cfg.train.output_dir, "mllm"), join(cfg.train.output_dir, "diffusion")
@@ -369,12 +369,6 @@ def cmd_eval(args) -> int:
     print(format_table(report))
     print(f"eval: {out}/metrics.json, {out}/table.md, {out}/samples.png")
     return EXIT_OK
-
-
-def _registry_path(cfg) -> str:
-    from pipeline.loop.cafe import loop_output
-
-    return cfg.pipeline.registry or f"{loop_output(cfg)}/registry.sqlite"
 
 
 def cmd_retrain(args) -> int:
@@ -387,9 +381,9 @@ def cmd_retrain(args) -> int:
 
 def cmd_models_registry(args) -> int:
     from pipeline.config import load_config
-    from pipeline.loop.registry import Registry, format_versions
+    from pipeline.loop.registry import format_versions, open_registry, registry_location
 
-    reg = Registry(args.registry or _registry_path(load_config(args.config, args.overrides)))
+    reg = open_registry(args.registry or registry_location(load_config(args.config, args.overrides)))
     if args.verb == "promote":
         v = reg.promote(args.version)
         print(f"version {v.version} promoted: it is the current model")
@@ -616,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "promote":
             p.add_argument("version", type=int)
         p.add_argument("--config", default="configs/tiny.yaml", help="config naming pipeline.registry")
-        p.add_argument("--registry", help="registry file (default: from the config)")
+        p.add_argument("--registry", help="registry: a *.sqlite file, or a directory / s3:// prefix (default: from the config)")
         _add_set(p)
         p.set_defaults(func=fn)
 

@@ -155,6 +155,39 @@ class Storage:
     def write_json(self, rel: str, obj) -> None:
         self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
+    def create(self, rel: str, data: bytes) -> bool:
+        """Write ``rel`` only if it does not exist yet: True if this call created it, False if it already existed.
+
+        The one conditional write everything that must not race is built on (the registry's log, see
+        :mod:`pipeline.loop.registry`): of any number of concurrent creators of one key exactly one gets True, and
+        readers see either nothing or the whole object. Locally a complete temporary file is hard-linked to the
+        target (``link`` fails when the target exists); on S3 one ``PutObject`` with ``If-None-Match: *`` (boto3;
+        S3 and S3-compatible stores answer 412 when the key exists). Other schemes are refused.
+        """
+        if self.is_local:
+            target = self.path(rel)
+            parent, name = os.path.split(target)
+            os.makedirs(parent, exist_ok=True)
+            tmp = os.path.join(parent, f".{name}{TMP_INFIX}{self.owner}-{uuid.uuid4().hex[:8]}")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, target)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        if not self.uri.startswith(("s3://", "s3a://")):
+            raise NotImplementedError(f"{self.uri}: conditional writes are implemented for local paths and s3:// "
+                                      "only (the registry needs one); use one of those")
+        return _s3_create(self.path(rel), data)
+
+    def create_json(self, rel: str, obj) -> bool:
+        return self.create(rel, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
     def write_parquet(self, rel: str, table: pa.Table, **kwargs) -> int:
         """Write ``table`` as one Parquet object (atomically); return its size in bytes."""
         buf = io.BytesIO()
@@ -192,6 +225,41 @@ class Storage:
                         os.unlink(p)
                     removed += 1
         return removed
+
+
+_S3_CLIENT = None
+
+
+def _s3_create(path: str, data: bytes, attempts: int = 8) -> bool:
+    """``PutObject`` with ``If-None-Match: *`` on ``bucket/key``: True created, False the key exists.
+
+    The client is boto3's, configured by the standard environment (``AWS_ENDPOINT_URL`` for an S3-compatible
+    server, credentials, region). S3 answers 409 ``ConditionalRequestConflict`` while another conditional write
+    of the same key is in flight: retried with a short backoff, then the key is looked at again.
+    """
+    global _S3_CLIENT
+    try:
+        import boto3
+        from botocore.exceptions import ClientError
+    except ImportError as exc:  # pragma: no cover - boto3 is a dependency
+        raise RuntimeError("conditional writes on s3:// need boto3 (pip install boto3)") from exc
+    if _S3_CLIENT is None:
+        _S3_CLIENT = boto3.client("s3")
+    bucket, _, key = path.partition("/")
+    for attempt in range(attempts):
+        try:
+            _S3_CLIENT.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            return True
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code == "PreconditionFailed" or status == 412:
+                return False
+            if code == "ConditionalRequestConflict" or status == 409:
+                time.sleep(0.05 * 2 ** attempt)
+                continue
+            raise
+    raise OSError(f"s3://{path}: conditional write still conflicting after {attempts} attempts")
 
 
 # ------------------------------------------------------------------------------------------------ lease

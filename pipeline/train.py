@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.store import Storage, is_uri
+from pipeline.store import Storage, is_uri, local_copy
 from pipeline.train_config import MODELS
 from training.data import schema
 
@@ -207,7 +207,10 @@ def _worker_loop(config: dict) -> None:
         torch.cuda.set_device(device)
     ds_config = config["ds_config"]
     zero3 = ds_config if engine.zero_stage(ds_config) == 3 else None
-    recipe = recipe_class(config["model"])(config["section"], config["roles"]).setup(
+    section = config["section"]
+    if getattr(section, "init_from", None):  # exported weights on object storage: this node's local copy
+        section = section.model_copy(update={"init_from": local_copy(section.init_from)})
+    recipe = recipe_class(config["model"])(section, config["roles"]).setup(
         device, encoders=not config["cached"], zero3_config=zero3)
     progress = config["progress"]
     if progress is not None:

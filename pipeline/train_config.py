@@ -37,6 +37,9 @@ class MLLMTrainConfig(OptimConfig):
     lam: float = Field(1.0, ge=0, le=1e6, description="λ of the embedding MSE term (D2)")
     select_layer: int = Field(-2, ge=-64, le=64, description="CLIP vision hidden layer whose patch tokens V reads")
     max_new_tokens: int = Field(128, ge=1, le=4096, description="inference: response length limit")
+    #: start V and H from these exported weights (``cafe train mllm``'s output, a path or URI) instead of their
+    #: seeded initialisation: ``cafe retrain`` continues from the promoted model this way
+    init_from: str | None = Field(None, min_length=1)
     #: recompute the frozen LLM's layer activations in the backward pass instead of keeping them (V is reached
     #: through every layer): activation memory falls to about one layer's, for about a third more compute
     gradient_checkpointing: bool = False
@@ -48,6 +51,9 @@ class DiffusionTrainConfig(OptimConfig):
     drop_clip: float = Field(0.1, ge=0, le=1)
     drop_dino: float = Field(0.1, ge=0, le=1)
     n_clip_tokens: int = Field(1, ge=1, le=256)
+    #: start the UNet and conditioner from these exported weights (``cafe train diffusion``'s output, a path or URI)
+    #: instead of the t2i and a seeded conditioner: ``cafe retrain`` continues from the promoted model this way
+    init_from: str | None = Field(None, min_length=1)
     #: recompute the UNet blocks' activations in the backward pass (diffusers' gradient checkpointing)
     gradient_checkpointing: bool = False
 

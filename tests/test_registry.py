@@ -1,11 +1,14 @@
-"""The model registry and its promotion gate: better promoted, worse refused with the reason, rollback, races."""
+"""The model registry and its promotion gate: better promoted, worse refused with the reason, rollback, races —
+on each store: SQLite, the decision log in a local directory, and the decision log on S3 (a real S3-compatible
+server on 127.0.0.1)."""
 from __future__ import annotations
 
 import multiprocessing as mp
 
 import pytest
 
-from pipeline.loop.registry import Registry, gate_check
+from pipeline.loop.registry import LogRegistry, SqliteRegistry, gate_check, open_registry
+from tests.s3util import s3_bucket, s3_server  # noqa: F401  (fixtures)
 
 GATE = ["assistant.both", "assistant.identity"]
 
@@ -23,8 +26,18 @@ def test_gate_compares_every_metric_within_the_tolerance():
     assert not gate_check({"assistant.both": 1.0}, cur, GATE, 0.0)[0]  # a missing metric never passes
 
 
-def test_promote_refuse_and_rollback(tmp_path):
-    reg = Registry(tmp_path / "registry.sqlite")
+@pytest.fixture(params=["sqlite", "log", "s3"])
+def where(request, tmp_path):
+    """A fresh registry location of each kind (a function: the race test opens it again in other processes)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "registry.sqlite")
+    if request.param == "log":
+        return str(tmp_path / "registry")
+    return request.getfixturevalue("s3_bucket") + "/loop/registry"
+
+
+def test_promote_refuse_and_rollback(where):
+    reg = open_registry(where)
     v1 = reg.register({"mllm": "a", "diffusion": "b"}, ["r0"], "k1", metrics(0.30, 0.50), "s1", base=None)
     assert reg.decide(v1, GATE, 0.02).promoted and reg.current().version == v1
     worse = reg.register({"mllm": "c", "diffusion": "d"}, ["r0", "r1"], "k2", metrics(0.10, 0.50), "s2", base=v1)
@@ -44,8 +57,8 @@ def test_promote_refuse_and_rollback(tmp_path):
         reg.decide(better, GATE, 0.02)
 
 
-def test_a_candidate_measured_against_an_old_model_is_stale(tmp_path):
-    reg = Registry(tmp_path / "r.sqlite")
+def test_a_candidate_measured_against_an_old_model_is_stale(where):
+    reg = open_registry(where)
     v1 = reg.register({}, [], "k", metrics(0.3, 0.5), "s", base=None)
     reg.decide(v1, GATE, 0.0)
     late = reg.register({}, [], "k", metrics(0.9, 0.9), "s", base=None)  # started before v1 was promoted
@@ -54,16 +67,16 @@ def test_a_candidate_measured_against_an_old_model_is_stale(tmp_path):
 
 
 def _race(path: str, barrier, base, both: float, out) -> None:
-    reg = Registry(path)
+    reg = open_registry(path)
     v = reg.register({"who": both}, [], "k", metrics(both, 0.9), "s", base=base)
     barrier.wait()
     out.put((v, reg.decide(v, GATE, 0.02).promoted))
 
 
 @pytest.mark.parametrize("base_promoted", [False, True])
-def test_two_racing_retrains_promote_at_most_one(tmp_path, base_promoted):
-    path = str(tmp_path / "race.sqlite")
-    reg = Registry(path)
+def test_two_racing_retrains_promote_at_most_one(where, base_promoted):
+    path = where
+    reg = open_registry(path)
     base = None
     if base_promoted:
         base = reg.register({}, [], "k", metrics(0.1, 0.1), "s", base=None)
@@ -83,9 +96,29 @@ def test_two_racing_retrains_promote_at_most_one(tmp_path, base_promoted):
     assert reg.get(loser).reason.startswith("stale:")
 
 
-def test_object_store_registry_is_refused_with_a_reason(tmp_path):
-    with pytest.raises(ValueError, match="object-store registries are not supported"):
-        Registry("s3://bucket/registry.sqlite")
+def test_the_location_chooses_the_store(tmp_path):
+    assert isinstance(open_registry(tmp_path / "registry.sqlite"), SqliteRegistry)
+    assert isinstance(open_registry(tmp_path / "registry"), LogRegistry)
+    assert isinstance(open_registry("s3://bucket/loop/registry"), LogRegistry)
+    with pytest.raises(ValueError, match="SQLite needs a POSIX file system"):
+        open_registry("s3://bucket/registry.sqlite")
+
+
+def test_the_log_is_the_audit_trail_and_a_reader_sees_other_writers(tmp_path):
+    """Two handles on one log: each sees the other's decisions; the log holds one immutable entry per decision."""
+    a, b = open_registry(tmp_path / "reg"), open_registry(tmp_path / "reg")
+    v1 = a.register({"mllm": "m1"}, ["r0"], "k", metrics(0.3, 0.5), "s1", base=None)
+    assert b.decide(v1, GATE, 0.0).promoted  # b never saw v1 registered: it reads the new entry
+    v2 = b.register({"mllm": "m2"}, ["r0"], "k", metrics(0.1, 0.5), "s2", base=v1)
+    assert not a.decide(v2, GATE, 0.0).promoted
+    assert a.current().version == b.current().version == v1
+    entries = sorted((tmp_path / "reg" / "log").iterdir())
+    assert [p.name for p in entries] == [f"{i:010d}.json" for i in (1, 2, 3, 4)]
+    import json
+
+    ops = [json.loads(p.read_text())["op"] for p in entries]
+    assert ops == ["register", "decide", "register", "decide"]
+    assert [v.status for v in a.list()] == ["promoted", "rejected"]
 
 
 # ------------------------------------------------------------------------------------- cafe retrain's decisions
@@ -97,7 +130,6 @@ def test_retrain_does_nothing_without_new_data_and_gates_a_worse_candidate(tmp_p
     import shutil
 
     from pipeline.loop import cafe, retrain as R
-    from pipeline.loop.registry import Registry
     from tests.trainutil import WORLD
 
     src = tmp_path / "src" / "circle"
@@ -128,7 +160,7 @@ def test_retrain_does_nothing_without_new_data_and_gates_a_worse_candidate(tmp_p
     quality["both"] = 0.1  # and a worse model
     worse = R.retrain("configs/tiny.yaml", sets, echo=lambda m: None)
     assert worse.action == "rejected" and "assistant.both 0.1000 < 0.4000" in worse.message
-    reg = Registry(tmp_path / "loop" / "registry.sqlite")
+    reg = open_registry(tmp_path / "loop" / "registry.sqlite")
     assert reg.current().version == 1 and reg.get(2).status == "rejected" and reg.get(2).base == 1
     assert reg.get(2).sources != reg.get(1).sources
     assert R.retrain("configs/tiny.yaml", sets, echo=lambda m: None).action == "nothing_new"

@@ -330,3 +330,27 @@ def test_no_warmup_trains_at_the_full_rate_from_the_first_step(dataset, dist):
     result = engine.run_training(recipe, cfg, lambda e: [tu.numpy_batch(dataset)], engine.Plan(max_steps=1, epochs=1))
     assert result.losses[0]["lr"] == 1e-3
     assert any(not torch.equal(before[n], p) for n, p in recipe.module.named_parameters())  # step 1 moved weights
+
+
+@pytest.mark.parametrize("model", ["diffusion", "mllm"])
+def test_init_from_starts_every_trained_parameter_from_exported_weights(model, tmp_path):
+    """``init_from`` (how `cafe retrain` continues from the promoted model): a recipe set up from a first recipe's
+    exported weights holds exactly its trained parameters, and they differ from the seeded initialisation."""
+    from pipeline.train import recipe_class
+
+    first = _recipe(model, encoders=False)
+    trained = {n: p for n, p in first.module.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for p in trained.values():
+            p.add_(torch.randn_like(p) * 0.01)  # "trained": not what setup initialises
+    first.save_weights(first.module, tmp_path / "export")
+    from types import SimpleNamespace
+
+    section = SimpleNamespace(**vars(tu.sections()[model]), init_from=str(tmp_path / "export"))
+    again = recipe_class(model)(section, tu.roles()).setup("cpu", encoders=False)
+    fresh = dict(_recipe(model, encoders=False).module.named_parameters())
+    got = {n: p for n, p in again.module.named_parameters() if p.requires_grad}
+    assert set(got) == set(trained) and len(got) > 2
+    for n, p in got.items():
+        assert torch.equal(p, trained[n]), n
+    assert any(not torch.equal(fresh[n], trained[n]) for n in trained)

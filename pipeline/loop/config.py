@@ -45,7 +45,9 @@ class LoopConfig(_Strict):
     """``cafe pipeline run``: round 0 → train → evaluate → rounds r ≥ 1 (Eq. 4) → train on the union → …
 
     ``output``: the loop's directory or URI (null: ``<run.output_dir>/<run.name>-loop``).
-    ``registry``: the model registry (SQLite; null: ``<output>/registry.sqlite``).
+    ``registry``: the model registry — a ``*.sqlite`` file on a POSIX file system, or a directory / ``s3://`` prefix
+    holding a log of decisions written with conditional creates (null: ``<output>/registry.sqlite`` locally,
+    ``<output>/registry`` when ``output`` is a URI).
     """
 
     rounds: int = Field(2, ge=1, le=100, description="round 0 plus rounds-1 self-distillation rounds")

@@ -58,11 +58,11 @@ def retrain(config_path: str, overrides: list[str] | None = None, address: str |
             echo=print) -> Outcome:
     from pipeline.loop.cafe import LoopContext, cafe_graph, run_loop
     from pipeline.loop.graph import outputs_of
-    from pipeline.loop.registry import Registry
+    from pipeline.loop.registry import open_registry, registry_location
 
     ctx = LoopContext.load(config_path, overrides, address=address)
     cfg = ctx.cfg
-    reg = Registry(cfg.pipeline.registry or f"{ctx.out}/registry.sqlite")
+    reg = open_registry(registry_location(cfg))
     snapshot = source_snapshot(cfg)
     graph = cafe_graph(ctx.rounds)
     keys, _ = graph.keys(ctx)

@@ -49,6 +49,8 @@ class DiffusionRecipe(Recipe):
         with torch.random.fork_rng(devices=[]):  # new layers initialise the same on every worker and every run
             torch.manual_seed(0)
             model = ConditionedUNet.from_unet(unet, clip_dim, dino_width, self.section.n_clip_tokens).float()
+        if getattr(self.section, "init_from", None):  # continue from exported weights (a local directory)
+            model.load_state_dict(ConditionedUNet.load(self.section.init_from).state_dict())
         model = model.to(device)  # the new layers are created on the CPU
         model.requires_grad_(True)
         if getattr(self.section, "gradient_checkpointing", False):

@@ -45,6 +45,8 @@ class MLLMRecipe(Recipe):
         with torch.random.fork_rng(devices=[]):  # V and H initialise the same on every worker and every run
             torch.manual_seed(0)
             mllm = CafeMLLM(llm.components.model, llm.components.tokenizer, vision_width, clip_dim, self.section.lam)
+        if getattr(self.section, "init_from", None):  # continue from exported V and H (a local directory)
+            mllm.load_trainable(self.section.init_from)
         self.module = MLLMModule(mllm.freeze_base().to(device))
         if getattr(self.section, "gradient_checkpointing", False):
             enable = getattr(mllm.llm, "activation_checkpointing_enable", None)
