@@ -80,6 +80,12 @@ class SourcesConfig(_Strict):
     #: folder/manifest sources: glob patterns (``fnmatch``) on the path relative to ``path`` that are left out on
     #: purpose, e.g. the evaluation's held-out identities (``"*/cyan-circle-whitedot__*"``); counted in the log
     exclude: list[str] = Field(default_factory=list)
+    #: a Parquet file (path or URI) with a ``source_id`` column: sources an earlier build already consumed, left
+    #: out of this one (counted in the log). ``cafe retrain`` builds only new sources this way
+    skip_ids: str | None = Field(None, min_length=1)
+    #: names the listing this build plans. A build plans its sources once and keeps that plan on resume; a new
+    #: value plans afresh (``cafe retrain`` sets the source snapshot here). null: the first plan of the output
+    snapshot: str | None = Field(None, min_length=1, max_length=200)
     manifest: str | None = None
     image_column: str = "image"
     class_column: str = "class"

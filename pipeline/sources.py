@@ -147,9 +147,14 @@ def iter_sources(cfg: CafeConfig, exclude_uris: Sequence[str | os.PathLike] = ()
     seen: set[str] = set()
     counts: Counter[str] = Counter()
     held_out = 0
+    built = consumed_ids(src.skip_ids) if src.skip_ids else frozenset()
+    already = 0
     for alias, source in entries:
         if src.exclude and source["kind"] == "file" and any(fnmatch.fnmatchcase(alias, p) for p in src.exclude):
             held_out += 1  # left out on purpose (build.sources.exclude): not an input of this build
+            continue
+        if source["source_id"] in built:
+            already += 1  # an earlier build consumed it (build.sources.skip_ids)
             continue
         sid = source["source_id"]
         if sid in seen:
@@ -158,8 +163,20 @@ def iter_sources(cfg: CafeConfig, exclude_uris: Sequence[str | os.PathLike] = ()
         seen.add(source["source_id"])
         counts[source["reject"][0] if "reject" in source else "ok"] += 1
         yield source
-    log.info("sources: %d listed, %d usable; rejected at planning: %s; excluded by build.sources.exclude: %d",
-             sum(counts.values()), counts.pop("ok", 0), dict(sorted(counts.items())) or "none", held_out)
+    log.info("sources: %d listed, %d usable; rejected at planning: %s; excluded by build.sources.exclude: %d%s",
+             sum(counts.values()), counts.pop("ok", 0), dict(sorted(counts.items())) or "none", held_out,
+             f"; built before (build.sources.skip_ids): {already}" if src.skip_ids else "")
+
+
+def consumed_ids(location: str) -> frozenset[str]:
+    """The ``source_id`` column of a Parquet file (path or URI): the sources an earlier build consumed."""
+    from pipeline.store import Storage
+
+    import pyarrow.parquet as pq
+
+    where = Storage(location)
+    with where.fs.open_input_file(where.root) as f:
+        return frozenset(pq.read_table(f, columns=["source_id"]).column("source_id").to_pylist())
 
 
 def read_source(source: dict, cfg: CafeConfig, policy: ImagePolicy, cache: SourceReader | None = None) -> bytes:

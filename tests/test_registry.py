@@ -138,9 +138,17 @@ def test_retrain_does_nothing_without_new_data_and_gates_a_worse_candidate(tmp_p
         shutil.copy(f, src / f.name)
     quality = {"both": 0.4}
 
+    from pipeline.build import stage_keys, write_plan
+    from pipeline.store import Storage
+
     def fake_run_loop(ctx, until=None, echo=print):
         keys, parts = cafe.cafe_graph(ctx.rounds).keys(ctx)
-        outs = {f"build-r{r}": {"dataset": f"{ctx.out}/rounds/r{r}"} for r in range(ctx.rounds)}
+        for k in range(len(ctx.increments)):  # round 0's real plans (what the build would plan; no model runs)
+            cfg, out = cafe._build_cfg(ctx, 0, None, k=k), Storage(cafe.round_dir(ctx, 0, k))
+            plan = stage_keys(cfg, {})["plan"]
+            write_plan(cfg, out, plan, exclude_uris=[])
+            out.write_json("_work/identity.json", {"plan": plan})
+        outs = {f"build-r{r}": {"dataset": f"{ctx.out}/rounds/r{r}", "kept": 1} for r in range(ctx.rounds)}
         outs.update({f"train-{m}-r{r}": {"weights": f"{ctx.out}/{m}{r}"} for m in ("mllm", "diffusion")
                      for r in range(ctx.rounds)})
         outs.update({f"eval-r{r}": {"report": f"{ctx.out}/eval{r}", "metrics": {"changing": {
@@ -156,11 +164,28 @@ def test_retrain_does_nothing_without_new_data_and_gates_a_worse_candidate(tmp_p
     assert first.action == "promoted" and first.version == 1
     same = R.retrain("configs/tiny.yaml", sets, echo=lambda m: None)
     assert same.action == "nothing_new" and "nothing done" in same.message
-    shutil.copy(sorted((WORLD / "sources" / "circle").glob("*.png"))[5], src)  # new source data
+    new_file = sorted((WORLD / "sources" / "circle").glob("*.png"))[5]
+    shutil.copy(new_file, src)  # new source data
     quality["both"] = 0.1  # and a worse model
-    worse = R.retrain("configs/tiny.yaml", sets, echo=lambda m: None)
+    said: list[str] = []
+    worse = R.retrain("configs/tiny.yaml", sets, echo=said.append)
     assert worse.action == "rejected" and "assistant.both 0.1000 < 0.4000" in worse.message
     reg = open_registry(tmp_path / "loop" / "registry.sqlite")
     assert reg.current().version == 1 and reg.get(2).status == "rejected" and reg.get(2).base == 1
     assert reg.get(2).sources != reg.get(1).sources
+    # the new file is round 0's source increment 1: only it is planned, training starts from version 1's weights
+    ctx = cafe.LoopContext.load("configs/tiny.yaml", sets)
+    assert len(ctx.increments) == 2 and ctx.init == {"version": 1, **{m: reg.get(1).checkpoint[m]
+                                                                      for m in ("mllm", "diffusion")}}
+    from pipeline.loop.retrain import planned_ids
+    from pipeline.sources import consumed_ids, source_id
+
+    first = planned_ids(Storage(cafe.round_dir(ctx, 0, 0)))
+    assert len(first) == 2 and consumed_ids(ctx.increments[1]["skip_ids"]) == first
+    assert planned_ids(Storage(cafe.round_dir(ctx, 0, 1))) == {source_id("file", f"circle/{new_file.name}")}
+    assert cafe._train_cfg(ctx, 0, "k" * 16, ["d"]).train.diffusion.init_from == reg.get(1).checkpoint["diffusion"]
+    assert any("1 new source(s)" in m for m in said) and any("continues from version 1" in m for m in said)
     assert R.retrain("configs/tiny.yaml", sets, echo=lambda m: None).action == "nothing_new"
+    (src / new_file.name).write_bytes(new_file.read_bytes() + b"x")  # a changed file is not new data
+    again = R.retrain("configs/tiny.yaml", sets, echo=lambda m: None)
+    assert again.action == "nothing_new" and "changed or deleted files are not rebuilt" in again.message

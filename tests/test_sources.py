@@ -559,3 +559,20 @@ def test_s3_storage_errors_are_transient_not_quarantined(tmp_path, s3_server, s3
         with pytest.raises(OSError):
             read_source(source, cfg, _policy(cfg))  # a fresh reader opens the URI against the dead endpoint
     assert _outcome(source, cfg)[0] == "ok"
+
+
+def test_skip_ids_leaves_out_what_an_earlier_build_consumed(tmp_path, caplog):
+    """``build.sources.skip_ids`` (a retrain's source increment): exactly the listed ids are left out and counted;
+    the ids of the rest are unchanged (the same source keeps its id in every increment)."""
+    import logging
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = _tree(tmp_path / "src", {f"cat/{i}.png": _png(_rgb(i)) for i in range(4)})
+    everything = list(iter_sources(_cfg(tmp_path, kind="folder", path=str(root))))
+    pq.write_table(pa.table({"source_id": [s["source_id"] for s in everything[:3]]}), tmp_path / "built.parquet")
+    cfg = _cfg(tmp_path, kind="folder", path=str(root), skip_ids=str(tmp_path / "built.parquet"))
+    with caplog.at_level(logging.INFO, logger="pipeline.sources"):
+        assert list(iter_sources(cfg)) == everything[3:]
+    assert "built before (build.sources.skip_ids): 3" in caplog.text

@@ -53,6 +53,10 @@ class LoopContext:
     out: str
     address: str | None = None
     _fp: dict = field(default_factory=dict)
+    #: round 0's source increments (``_loop/increments.json``, appended by ``cafe retrain``): increment 0 is the
+    #: config's sources; increment k ≥ 1 = the sources of snapshot k that no earlier increment planned, and the
+    #: promoted model training continues from (``init``)
+    increments: list[dict] = field(default_factory=lambda: [dict(FIRST_INCREMENT)])
 
     @classmethod
     def load(cls, config_path: str, overrides: list[str] | None = None, rounds: int | None = None,
@@ -61,7 +65,14 @@ class LoopContext:
 
         overrides = list(overrides or [])
         cfg = load_config(config_path, overrides)
-        return cls(cfg, config_path, overrides, rounds or cfg.pipeline.rounds, loop_output(cfg), address)
+        out = loop_output(cfg)
+        increments = Storage(out).read_json(INCREMENTS, {}).get("increments") or [dict(FIRST_INCREMENT)]
+        return cls(cfg, config_path, overrides, rounds or cfg.pipeline.rounds, out, address, increments=increments)
+
+    @property
+    def init(self) -> dict | None:
+        """The exported model training continues from (the latest increment's), or None: from scratch."""
+        return self.increments[-1].get("init")
 
     @property
     def state(self) -> Storage:
@@ -85,6 +96,10 @@ class LoopContext:
         return {r: self.fingerprint(self.cfg.models.role_dir(r)) for r in names}
 
 
+INCREMENTS = "_loop/increments.json"
+FIRST_INCREMENT = {"snapshot": None, "skip_ids": None, "init": None}
+
+
 def loop_output(cfg) -> str:
     """``pipeline.output``, default ``<run.output_dir>/<run.name>-loop`` (absolute, or a URI)."""
     from pipeline.train import _abs
@@ -102,16 +117,24 @@ def _semantic(model, exclude: frozenset = frozenset()) -> dict:
 # ------------------------------------------------------------------------------------------------ paths
 
 
-def round_dir(ctx: LoopContext, r: int) -> str:
-    """Round r's build output: named by its plan key, so other sources get another directory (never a conflict)."""
+def round_dir(ctx: LoopContext, r: int, k: int = 0) -> str:
+    """Round r's build output (increment k of round 0): named by its plan key, so other sources get another
+    directory (never a conflict)."""
     from pipeline.build import stage_keys
 
-    plan = stage_keys(_build_cfg(ctx, r, "<plan>"), {"t2i": ctx.fingerprint(ctx.cfg.models.role_dir("t2i"))})["plan"]
+    plan = stage_keys(_build_cfg(ctx, r, "<plan>", k=k),
+                      {"t2i": ctx.fingerprint(ctx.cfg.models.role_dir("t2i"))})["plan"]
     return f"{ctx.out}/rounds/r{r}-{plan[:8]}"
 
 
-def _build_cfg(ctx: LoopContext, r: int, diffusion: str | None, mllm: str | None = None):
+def _build_cfg(ctx: LoopContext, r: int, diffusion: str | None, mllm: str | None = None, k: int = 0):
+    """The build of round r (round 0: of increment k). Rounds ≥ 1 cover every source of the latest snapshot."""
     sets = [f"build.round={r}"]
+    inc = ctx.increments[k] if r == 0 else ctx.increments[-1]
+    if inc.get("snapshot"):
+        sets.append(f"build.sources.snapshot={json.dumps(inc['snapshot'])}")
+    if r == 0 and inc.get("skip_ids"):
+        sets.append(f"build.sources.skip_ids={json.dumps(inc['skip_ids'])}")
     if r >= 1:
         sets += [f"build.distill.diffusion={diffusion}"] + ([f"build.distill.mllm={mllm}"] if mllm else [])
     return ctx.derived(sets)
@@ -119,10 +142,18 @@ def _build_cfg(ctx: LoopContext, r: int, diffusion: str | None, mllm: str | None
 
 def _train_cfg(ctx: LoopContext, r: int, key: str, datasets: list[str]):
     base = f"{ctx.out}/train"
-    return ctx.derived([f"train.data.datasets={json.dumps(datasets)}",  # JSON is YAML: any path, quoted
-                        f"train.output_dir={base}/r{r}-{key[:8]}",
-                        f"train.storage_path={base}/runs", f"train.log_dir={base}/tensorboard",
-                        f"train.run_name=r{r}-{key[:8]}"])
+    sets = [f"train.data.datasets={json.dumps(datasets)}",  # JSON is YAML: any path, quoted
+            f"train.output_dir={base}/r{r}-{key[:8]}",
+            f"train.storage_path={base}/runs", f"train.log_dir={base}/tensorboard",
+            f"train.run_name=r{r}-{key[:8]}"]
+    if ctx.init:  # cafe retrain: continue from the promoted model
+        sets += [f"train.{m}.init_from={json.dumps(ctx.init[m])}" for m in ("mllm", "diffusion")]
+    return ctx.derived(sets)
+
+
+def round_datasets(outputs: dict) -> list[str]:
+    """A finished build stage's datasets that kept rows (round 0: one per source increment)."""
+    return [i["dataset"] for i in outputs.get("increments", [outputs]) if i["kept"] > 0]
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -134,32 +165,48 @@ def _build_stage(r: int) -> Stage:
     def parts(ctx: LoopContext) -> dict:
         from pipeline.build import stage_keys, used_roles
 
-        cfg = _build_cfg(ctx, r, "<from input>", "<from input>")
-        fps = {role: ctx.fingerprint(cfg.models.role_dir(role)) for role in used_roles(cfg)}
-        if cfg.build.scoring.oracle:
-            fps["oracle"] = ctx.fingerprint(cfg.build.scoring.oracle)
-        # rounds ≥ 1: the models enter through the inputs' keys (their weights do not exist before they train)
-        return {"build": stage_keys(cfg, fps)["dialogue"]}
+        def key(k: int) -> str:
+            cfg = _build_cfg(ctx, r, "<from input>", "<from input>", k=k)
+            fps = {role: ctx.fingerprint(cfg.models.role_dir(role)) for role in used_roles(cfg)}
+            if cfg.build.scoring.oracle:
+                fps["oracle"] = ctx.fingerprint(cfg.build.scoring.oracle)
+            # rounds ≥ 1: the models enter through the inputs' keys (their weights do not exist before they train)
+            return stage_keys(cfg, fps)["dialogue"]
 
-    def run(ctx: LoopContext, keys: dict) -> dict:
+        parts = {"build": key(0)}
+        if r == 0 and len(ctx.increments) > 1:
+            parts["increments"] = [key(k) for k in range(1, len(ctx.increments))]
+        return parts
+
+    def build(ctx: LoopContext, k: int, diffusion: str | None, mllm: str | None) -> dict:
         from pipeline.build import run_build
 
-        mllm = diffusion = None
-        if r >= 1:
-            mllm = outputs_of(ctx.state, f"train-mllm-r{r - 1}")["weights"]
-            diffusion = outputs_of(ctx.state, f"train-diffusion-r{r - 1}")["weights"]
-        cfg = _build_cfg(ctx, r, diffusion, mllm if ctx.cfg.build.distill.mode == "mix" else None)
-        out = round_dir(ctx, r)
+        cfg = _build_cfg(ctx, r, diffusion, mllm if ctx.cfg.build.distill.mode == "mix" else None, k=k)
+        out = round_dir(ctx, r, k)
         result = run_build(cfg, out_dir=out, address=ctx.address, config_path=ctx.config_path)
         if result.pending:
             raise RuntimeError(f"build-r{r}: {result.pending} record(s) pending after transient failures; re-run "
                                "the same command to retry exactly those")
         c = result.manifest["counts"]
-        if c["kept"] == 0 and r == 0:
-            raise RuntimeError(f"build-r{r} kept no row (of {c['candidates']} candidates): nothing to train on; "
-                               f"see {out}/report/report.md")
         return {"dataset": out, "kept": c["kept"], "candidates": c["candidates"], "quarantined": c["quarantined"],
                 "dataset_hash": result.manifest["dataset_hash"]}
+
+    def run(ctx: LoopContext, keys: dict) -> dict:
+        mllm = diffusion = None
+        if r >= 1:
+            mllm = outputs_of(ctx.state, f"train-mllm-r{r - 1}")["weights"]
+            diffusion = outputs_of(ctx.state, f"train-diffusion-r{r - 1}")["weights"]
+        # round 0: every source increment (a finished one is a no-op: all its chunks are sunk)
+        parts = [build(ctx, k, diffusion, mllm) for k in range(len(ctx.increments) if r == 0 else 1)]
+        outputs = dict(parts[0])
+        if len(parts) > 1:
+            outputs["increments"] = parts
+            for n in ("kept", "candidates", "quarantined"):
+                outputs[n] = sum(p[n] for p in parts)
+        if outputs["kept"] == 0 and r == 0:
+            raise RuntimeError(f"build-r{r} kept no row (of {outputs['candidates']} candidates): nothing to train "
+                               f"on; see {parts[-1]['dataset']}/report/report.md")
+        return outputs
 
     return Stage(f"build-r{r}", deps, parts, run,
                  "round 0: ProFusion targets" if r == 0 else f"round {r}: Eq. 4 targets from the round {r - 1} models")
@@ -172,7 +219,8 @@ def _train_stage(r: int, model: str) -> Stage:
         t = ctx.cfg.train
         # a 16-bit cache rounds the features the model learns from (float32 keeps the keys it always had)
         cache = {"cache_dtype": t.cache.dtype} if t.cache.dtype != "float32" and t.data.cache != "off" else {}
-        return {"model": model, "recipe": _semantic(getattr(t, model), RECIPE_OPERATIONAL), **cache,
+        init = {"init": ctx.init[model]} if ctx.init else {}  # continued from the promoted model (cafe retrain)
+        return {"model": model, "recipe": _semantic(getattr(t, model), RECIPE_OPERATIONAL), **cache, **init,
                 "train": _semantic(t, TRAIN_OPERATIONAL | {"mllm", "diffusion", "promptnet"}),
                 "deepspeed_file": _file_hash(t.deepspeed.config), "roles": ctx.roles(ROLES_TRAIN)}
 
@@ -180,7 +228,7 @@ def _train_stage(r: int, model: str) -> Stage:
         from pipeline.train import train_model
 
         rounds = [outputs_of(ctx.state, f"build-r{i}") for i in range(r + 1)]
-        datasets = [b["dataset"] for b in rounds if b["kept"] > 0]  # a round that kept no row adds nothing
+        datasets = [d for b in rounds for d in round_datasets(b)]  # a round that kept no row adds nothing
         for i, b in enumerate(rounds):
             if b["kept"] == 0:
                 log.warning("train-%s-r%d: round %d kept no row; training on the other rounds", model, r, i)
