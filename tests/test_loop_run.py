@@ -138,5 +138,39 @@ def test_loop_with_every_location_on_s3_resumes_and_its_outputs_are_read(tmp_pat
     fs, root = pafs.FileSystem.from_uri(refiltered)
     assert fs.get_file_info(f"{root}/dataset/data").type == pafs.FileType.Directory  # an empty table still exists
 
+    # `cafe retrain` on the same s3 output (the registry: a log of decisions on s3). The first call registers the
+    # finished loop (nothing re-runs); then a new source file: round 0 builds only it (source increment 1), the
+    # increment-0 dataset is untouched, training continues from version 1's weights, the gate decides version 2
+    from pipeline.loop.registry import open_registry
+
+    def retrain() -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, "-m", "pipeline.cli", "retrain", str(cfg)], cwd=REPO,
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done
+
+    assert "version 1 promoted" in retrain().stdout
+    first = {k: dataset.read_bytes(f"dataset/data/{k}") for k in dataset.list("dataset/data")}
+    new_file = sorted((WORLD / "sources" / "circle").glob("*.png"))[2]
+    Storage(f"{s3_bucket}/sources").write_bytes(f"circle/{new_file.name}", new_file.read_bytes())
+    second = retrain()
+    assert "1 new source(s)" in second.stdout and "continues from version 1" in second.stdout, second.stdout
+    build = out.read_json("_loop/stages/build-r0.json")
+    incs = build["outputs"]["increments"]
+    assert [i["dataset"] for i in incs][0] == dataset.uri and len(incs) == 2
+    assert {k: dataset.read_bytes(f"dataset/data/{k}") for k in dataset.list("dataset/data")} == first
+    new = Storage(incs[1]["dataset"])
+    sources = {u for k in new.list("candidates/data") for u in new.read_parquet(f"candidates/data/{k}",
+                                                                                  columns=["source_id"])[0].to_pylist()}
+    assert incs[1]["candidates"] == 2 and len(sources) == 1  # one new source × instructions.per_source 2
+    reg = open_registry(f"{out.uri}/registry")
+    v1, v2 = reg.list()
+    assert v2.base == 1 and v2.status in ("promoted", "rejected") and v2.reason
+    for model in ("mllm", "diffusion"):
+        trained = out.read_json(f"_loop/stages/train-{model}-r0.json")
+        assert trained["parts"]["init"] == v1.checkpoint[model]
+        assert trained["outputs"]["datasets"] == [i["dataset"] for i in incs]
+    assert "nothing new" in retrain().stdout
+
 
 from tests.s3util import s3_bucket, s3_server  # noqa: E402,F401  (fixtures)

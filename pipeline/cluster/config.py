@@ -70,7 +70,8 @@ class ModelsVolume(_Strict):
 
 class SharedVolume(_Strict):
     """A read-write volume every pod mounts (ReadWriteMany: EFS, Filestore, CephFS) for what object storage cannot
-    hold: the SQLite model registry (it needs POSIX locks) and TensorBoard event files."""
+    hold: TensorBoard event files, and a SQLite model registry where one is configured (POSIX locks; the default
+    registry of an ``s3://`` output is a log of decisions on the bucket and needs no volume)."""
 
     claim: str = Field("cafe-shared", pattern=_NAME)
     mount: str = Field("/shared", pattern=r"^/")
