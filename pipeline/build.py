@@ -426,7 +426,7 @@ def run_build(cfg: CafeConfig, out_dir: str | os.PathLike | None = None, address
     owner = uuid.uuid4().hex[:12]
     out = Storage(out_uri, owner=owner)
     lease = Lease(out, ttl_s=cfg.build.lease_ttl_s, heartbeat_s=cfg.build.lease_ttl_s / 6)
-    lease.acquire(wait_s=cfg.build.lease_wait_s if lease_wait_s is None else lease_wait_s)
+    lease.acquire(wait_s=cfg.build.lease_wait if lease_wait_s is None else lease_wait_s)
     try:
         removed = out.clean_dead_tmp(owner)
         if removed:
@@ -447,7 +447,8 @@ def run_build(cfg: CafeConfig, out_dir: str | os.PathLike | None = None, address
         pending, reasons = 0, []
         if todo:
             with ray_session(cfg, address):
-                kw = {"config": cfg.model_dump(mode="json"), "out": out.uri, "keys": keys, "owner": owner}
+                kw = {"config": cfg.model_dump(mode="json"), "out": out.uri, "keys": keys, "owner": owner,
+                      "epoch": lease.epoch}
                 ds = ray.data.from_items([{"chunk": c} for c in todo], override_num_blocks=len(todo))
                 done = 0
                 env = forwarded_env(cfg)

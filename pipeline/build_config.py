@@ -340,8 +340,13 @@ class BuildConfig(_Strict):
     max_chunk_attempts: int = Field(3, ge=1, le=100)
     #: one driver per output: a lease whose heartbeat is older than this belongs to a dead driver
     lease_ttl_s: float = Field(60.0, ge=1.0, le=86_400.0)
-    #: how long a second driver waits for a live owner before refusing (0: refuse at once)
-    lease_wait_s: float = Field(0.0, ge=0.0, le=86_400.0)
+    #: how long a second driver waits for a live owner before refusing (0: refuse at once; null: lease_ttl_s, so a
+    #: scheduler's retry outlasts a dead driver elsewhere whose lease has not expired yet)
+    lease_wait_s: float | None = Field(None, ge=0.0, le=86_400.0)
+
+    @property
+    def lease_wait(self) -> float:
+        return self.lease_ttl_s if self.lease_wait_s is None else self.lease_wait_s
     #: recorded in the dataset card and manifest (e.g. "cc-by-nc-4.0"); "other" when unknown
     license: str = Field("other", min_length=1, max_length=64)
     #: custom Ray resources per stage (sources, generate, score, dialogue, sink), e.g. to pin generation to

@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import CafeConfig
-from pipeline.store import Storage, is_uri, local_copy, table_hash
+from pipeline.store import Lease, Storage, is_uri, local_copy, table_hash
 from training.data import schema as S
 from training.data.ids import row_id, stable_int
 
@@ -85,10 +85,12 @@ class _Stage:
 
     name = ""
 
-    def __init__(self, config: dict, out: str, keys: dict, owner: str, eager: bool = False):
+    def __init__(self, config: dict, out: str, keys: dict, owner: str, eager: bool = False,
+                 epoch: int | None = None):
         self.cfg = CafeConfig.model_validate(config)
         self.out = Storage(out, owner=owner)
         self.keys = keys
+        self.epoch = epoch  # the driver's lease epoch: a worker that outlived its driver does not commit
         self._ready = False
         if eager:  # load now, while upstream stages work, rather than when the first block arrives
             self._setup_once()
@@ -424,6 +426,7 @@ class GenerateStage(_Stage):
                     decided += [quarantine_record(chunk, r[S.ID], None, self.name, "generation_failed",
                                                   f"{type(error).__name__}: {error}", r[S.SOURCE_URI], row=r)
                                 for r in group]
+        fence(self.out, self.epoch)
         ledger.commit([{**r, NEW: False} for r in decided], sorted(set(pending_src)))
         committed = [r for r in records if not r.get(NEW)]
         old_pending = [r for r in records if r[S.STATUS] == S.STATUS_PENDING]
@@ -613,7 +616,15 @@ def write_dataset_shard(storage: Storage, chunk: str, rows: pa.Table) -> int:
     return storage.write_parquet(rel, rows)
 
 
-def sink_batch(batch: pa.Table, config: dict, out: str, keys: dict, owner: str) -> pa.Table:
+def fence(out: Storage, epoch: int | None) -> None:
+    """Before a commit marker: refuse if a newer driver took the output's lease (a zombie worker of a driver that
+    was judged dead must not commit beside its successor's workers). One existence check."""
+    if epoch is not None:
+        Lease.fence(out, epoch)
+
+
+def sink_batch(batch: pa.Table, config: dict, out: str, keys: dict, owner: str,
+               epoch: int | None = None) -> pa.Table:
     """Commit every complete chunk of a block: dataset, candidates and quarantine shards, then the marker.
 
     Returns one summary row per chunk (committed or not, pending count, kept rows).
@@ -646,6 +657,7 @@ def sink_batch(batch: pa.Table, config: dict, out: str, keys: dict, owner: str) 
         nbytes = write_dataset_shard(storage, chunk, data)
         storage.write_parquet(f"candidates/data/{chunk}.parquet", candidates)
         storage.write_parquet(f"quarantine/data/{chunk}.parquet", qt)
+        fence(storage, epoch)
         storage.write_json(f"_work/sink/{keys['dialogue']}/{chunk}.json", {
             "funnel": chunk_funnel(len(sources), records), "kept": data.num_rows, "candidates": candidates.num_rows,
             "quarantined": qt.num_rows, "dataset_hash": table_hash(data), "dataset_bytes": nbytes})

@@ -5,7 +5,7 @@ Usage::
     out = Storage("s3://bucket/builds/round0")          # or a local path; pyarrow.fs underneath
     out.write_bytes("_work/x.json", b"...")             # whole object, atomic (temp + rename locally, one PUT on S3)
     table = out.read_parquet("dataset/data/train-000001.parquet")
-    with Lease(out).held():                              # one driver per output; a dead owner's successor takes over
+    with Lease(out).held():                              # one driver per output, fenced by epochs (conditional creates)
         ...
 
 Commit protocol: a multi-file unit (a chunk's generation parts, a chunk's published shards) is written file
@@ -140,17 +140,21 @@ class Storage:
     def write_bytes(self, rel: str, data: bytes) -> None:
         target = self.path(rel)
         if self.is_local:
-            parent, name = os.path.split(target)
-            os.makedirs(parent, exist_ok=True)
-            tmp = os.path.join(parent, f".{name}{TMP_INFIX}{self.owner}-{uuid.uuid4().hex[:8]}")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
+            os.replace(self._local_tmp(target, data), target)
         else:
             with self.fs.open_output_stream(target) as f:
                 f.write(data)
+
+    def _local_tmp(self, target: str, data: bytes) -> str:
+        """``data`` fsynced in a temporary sibling of ``target`` (named so a successor can tell a dead run's)."""
+        parent, name = os.path.split(target)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{name}{TMP_INFIX}{self.owner}-{uuid.uuid4().hex[:8]}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
 
     def write_json(self, rel: str, obj) -> None:
         self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
@@ -166,13 +170,7 @@ class Storage:
         """
         if self.is_local:
             target = self.path(rel)
-            parent, name = os.path.split(target)
-            os.makedirs(parent, exist_ok=True)
-            tmp = os.path.join(parent, f".{name}{TMP_INFIX}{self.owner}-{uuid.uuid4().hex[:8]}")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            tmp = self._local_tmp(target, data)
             try:
                 os.link(tmp, target)
                 return True
@@ -270,36 +268,52 @@ class OutputBusy(RuntimeError):
 
 
 class Lease:
-    """One driver per output: ``_work/lease.json`` = owner id, host, pid, heartbeat time.
+    """One driver per output, fenced by epochs: ``_work/lease/<epoch>.json`` = owner id, host, pid, heartbeat time.
 
-    A lease whose heartbeat is older than ``ttl_s`` belongs to a dead driver and is taken over; so is, at once,
-    a lease of this host whose process no longer exists (a scheduler's immediate retry after a crash need not
-    wait ``ttl_s``). Taking over
-    is write → wait ``settle_s`` → read back: of two drivers racing for a stale lease, the one whose write
-    landed last wins and the other sees a foreign owner and waits or refuses (object stores offer no
-    compare-and-swap through pyarrow; the settle time covers their read-after-write consistency).
-    While held, a daemon thread renews the heartbeat every ``heartbeat_s``; if it ever finds another owner
-    in the file it marks the lease lost and the build stops before its next commit.
+    The holder is the owner of the highest epoch. A driver takes the lease by *creating* the next epoch's object
+    (:meth:`Storage.create`: ``If-None-Match`` on S3, a hard link locally), so of any number of drivers racing for
+    a free or stale lease exactly one wins, with no settle time and no clock trusted for the race. A lease is free
+    when its holder released it, when its heartbeat is older than ``ttl_s`` (a dead driver elsewhere) or, at once,
+    when it was held on this host by a process that no longer exists (a scheduler's immediate retry after a crash
+    need not wait ``ttl_s``). While held, a daemon thread rewrites the holder's own epoch object every
+    ``heartbeat_s``; if a newer epoch appears (a successor took over a lease it judged stale) the lease is lost:
+    :meth:`check` raises before the next commit, and :meth:`fence` — one existence check of the next epoch — lets
+    a worker that outlived its driver refuse to commit. Epochs only grow: a release marks its epoch released
+    instead of deleting it, so a fenced worker can never mistake a successor for its own driver.
     """
 
-    KEY = "_work/lease.json"
+    DIR = "_work/lease"
 
-    def __init__(self, storage: Storage, ttl_s: float = 60.0, heartbeat_s: float = 10.0, settle_s: float = 1.0):
+    def __init__(self, storage: Storage, ttl_s: float = 60.0, heartbeat_s: float = 10.0):
         if heartbeat_s >= ttl_s:
             raise ValueError(f"lease heartbeat_s={heartbeat_s} must be below ttl_s={ttl_s}")
         self.storage = storage
         self.owner = storage.owner if storage.owner != "anon" else uuid.uuid4().hex[:12]
-        self.ttl_s, self.heartbeat_s, self.settle_s = ttl_s, heartbeat_s, settle_s
+        self.ttl_s, self.heartbeat_s = ttl_s, heartbeat_s
+        self.epoch: int | None = None
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.took_over: dict | None = None
 
-    def _record(self) -> dict:
-        return {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
+    @staticmethod
+    def _key(epoch: int) -> str:
+        return f"{Lease.DIR}/{epoch:010d}.json"
+
+    def _record(self, released: bool = False) -> dict:
+        rec = {"owner": self.owner, "epoch": self.epoch, "host": socket.gethostname(), "pid": os.getpid(),
+               "heartbeat": time.time()}
+        return {**rec, "released": True} if released else rec
 
     def current(self) -> dict | None:
-        return self.storage.read_json(self.KEY)
+        """The highest epoch's record (None: never held)."""
+        epochs = [int(n.removesuffix(".json")) for n in self.storage.list(self.DIR)
+                  if n.endswith(".json") and n.removesuffix(".json").isdigit()]
+        for epoch in sorted(epochs, reverse=True):
+            rec = self.storage.read_json(self._key(epoch))
+            if rec is not None:
+                return {**rec, "epoch": epoch}
+        return None
 
     def acquire(self, wait_s: float = 0.0) -> None:
         """Take the lease, waiting up to ``wait_s`` for a live owner to finish; :class:`OutputBusy` otherwise."""
@@ -307,49 +321,68 @@ class Lease:
         while True:
             cur = self.current()
             age = time.time() - cur["heartbeat"] if cur else None
-            if cur is None or cur["owner"] == self.owner or age > self.ttl_s or _dead_here(cur):
-                if cur is not None and cur["owner"] != self.owner:
-                    self.took_over = cur
-                    log.warning("taking over %s from a dead driver (host %s pid %s, heartbeat %.0f s ago)",
-                                self.storage.uri, cur.get("host"), cur.get("pid"), age)
-                self.storage.write_json(self.KEY, self._record())
-                time.sleep(self.settle_s)
-                if (self.current() or {}).get("owner") == self.owner:
+            if cur is None or cur.get("released") or cur["owner"] == self.owner or age > self.ttl_s \
+                    or _dead_here(cur):
+                self.epoch = (cur["epoch"] if cur else 0) + 1
+                if self.storage.create_json(self._key(self.epoch), self._record()):
+                    if cur is not None and not cur.get("released") and cur["owner"] != self.owner:
+                        self.took_over = cur
+                        log.warning("taking over %s from a dead driver (host %s pid %s, heartbeat %.0f s ago)",
+                                    self.storage.uri, cur.get("host"), cur.get("pid"), age)
                     break
-                continue  # lost the race: loop and see who holds it
+                continue  # another driver created that epoch first: look again
             if time.time() >= deadline:
                 raise OutputBusy(
                     f"{self.storage.uri} is being built by another driver (host {cur.get('host')}, pid "
                     f"{cur.get('pid')}, heartbeat {age:.0f} s ago); wait for it, or re-run after it stops "
                     f"(a dead driver's lease expires after {self.ttl_s:.0f} s)")
             time.sleep(min(self.heartbeat_s, max(0.1, deadline - time.time())))
+        for old in range(max(1, self.epoch - 64), self.epoch - 1):  # keep the log short; the last two stay
+            self.storage.delete(self._key(old))
+        self.lost.clear()
         self._stop.clear()
         self._thread = threading.Thread(target=self._beat, name="cafe-lease", daemon=True)
         self._thread.start()
 
+    def _superseded(self) -> bool:
+        return self.storage.exists(self._key(self.epoch + 1))
+
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             try:
-                cur = self.current()
-                if cur is not None and cur.get("owner") != self.owner:
-                    log.error("lost the lease on %s to %s", self.storage.uri, cur.get("owner"))
+                if self._superseded():
+                    log.error("lost the lease on %s to epoch %d", self.storage.uri, self.epoch + 1)
                     self.lost.set()
                     return
-                self.storage.write_json(self.KEY, self._record())
+                self.storage.write_json(self._key(self.epoch), self._record())
             except OSError as exc:  # a storage hiccup: keep trying; the ttl absorbs a few misses
                 log.warning("lease heartbeat failed: %s", exc)
 
     def check(self) -> None:
-        if self.lost.is_set():
+        """Raise :class:`OutputBusy` if another driver took the lease (the heartbeat saw it, or it is there now)."""
+        if self.lost.is_set() or (self.epoch is not None and self._superseded()):
+            self.lost.set()
             raise OutputBusy(f"lost the lease on {self.storage.uri} to another driver; stopping")
 
+    @staticmethod
+    def fence(storage: Storage, epoch: int) -> None:
+        """For workers: raise :class:`OutputBusy` if a driver newer than epoch ``epoch`` holds ``storage``."""
+        if storage.exists(Lease._key(epoch + 1)):
+            raise OutputBusy(f"{storage.uri}: a newer driver (epoch {epoch + 1}) holds this output; a worker of "
+                             f"epoch {epoch} does not commit")
+
     def release(self) -> None:
+        """Stop the heartbeat and mark this epoch released (a successor takes the lease at once). A storage error
+        here is logged, never raised: it must not mask the error that ended the run (the ttl frees the lease)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        cur = self.current()
-        if cur is not None and cur.get("owner") == self.owner:
-            self.storage.delete(self.KEY)
+        try:
+            if self.epoch is not None and not self.lost.is_set() and not self._superseded():
+                self.storage.write_json(self._key(self.epoch), self._record(released=True))
+        except OSError as exc:
+            log.warning("could not release the lease on %s (it expires after %.0f s): %s", self.storage.uri,
+                        self.ttl_s, exc)
 
     @contextmanager
     def held(self, wait_s: float = 0.0):

@@ -231,9 +231,11 @@ def test_a_config_that_cannot_run_on_the_cluster_is_not_rendered(capsys):
         render(load_config(REPO / "configs/tiny.yaml"), "configs/tiny.yaml")
     text = str(info.value)
     for needle in ("models.root = models/world: must be deploy.models.mount (/models)",
-                   "run.output_dir = outputs: not shared by the pods", "train.storage_path = outputs/train/runs",
-                   "build.lease_wait_s = 0.0 < build.lease_ttl_s"):
+                   "run.output_dir = outputs: not shared by the pods", "train.storage_path = outputs/train/runs"):
         assert needle in text
+    assert "lease" not in text  # the default wait is the ttl
+    with pytest.raises(DeployError, match="build.lease_wait_s = 0.0 < build.lease_ttl_s"):
+        render(load_config(REPO / "configs/tiny.yaml", ["build.lease_wait_s=0"]), "configs/tiny.yaml")
     assert main(["deploy", "render", str(REPO / "configs/tiny.yaml"), "--out", "/nonexistent/x"]) == 1
     assert "cannot deploy this config" in capsys.readouterr().err
     assert not Path("/nonexistent/x").exists()

@@ -170,3 +170,25 @@ def test_retried_generate_task_after_its_commit_does_not_generate_again(tiny_mod
     assert len(info["parts"]) == 1
     key = lambda t: sorted((r[S.ID], r[S.TARGET_PNG]) for r in t.to_pylist())  # noqa: E731
     assert key(again) == key(first)
+
+
+def test_workers_of_a_superseded_driver_do_not_commit(tiny_models, tmp_path):
+    """A generation actor and a sink of lease epoch 1 refuse their commit markers once a successor driver holds
+    epoch 2 (a zombie worker must not commit beside the successor's); epoch 2's workers commit."""
+    import time
+
+    from pipeline.store import Lease, OutputBusy
+
+    cfg, out, keys, chunk, kw = _setup(tiny_models, tmp_path)
+    block = _sources(kw, chunk)
+    for epoch in (1, 2):
+        out.write_json(Lease._key(epoch), {"owner": f"driver{epoch}", "host": "h", "pid": 1, "heartbeat": time.time()})
+    with pytest.raises(OutputBusy, match="epoch 1 does not commit"):
+        GenerateStage(**kw, epoch=1)(block)
+    assert GenerationLedger(out, keys["generate"], chunk).commit_info() is None
+    generated = GenerateStage(**kw, epoch=2)(block)
+    scored = DialogueStage(**kw)(ScoreStage(**kw)(generated))
+    with pytest.raises(OutputBusy):
+        sink_batch(scored, **kw, epoch=1)
+    assert not out.exists(f"_work/sink/{keys['dialogue']}/{chunk}.json")
+    assert sink_batch(scored, **kw, epoch=2).to_pylist()[0]["committed"]

@@ -63,44 +63,96 @@ def test_table_hash_is_content_based():
     assert table_hash(a) != table_hash(pa.table({"x": [1, 3], "y": ["a", "b"]}))
 
 
+def _holder(storage) -> dict | None:
+    return Lease(storage).current()
+
+
 def test_second_driver_is_refused_while_the_first_is_alive(storage):
-    first = Lease(storage, ttl_s=5, heartbeat_s=0.5, settle_s=0.05)
+    first = Lease(storage, ttl_s=5, heartbeat_s=0.5)
     first.acquire()
     try:
-        second = Lease(storage, ttl_s=5, heartbeat_s=0.5, settle_s=0.05)
+        second = Lease(storage, ttl_s=5, heartbeat_s=0.5)
         with pytest.raises(OutputBusy, match="another driver"):
             second.acquire(wait_s=1.5)  # the heartbeat keeps the lease fresh past the wait
-        assert storage.read_json(Lease.KEY)["owner"] == first.owner
+        assert _holder(storage)["owner"] == first.owner and first.epoch == 1
     finally:
         first.release()
-    assert storage.read_json(Lease.KEY) is None
+    assert _holder(storage)["released"]  # epochs only grow: a release marks its epoch, it does not delete it
 
 
 def test_waiting_driver_gets_the_lease_when_the_first_releases(tmp_path):
     storage = Storage(tmp_path)
-    first = Lease(storage, ttl_s=5, heartbeat_s=0.2, settle_s=0.05)
+    first = Lease(storage, ttl_s=5, heartbeat_s=0.2)
     first.acquire()
     threading.Timer(0.5, first.release).start()
-    second = Lease(storage, ttl_s=5, heartbeat_s=0.2, settle_s=0.05)
+    second = Lease(storage, ttl_s=5, heartbeat_s=0.2)
     second.acquire(wait_s=10)
-    assert storage.read_json(Lease.KEY)["owner"] == second.owner
+    assert _holder(storage)["owner"] == second.owner and second.epoch == 2 and second.took_over is None
     second.release()
 
 
-def test_dead_owner_is_taken_over_and_the_loser_notices(storage):
-    storage.write_json(Lease.KEY, {"owner": "dead", "host": "h", "pid": 1, "heartbeat": time.time() - 100})
-    lease = Lease(storage, ttl_s=5, heartbeat_s=0.2, settle_s=0.05)
+def _dead(storage, epoch: int = 1, **rec) -> None:
+    storage.write_json(Lease._key(epoch), {"owner": "dead", "host": "h", "pid": 1, "heartbeat": time.time() - 100,
+                                           **rec})
+
+
+def test_dead_owner_is_taken_over_and_the_superseded_driver_and_its_workers_stop(storage):
+    _dead(storage)
+    lease = Lease(storage, ttl_s=5, heartbeat_s=0.2)
     lease.acquire()
-    assert lease.took_over["owner"] == "dead"
-    # someone else overwrites the lease (a racing successor): the heartbeat thread marks ours lost
-    storage.write_json(Lease.KEY, {"owner": "thief", "host": "h", "pid": 2, "heartbeat": time.time()})
+    assert lease.took_over["owner"] == "dead" and lease.epoch == 2
+    Lease.fence(storage, 2)  # a worker of the holder's epoch may commit
+    with pytest.raises(OutputBusy, match="a newer driver \\(epoch 2\\)"):
+        Lease.fence(storage, 1)  # a worker left over from the dead driver may not
+    # a successor that judged us dead takes epoch 3: our heartbeat notices, check() refuses, workers are fenced
+    storage.write_json(Lease._key(3), {"owner": "thief", "host": "h", "pid": 2, "heartbeat": time.time()})
     deadline = time.time() + 5
     while not lease.lost.is_set() and time.time() < deadline:
         time.sleep(0.05)
+    assert lease.lost.is_set()
     with pytest.raises(OutputBusy, match="lost the lease"):
         lease.check()
-    lease.release()  # does not delete the other owner's lease
-    assert storage.read_json(Lease.KEY)["owner"] == "thief"
+    with pytest.raises(OutputBusy):
+        Lease.fence(storage, 2)
+    lease.release()  # does not touch the other owner's lease
+    assert _holder(storage)["owner"] == "thief" and not _holder(storage).get("released")
+
+
+def _contend(storage, barrier, results) -> None:
+    lease = Lease(Storage(storage.uri), ttl_s=30, heartbeat_s=5)
+    barrier.wait()
+    try:
+        lease.acquire(wait_s=0)
+        results.append(("held", lease.epoch))
+    except OutputBusy:
+        results.append(("refused", None))
+
+
+def test_drivers_racing_for_a_stale_lease_one_wins(storage):
+    """Four drivers see the same dead driver's lease at once: each tries to create epoch 2 (a conditional create),
+    exactly one holds it, the others are refused (no settle time, no clock)."""
+    _dead(storage)
+    barrier, results = threading.Barrier(4), []
+    threads = [threading.Thread(target=_contend, args=(storage, barrier, results)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(r for r, _ in results) == ["held", "refused", "refused", "refused"]
+    assert [e for r, e in results if r == "held"] == [2] and _holder(storage)["epoch"] == 2
+
+
+def test_release_never_masks_the_error_that_ended_the_run(tmp_path, monkeypatch):
+    storage = Storage(tmp_path)
+    lease = Lease(storage, ttl_s=5, heartbeat_s=1)
+
+    def read_only(*_a, **_k):
+        raise PermissionError("read-only file system")
+
+    with pytest.raises(ValueError, match="the real error"):
+        with lease.held():
+            monkeypatch.setattr(storage, "write_json", read_only)
+            raise ValueError("the real error")
 
 
 def test_a_dead_local_driver_lease_is_taken_over_at_once(tmp_path):
@@ -113,13 +165,13 @@ def test_a_dead_local_driver_lease_is_taken_over_at_once(tmp_path):
     storage = Storage(tmp_path / "out")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)  # that process has exited
-    storage.write_json(Lease.KEY, {"owner": "gone", "host": socket.gethostname(), "pid": pid,
-                                   "heartbeat": time.time()})
-    lease = Lease(storage, ttl_s=60, heartbeat_s=1, settle_s=0.05)
+    storage.write_json(Lease._key(1), {"owner": "gone", "host": socket.gethostname(), "pid": pid,
+                                       "heartbeat": time.time()})
+    lease = Lease(storage, ttl_s=60, heartbeat_s=1)
     lease.acquire()
     assert lease.took_over["owner"] == "gone"
     lease.release()
     for other in ({"host": "another-host", "pid": pid}, {"host": socket.gethostname(), "pid": 1}):
-        storage.write_json(Lease.KEY, {"owner": "alive", **other, "heartbeat": time.time()})
+        storage.write_json(Lease._key(9), {"owner": "alive", **other, "heartbeat": time.time()})
         with pytest.raises(OutputBusy, match="another driver"):
-            Lease(storage, ttl_s=60, heartbeat_s=1, settle_s=0.05).acquire()
+            Lease(storage, ttl_s=60, heartbeat_s=1).acquire()

@@ -65,7 +65,7 @@ def check(cfg) -> list[str]:
         elif not (value.startswith(("s3://", "gs://")) or value.startswith(d.shared.mount.rstrip("/") + "/")):
             problems.append(f"{key} = {value}: not shared by the pods; use an s3:// or gs:// URI or a path under "
                             f"deploy.shared.mount ({d.shared.mount})")
-    if cfg.build.lease_wait_s < cfg.build.lease_ttl_s:
+    if cfg.build.lease_wait < cfg.build.lease_ttl_s:
         problems.append(f"build.lease_wait_s = {cfg.build.lease_wait_s} < build.lease_ttl_s = "
                         f"{cfg.build.lease_ttl_s}: a retried RayJob would fail on its dead driver's lease")
     return problems

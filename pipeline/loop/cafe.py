@@ -299,7 +299,7 @@ def run_loop(ctx: LoopContext, until: str | None = None, echo=print):
     graph = cafe_graph(ctx.rounds)
     state = ctx.state
     lease = Lease(state.sub("_loop"), ttl_s=ctx.cfg.build.lease_ttl_s, heartbeat_s=ctx.cfg.build.lease_ttl_s / 6)
-    lease.acquire(wait_s=ctx.cfg.build.lease_wait_s)
+    lease.acquire(wait_s=ctx.cfg.build.lease_wait)
     try:
         if not any(i.action == "run" for i in graph.plan(ctx, state, until)):
             return graph.run(ctx, state, until=until, echo=echo)  # all finished: no Ray, no model

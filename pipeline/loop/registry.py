@@ -95,6 +95,15 @@ def gate_check(candidate: dict, current: dict | None, metrics: list[str], tolera
     return True, "gate passed: " + ", ".join(f"{m} {candidate[m]:.4f} (current {current[m]:.4f})" for m in metrics)
 
 
+def verdict(cand: Version, current: Version | None, metrics: list[str], tolerance: float) -> tuple[bool, str]:
+    """The compare-and-swap and the gate: promote only if the current model is still the one ``cand`` was measured
+    against (else ``stale``) and every gated metric passes against it."""
+    if (current.version if current else None) != cand.base:
+        return False, (f"stale: measured against version {cand.base}, but the current model is now version "
+                       f"{current.version if current else None}")
+    return gate_check(cand.metrics, current.metrics if current else None, metrics, tolerance)
+
+
 class SqliteRegistry:
     def __init__(self, path: str | Path, timeout_s: float = 60.0):
         self.path = Path(path)
@@ -158,11 +167,7 @@ class SqliteRegistry:
                 current = self._current(db)
                 if cand.status != "candidate":
                     raise ValueError(f"version {version} is {cand.status}, not a candidate")
-                if (current.version if current else None) != cand.base:
-                    ok, reason = False, (f"stale: measured against version {cand.base}, but the current model is "
-                                         f"now version {current.version if current else None}")
-                else:
-                    ok, reason = gate_check(cand.metrics, current.metrics if current else None, metrics, tolerance)
+                ok, reason = verdict(cand, current, metrics, tolerance)
                 self._set(db, version, "promoted" if ok else "rejected", reason)
                 db.execute("COMMIT")
             except BaseException:
@@ -299,11 +304,7 @@ class LogRegistry:
             cand, current = versions[version], self._current_of(versions)
             if cand.status != "candidate":
                 raise ValueError(f"version {version} is {cand.status}, not a candidate")
-            if (current.version if current else None) != cand.base:
-                ok, reason = False, (f"stale: measured against version {cand.base}, but the current model is "
-                                     f"now version {current.version if current else None}")
-            else:
-                ok, reason = gate_check(cand.metrics, current.metrics if current else None, metrics, tolerance)
+            ok, reason = verdict(cand, current, metrics, tolerance)
             return {"op": "decide", "version": version, "status": "promoted" if ok else "rejected", "reason": reason}
 
         event, _ = self._append(make)
