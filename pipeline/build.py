@@ -298,8 +298,9 @@ def stage_graph(ds, cfg: CafeConfig, kw: dict, env: dict[str, str] | None = None
                         num_cpus=d.num_cpus_per_actor,
                         num_gpus=(d.transformers.num_gpus_per_actor or None) if llm else None,
                         resources=res.get("dialogue"), fn_constructor_kwargs=ekw("dialogue"), **env_kw)
+    sink_kw = {k: v for k, v in kw.items() if k != "fingerprints"}  # the sink loads no model
     ds = ds.map_batches(sink_batch, batch_size=None, batch_format="pyarrow", num_cpus=b.sink_num_cpus,
-                        resources=res.get("sink"), fn_kwargs=kw, **env_kw)
+                        resources=res.get("sink"), fn_kwargs=sink_kw, **env_kw)
     return ds
 
 
@@ -448,7 +449,7 @@ def run_build(cfg: CafeConfig, out_dir: str | os.PathLike | None = None, address
         if todo:
             with ray_session(cfg, address):
                 kw = {"config": cfg.model_dump(mode="json"), "out": out.uri, "keys": keys, "owner": owner,
-                      "epoch": lease.epoch}
+                      "epoch": lease.epoch, "fingerprints": fingerprints}
                 ds = ray.data.from_items([{"chunk": c} for c in todo], override_num_blocks=len(todo))
                 done = 0
                 env = forwarded_env(cfg)

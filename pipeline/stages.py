@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import time
 import uuid
 from collections import OrderedDict
@@ -86,18 +87,39 @@ class _Stage:
     name = ""
 
     def __init__(self, config: dict, out: str, keys: dict, owner: str, eager: bool = False,
-                 epoch: int | None = None):
+                 epoch: int | None = None, fingerprints: dict[str, str] | None = None):
         self.cfg = CafeConfig.model_validate(config)
         self.out = Storage(out, owner=owner)
         self.keys = keys
         self.epoch = epoch  # the driver's lease epoch: a worker that outlived its driver does not commit
+        self.fingerprints = fingerprints or {}  # what the driver keyed the stages by: this node must load the same
         self._ready = False
         if eager:  # load now, while upstream stages work, rather than when the first block arrives
             self._setup_once()
 
+    def model_dirs(self) -> dict[str, Path]:
+        """The model directories this stage loads, by the name the driver fingerprinted them under."""
+        return {}
+
+    def check_models(self) -> None:
+        """Every model this actor is about to load has the fingerprint the driver keyed the build by: a node whose
+        copy differs (a stale sync, another mount) fails loudly instead of writing rows under the wrong key."""
+        from training.models.fingerprint import fingerprint
+
+        for name, directory in self.model_dirs().items():
+            want = self.fingerprints.get(name)
+            if want is None:
+                continue
+            got = fingerprint(directory) if Path(directory).is_dir() else "missing"
+            if got != want:
+                raise ModelMismatch(f"{self.name} on {socket.gethostname()}: {name} at {directory} has fingerprint "
+                                    f"{got}, the driver's is {want}: this node's model copy differs from the "
+                                    "driver's (sync the models volume or the node's copy) — nothing was written")
+
     def _setup_once(self) -> None:
         if not self._ready:
             t0 = time.perf_counter()
+            self.check_models()
             self.setup()
             self._ready = True
             log.info("%s: setup took %.1f s", self.name, time.perf_counter() - t0)
@@ -117,6 +139,10 @@ class _Stage:
         if extra or any(NEW in r for r in outs):
             table = table.append_column(NEW, pa.array([bool(r.get(NEW)) for r in outs], pa.bool_()))
         return table
+
+
+class ModelMismatch(RuntimeError):
+    """A worker's model copy is not the one the driver keyed the build by."""
 
 
 def plan_sources(out: Storage, plan_key: str, chunk: str) -> list[dict]:
@@ -183,6 +209,9 @@ class SourcesStage(_Stage):
     """Chunk id → the chunk's records: committed generation output, plus decoded sources still to generate."""
 
     name = "sources"
+
+    def model_dirs(self) -> dict[str, Path]:
+        return {"t2i": self.cfg.models.role_dir("t2i")} if self.cfg.build.sources.kind == "generate" else {}
 
     def setup(self) -> None:
         from filtering.images import ImagePolicy
@@ -310,6 +339,19 @@ class GenerateStage(_Stage):
     """ProFusion (SPEC §4.5): fine-tune once per source (if configured), sample its rows, commit the chunk."""
 
     name = "generate"
+
+    def model_dirs(self) -> dict[str, Path]:
+        b, m = self.cfg.build, self.cfg.models
+        roles = ["t2i", "promptnet"] if b.round == 0 else ["t2i", "clip_cond", "dino_cond"] + (
+            ["llm"] if b.distill.mode == "mix" else [])
+        return {r: m.role_dir(r) for r in roles}
+
+    def check_models(self) -> None:
+        super().check_models()
+        want = self.fingerprints.get("distill")
+        if self.cfg.build.round >= 1 and want is not None and distill_checkpoint(self.cfg) != want:
+            raise ModelMismatch(f"generate on {socket.gethostname()}: the round {self.cfg.build.round - 1} "
+                                f"weights read here ({distill_checkpoint(self.cfg)}) are not the driver's ({want})")
 
     def setup(self) -> None:
         from training.models.kit import load_from_config, resolve_device
@@ -454,6 +496,11 @@ class ScoreStage(_Stage):
 
     name = "score"
 
+    def model_dirs(self) -> dict[str, Path]:
+        m, oracle = self.cfg.models, self.cfg.build.scoring.oracle
+        return {"clip_filter": m.role_dir("clip_filter"), "dino_filter": m.role_dir("dino_filter"),
+                **({"oracle": Path(oracle)} if oracle else {})}
+
     def setup(self) -> None:
         from filtering.scorers import FusedScorer
 
@@ -511,6 +558,10 @@ class DialogueStage(_Stage):
     """Apply the rules to the stored scores, then write dialogue for the kept rows (D4)."""
 
     name = "dialogue"
+
+    def model_dirs(self) -> dict[str, Path]:
+        d = self.cfg.build.dialogue
+        return {"dialogue_llm": self.cfg.models.role_dir("dialogue_llm")} if d.backend == "transformers" else {}
 
     def setup(self) -> None:
         from pipeline.dialogue import make_backend

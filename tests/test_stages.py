@@ -192,3 +192,21 @@ def test_workers_of_a_superseded_driver_do_not_commit(tiny_models, tmp_path):
         sink_batch(scored, **kw, epoch=1)
     assert not out.exists(f"_work/sink/{keys['dialogue']}/{chunk}.json")
     assert sink_batch(scored, **kw, epoch=2).to_pylist()[0]["committed"]
+
+
+def test_an_actor_whose_model_copy_differs_from_the_drivers_refuses_to_load_it(tiny_models, tmp_path):
+    """Each stage checks the fingerprints of the models it loads against the driver's (what the stage keys hold)
+    before loading: the same copy passes; another copy fails with the node, role, path and both fingerprints."""
+    from pipeline.stages import ModelMismatch
+    from training.models.fingerprint import fingerprint
+
+    cfg, out, keys, chunk, kw = _setup(tiny_models, tmp_path)
+    fps = {r: fingerprint(cfg.models.role_dir(r)) for r in ("t2i", "promptnet", "clip_filter", "dino_filter")}
+    for stage in (GenerateStage, ScoreStage):
+        stage(**kw, fingerprints=fps).check_models()  # the driver's copy: passes
+    with pytest.raises(ModelMismatch, match=r"generate on .*: promptnet at .* has fingerprint [0-9a-f]{16}, "
+                                            r"the driver's is 0{16}"):
+        GenerateStage(**kw, fingerprints={**fps, "promptnet": "0" * 16})._setup_once()
+    with pytest.raises(ModelMismatch, match="dino_filter"):
+        ScoreStage(**kw, fingerprints={**fps, "dino_filter": "f" * 16})._setup_once()
+    assert set(GenerateStage(**kw).model_dirs()) == {"t2i", "promptnet"}
