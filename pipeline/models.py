@@ -17,6 +17,28 @@ from pipeline.config import ROLE_NAMES, CafeConfig, ModelsConfig, load_config
 log = logging.getLogger(__name__)
 
 
+class ModelMismatch(RuntimeError):
+    """A worker's model copy is not the one the driver keyed the work by."""
+
+
+def check_fingerprints(dirs: dict[str, str | os.PathLike], want: dict[str, str], who: str) -> None:
+    """Every directory of ``dirs`` has the fingerprint the driver recorded in ``want`` (names missing from ``want``
+    are not checked): a node whose copy differs (a stale sync, another mount) fails loudly, before loading it,
+    instead of producing rows or weights under the wrong key."""
+    import socket
+
+    from training.models.fingerprint import fingerprint
+
+    for name, directory in dirs.items():
+        if want.get(name) is None:
+            continue
+        got = fingerprint(directory) if Path(directory).is_dir() else "missing"
+        if got != want[name]:
+            raise ModelMismatch(f"{who} on {socket.gethostname()}: {name} at {directory} has fingerprint {got}, "
+                                f"the driver's is {want[name]}: this node's model copy differs from the driver's "
+                                "(sync the models volume or the node's copy) — nothing was written")
+
+
 @dataclass
 class CheckRow:
     role: str

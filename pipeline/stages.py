@@ -38,6 +38,7 @@ import pyarrow as pa
 
 from pipeline.config import CafeConfig
 from pipeline.store import Lease, Storage, is_uri, local_copy, table_hash
+from pipeline.models import ModelMismatch, check_fingerprints
 from training.data import schema as S
 from training.data.ids import row_id, stable_int
 
@@ -102,19 +103,8 @@ class _Stage:
         return {}
 
     def check_models(self) -> None:
-        """Every model this actor is about to load has the fingerprint the driver keyed the build by: a node whose
-        copy differs (a stale sync, another mount) fails loudly instead of writing rows under the wrong key."""
-        from training.models.fingerprint import fingerprint
-
-        for name, directory in self.model_dirs().items():
-            want = self.fingerprints.get(name)
-            if want is None:
-                continue
-            got = fingerprint(directory) if Path(directory).is_dir() else "missing"
-            if got != want:
-                raise ModelMismatch(f"{self.name} on {socket.gethostname()}: {name} at {directory} has fingerprint "
-                                    f"{got}, the driver's is {want}: this node's model copy differs from the "
-                                    "driver's (sync the models volume or the node's copy) — nothing was written")
+        """Every model this actor is about to load has the fingerprint the driver keyed the build by."""
+        check_fingerprints(self.model_dirs(), self.fingerprints, self.name)
 
     def _setup_once(self) -> None:
         if not self._ready:
@@ -139,10 +129,6 @@ class _Stage:
         if extra or any(NEW in r for r in outs):
             table = table.append_column(NEW, pa.array([bool(r.get(NEW)) for r in outs], pa.bool_()))
         return table
-
-
-class ModelMismatch(RuntimeError):
-    """A worker's model copy is not the one the driver keyed the build by."""
 
 
 def plan_sources(out: Storage, plan_key: str, chunk: str) -> list[dict]:

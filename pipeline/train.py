@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.models import check_fingerprints
 from pipeline.store import Storage, is_uri, local_copy
 from pipeline.train_config import MODELS
 from training.data import schema
@@ -207,6 +208,8 @@ def _worker_loop(config: dict) -> None:
         torch.cuda.set_device(device)
     ds_config = config["ds_config"]
     zero3 = ds_config if engine.zero_stage(ds_config) == 3 else None
+    check_fingerprints({r: ref.path for r, ref in config["roles"].items()}, config["fingerprints"],
+                       f"train {config['model']} worker {rank}")
     section = config["section"]
     if getattr(section, "init_from", None):  # exported weights on object storage: this node's local copy
         section = section.model_copy(update={"init_from": local_copy(section.init_from)})
@@ -415,8 +418,12 @@ def train_model(cfg, model: str, address: str | None = None, echo=print) -> Trai
                                  section.epochs, section.max_steps)
         epochs_needed = section.epochs if section.max_steps is None else 10**9
         progress = _progress_actor()
+        from training.models.fingerprint import fingerprint
+
+        refs = role_refs(cfg)
         loop_config = {
-            "model": model, "section": section, "roles": role_refs(cfg), "cached": cached,
+            "model": model, "section": section, "roles": refs, "cached": cached,
+            "fingerprints": {r: fingerprint(ref.path) for r, ref in refs.items() if Path(ref.path).is_dir()},
             "use_gpu": workers.use_gpu, "ds_config": ds_config, "micro_batch": section.micro_batch_size,
             "accumulation": section.gradient_accumulation, "epochs": epochs_needed, "total_steps": total,
             "every": cfg.train.checkpoint.every_steps, "stop_at": cfg.train.stop_at_step,

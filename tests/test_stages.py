@@ -197,7 +197,7 @@ def test_workers_of_a_superseded_driver_do_not_commit(tiny_models, tmp_path):
 def test_an_actor_whose_model_copy_differs_from_the_drivers_refuses_to_load_it(tiny_models, tmp_path):
     """Each stage checks the fingerprints of the models it loads against the driver's (what the stage keys hold)
     before loading: the same copy passes; another copy fails with the node, role, path and both fingerprints."""
-    from pipeline.stages import ModelMismatch
+    from pipeline.models import ModelMismatch
     from training.models.fingerprint import fingerprint
 
     cfg, out, keys, chunk, kw = _setup(tiny_models, tmp_path)
