@@ -340,6 +340,7 @@ def write_dataset_card(out: Storage, manifest: dict) -> None:
     features = S.dataset_features(False)
     header = {
         "license": manifest.get("license") or "other",
+        **({"license_link": manifest["license_link"]} if manifest.get("license_link") else {}),
         "pretty_name": f"CAFE round-{manifest['config']['build']['round']} customization dataset",
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}],
         # datasets' own YAML form of the features (what `push_to_hub` writes into a card)
@@ -371,8 +372,9 @@ Each row pairs a source image (`input_image`) and a user request (`user_text`) w
 - schema version: {manifest['schema_version']} · code: {manifest['code_version']} · dataset hash: `{manifest['dataset_hash']}`
 - keys: `{json.dumps(manifest['keys'], sort_keys=True)}`
 - model fingerprints: `{json.dumps(manifest['model_fingerprints'], sort_keys=True)}`
-- license: `{header['license']}` — the license of the generated data follows the source images' and the models'
-  licenses; set `build.license` to record it.
+- license: `{header['license']}` ({header.get('license_link') or 'no link recorded: set `build.license_link`'}) —
+  the license of the generated data follows the source images' and the models' licenses; set `build.license` to
+  record it.
 
 Filter ({rules_text}); the rows below a threshold are in `candidates/` with their scores, and `cafe refilter`
 applies other thresholds without regenerating.{oracle_text}
@@ -486,7 +488,7 @@ def run_build(cfg: CafeConfig, out_dir: str | os.PathLike | None = None, address
             "config_hash": keys["dialogue"],
             "model_fingerprints": fingerprints,
             "code_version": code_version(),
-            "license": cfg.build.license,
+            "license": cfg.build.license, "license_link": cfg.build.license_link,
             "funnel": funnel,
             "rules": {"mode": r.mode, "clip_t_min": r.clip_t_min, "dino_min": r.dino_min,
                       "clip_t_quantile": r.clip_t_quantile, "dino_quantile": r.dino_quantile,

@@ -349,6 +349,8 @@ class BuildConfig(_Strict):
         return self.lease_ttl_s if self.lease_wait_s is None else self.lease_wait_s
     #: recorded in the dataset card and manifest (e.g. "cc-by-nc-4.0"); "other" when unknown
     license: str = Field("other", min_length=1, max_length=64)
+    #: where the license text is (recorded as the card's ``license_link``; the Hub expects one with ``other``)
+    license_link: str | None = Field(None, pattern=r"^https://\S+$", max_length=500)
     #: custom Ray resources per stage (sources, generate, score, dialogue, sink), e.g. to pin generation to
     #: GPU nodes: ``{generate: {gen_node: 0.01}}``
     resources: dict[Literal["sources", "generate", "score", "dialogue", "sink"], dict[str, float]] = Field(

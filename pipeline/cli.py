@@ -569,7 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cafe", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="console detail (DEBUG adds Ray Data's progress, per-chunk lines and library logs)")
     parser.add_argument("--version", action="version", version=f"cafe {_version()}")
     nouns = parser.add_subparsers(dest="noun", metavar="COMMAND", required=True)
 
@@ -587,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = nouns.add_parser("models", help="tiny checkpoints and model checks").add_subparsers(dest="verb", required=True)
     p = models.add_parser("make-tiny", help="write a seeded tiny set of every model role into DIR")
     p.add_argument("dir")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds every tiny model's initialisation")
     p.add_argument("--overwrite", action="store_true", help="rewrite roles that already exist")
     p.set_defaults(func=cmd_models_make_tiny)
     p = models.add_parser("check", help="load every role, run one forward pass, print a table")
@@ -600,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="the authors' PromptNet weights (.safetensors, or .bin read with weights_only=True)")
     p.add_argument("--t2i", required=True, help="the t2i role directory (SD2 diffusers layout) it was trained on")
     p.add_argument("--image-encoder", required=True, help="transformers CLIPVisionModel dir (CLIP ViT-H/14)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the promptnet role directory to write")
     p.set_defaults(func=cmd_models_convert_promptnet)
 
     for verb, fn, text in (("list", cmd_models_registry, "the registry's versions (* marks the current model)"),
@@ -608,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
                            ("rollback", cmd_models_registry, "retire the current model; the previous one serves")):
         p = models.add_parser(verb, help=text)
         if verb == "promote":
-            p.add_argument("version", type=int)
+            p.add_argument("version", type=int, help="a registry version (see `cafe models list`)")
         p.add_argument("--config", default="configs/tiny.yaml", help="config naming pipeline.registry")
         p.add_argument("--registry", help="registry: a *.sqlite file, or a directory / s3:// prefix (default: from the config)")
         _add_set(p)
@@ -663,10 +664,10 @@ def build_parser() -> argparse.ArgumentParser:
                        ("stop", "stop a job and wait for it to end")):
         p = jobs.add_parser(verb, help=text)
         if verb != "list":
-            p.add_argument("job_id")
+            p.add_argument("job_id", help="the submission id `cafe submit` printed (see `cafe jobs list`)")
         p.add_argument("--address", help="the Ray dashboard, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
         if verb == "logs":
-            p.add_argument("--follow", action="store_true")
+            p.add_argument("--follow", action="store_true", help="stream until the job ends; exit with its status")
         if verb == "stop":
             p.add_argument("--wait-s", type=float, default=60.0, help="how long to wait for it to end")
         p.set_defaults(func=cmd_jobs)
@@ -688,7 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = nouns.add_parser("refilter", help="re-apply rules to a built dataset's stored scores (no recomputation)")
     p.add_argument("dataset", help="output directory of a `cafe build`")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the new output (a directory or URI); the input is not changed")
     _add_set(p)
     p.set_defaults(func=cmd_refilter)
 
@@ -700,13 +701,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "conversations + images, for LLaVA/TRL-style trainers)")
     p.add_argument("dataset", help="output directory (or URI) of a `cafe build`")
     p.add_argument("--out", required=True, help="where the export goes (a directory or URI; replaced)")
-    p.add_argument("--format", default="messages", choices=["messages"])
+    p.add_argument("--format", default="messages", choices=["messages"], help="messages: chat turns + images + the target image")
     p.add_argument("--address", help="Ray address of an existing cluster (default: a local loopback cluster)")
     p.set_defaults(func=cmd_export)
 
     p = nouns.add_parser("train", help="train CAFE's MLLM, conditioned diffusion model or PromptNet (Ray Train + "
                          "DeepSpeed); re-running the same command resumes from the latest checkpoint")
-    p.add_argument("model", choices=["mllm", "diffusion", "promptnet"])
+    p.add_argument("model", choices=["mllm", "diffusion", "promptnet"], help="which model to train")
     p.add_argument("config")
     p.add_argument("--address", help="Ray address of an existing cluster (default: a local loopback cluster)")
     _add_set(p)
@@ -727,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="direct mode: the CLIP embedding of this image replaces the MLLM's prediction")
     p.add_argument("--requests", help="batch mode: a Parquet or JSONL file of requests (image, text[, clip_image, "
                    "seed, id]) run on Ray Data")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampler's noise")
     p.add_argument("--out", default="outputs/generate", help="output directory")
     p.add_argument("--address", help="Ray address for batch mode (default: a local loopback cluster)")
     _add_set(p)
@@ -746,20 +747,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(func=cmd_concepts_run)
     p = concepts.add_parser("status", help="print the job table")
-    p.add_argument("jobs", nargs="?", default="configs/concepts/tiny.yaml")
-    p.add_argument("--config")
+    p.add_argument("jobs", nargs="?", default="configs/concepts/tiny.yaml",
+                   help="the job file or config naming concepts.output (default configs/concepts/tiny.yaml)")
+    p.add_argument("--config", help="config for a JSONL/Parquet job table (default configs/tiny.yaml)")
     _add_set(p)
     p.set_defaults(func=cmd_concepts_status)
     p = concepts.add_parser("generate", help="images of finished concepts ('{}' in the prompt = the concept phrase)")
     p.add_argument("--config", default="configs/concepts/tiny.yaml", help="job file or config naming concepts.output")
     p.add_argument("--concept", action="append", metavar="ID", help="concept id; repeat to compose Infusion concepts")
-    p.add_argument("--prompt")
+    p.add_argument("--prompt", help="the prompt, required without --requests; '{}' stands for the concept phrase")
     p.add_argument("--method", choices=["ico", "infusion", "em"], help="when a concept has runs of several methods")
     p.add_argument("--dci", action="store_true", help="DCI dual-branch sampling (ICO concepts)")
     p.add_argument("--lambda", dest="lam", type=float, help="DCI injection ratio λ (default concepts.dci.lam)")
     p.add_argument("--aux-noun", dest="aux_noun", help="DCI auxiliary noun (default: automatic)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-images", dest="num_images", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampler's noise")
+    p.add_argument("--num-images", dest="num_images", type=int, default=1, help="images to write")
     p.add_argument("--requests", help="batch mode: a JSONL/Parquet file of requests (concepts, prompt[, seed, dci, "
                    "lam, aux_noun]) served by the actor pool")
     p.add_argument("--out", help="output directory (default <run.output_dir>/concepts-generate)")
@@ -777,9 +779,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(func=cmd_concepts_masks)
     p = concepts.add_parser("eval", help="CLIP-T, CLIP-I, DINO (and LFD/W2 with concepts.eval.divergence) of a concept")
-    p.add_argument("--config", default="configs/concepts/tiny.yaml")
-    p.add_argument("--concept", required=True)
-    p.add_argument("--method", choices=["ico", "infusion", "em"])
+    p.add_argument("--config", default="configs/concepts/tiny.yaml", help="job file or config naming concepts.output")
+    p.add_argument("--concept", required=True, help="the concept id")
+    p.add_argument("--method", choices=["ico", "infusion", "em"], help="when a concept has runs of several methods")
     _add_set(p)
     p.set_defaults(func=cmd_concepts_eval)
 
@@ -788,7 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = world.add_parser("make", help="render the domain, train every world model, write assets and gates into DIR "
                          "(resumable; skips stages whose code, config and seed are unchanged)")
     p.add_argument("dir")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the world's renders and every model's initialisation")
     p.add_argument("--only", action="append", metavar="STAGE", help="run only this stage; repeatable")
     p.add_argument("--force", action="store_true", help="rerun stages even when they are done")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
@@ -799,7 +801,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write", action="store_true", help="also rewrite DIR/gates.json and DIR/GATES.md")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.set_defaults(func=cmd_world_check)
+    _describe(parser)
     return parser
+
+
+#: help of positionals that many commands share (a command's own help wins)
+POSITIONAL_HELP = {
+    "config": "a YAML config (configs/tiny.yaml is the embedded default); `--set key=value` overrides it",
+    "configs": "YAML configs",
+    "files": "YAML config files",
+    "file": "a YAML config",
+    "dataset": "a built dataset: the --out directory (or URI) of a `cafe build`",
+    "dir": "a directory",
+}
+
+
+def _describe(parser: argparse.ArgumentParser) -> None:
+    """Every sub-command's ``--help`` opens with its one-line help, and shared positionals say what they take."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                if sub.description is None and helps.get(name):
+                    sub.description = helps[name][:1].upper() + helps[name][1:] + "."
+                _describe(sub)
+        elif not action.option_strings and action.help is None and action.dest in POSITIONAL_HELP:
+            action.help = POSITIONAL_HELP[action.dest]
 
 
 # how libraries written in Rust (safetensors, tokenizers) report an I/O error: "... (os error 28)"

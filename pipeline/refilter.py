@@ -337,7 +337,7 @@ def _manifest(old: dict, cfg: CafeConfig, overrides: list[str], src_dir: str, th
         "model_fingerprints": fingerprints,
         "code_version": old.get("code_version"),
         "refilter_code_version": code_version(),
-        "license": old.get("license"),
+        "license": old.get("license"), "license_link": old.get("license_link"),
         "funnel": funnel,
         "rules": {"mode": rules.mode, "clip_t_min": rules.clip_t_min, "dino_min": rules.dino_min,
                   "clip_t_quantile": rules.clip_t_quantile, "dino_quantile": rules.dino_quantile,

@@ -364,3 +364,28 @@ def test_help_validation_and_lookup_errors_import_no_torch(tmp_path):
                          text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-1000:] + out.stderr[-2000:]
     assert "no finished run of concept 'nope'" in out.stderr
+
+
+def test_every_subcommand_describes_itself_and_every_argument():
+    """`cafe X --help` opens with what X does, and no argument of any command is left without help."""
+    import argparse
+
+    from pipeline.cli import build_parser
+
+    missing: list[str] = []
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    if not sub.description:
+                        missing.append(" ".join(path + [name]) + ": no description")
+                    walk(sub, path + [name])
+            elif action.help is None and action.dest != "help":
+                missing.append(" ".join(path) + f": {action.dest} has no help")
+
+    walk(build_parser(), ["cafe"])
+    assert missing == []
+    build = build_parser()._subparsers._group_actions[0].choices["build"]
+    assert build.description == "Round-0 CAFE dataset construction on Ray Data."
+    assert "configs/tiny.yaml is the embedded default" in " ".join(build.format_help().split())

@@ -103,7 +103,7 @@ def make_src(root: Path) -> Path:
         "schema_version": S.SCHEMA_VERSION, "created": "2025-01-01T00:00:00Z", "status": "complete",
         "config_path": "configs/tiny.yaml", "config": cfg.model_dump(mode="json"), "keys": stage_keys(cfg, {}),
         "config_hash": stage_keys(cfg, {})["dialogue"], "model_fingerprints": {}, "code_version": "test",
-        "license": "other",
+        "license": "cc-by-4.0", "license_link": "https://creativecommons.org/licenses/by/4.0/",
         "funnel": [
             {"stage": "sources", "unit": "sources", "in": 9, "out": 8, "removed": {"not_an_image": 1}},
             {"stage": "generate", "unit": "rows", "in": n, "out": n, "removed": {}},
@@ -318,3 +318,7 @@ def test_result_loads_with_datasets_and_images_are_identical(src, tmp_path):
             assert row[col]["bytes"] == src_rows[row[S.ID]][col]["bytes"]
     card = (new / "dataset" / "README.md").read_text()
     assert f"rows: {m['counts']['kept']}" in card and m["dataset_hash"] in card
+    import yaml
+
+    header = yaml.safe_load(card.split("---\n")[1])  # the license and its link travel to the refiltered card
+    assert header["license"] == "cc-by-4.0" and header["license_link"] == "https://creativecommons.org/licenses/by/4.0/"
