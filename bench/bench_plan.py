@@ -13,11 +13,11 @@ num_per_class: S / 10}`` and the chunking of ``configs/paper.yaml`` (``rows_per_
 Measured, each in a fresh subprocess (so that one process's RSS is one role's memory):
 
 * the driver: ``pipeline.build.write_plan(cfg, Storage(OUT), key, [])`` -- it streams
-  ``pipeline.sources.iter_sources`` into one small Parquet shard per chunk and writes the ``_PLAN.json`` marker
-  last. A thread samples the process's RSS every 10 ms; printed: RSS before planning (imports done), the peak
+  ``pipeline.sources.iter_sources`` into one Parquet object with one row group per chunk and writes the
+  ``_PLAN.json`` marker last. A thread samples the process's RSS every 10 ms; printed: RSS before planning (imports done), the peak
   while planning, the growth, the kernel's high-water mark (``VmHWM``) and the planning time. Run at a small
   and a large size, so that what grows with the number of sources shows as bytes per source;
-* the plan on disk: files and bytes under ``_work/plan/<key>/`` (shards and marker);
+* the plan on disk: files and bytes under ``_work/plan/<key>/`` (the plan object and the marker);
 * one chunk's reader, as every stage actor and sink task does it: ``pipeline.stages.plan_sources(Storage(OUT),
   key, chunk)``, in a fresh process per plan size: RSS after the imports, after a first read of chunk 000000
   (lazy imports, Arrow's memory pool and threads: paid once per process whatever the plan), then the peak while

@@ -34,10 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.config import CafeConfig
 from pipeline.local_ray import looks_secret
-from pipeline.stages import DialogueStage, GenerateStage, ScoreStage, SourcesStage, distill_checkpoint, sink_batch
+from pipeline.stages import (PLAN_FILE, DialogueStage, GenerateStage, ScoreStage, SourcesStage, distill_checkpoint,
+                             sink_batch)
 from pipeline.store import Lease, Storage, is_uri, join
 from training.data import schema as S
 
@@ -162,9 +164,12 @@ def code_version() -> str:
 
 
 def write_plan(cfg: CafeConfig, out: Storage, plan_key: str, exclude_uris: list[str]) -> list[str]:
-    """Stream the sources into one small Parquet shard per chunk; the ``_PLAN.json`` marker is written last.
+    """Stream the sources into one Parquet object with one row group per chunk (``_work/plan/<key>/plan.parquet``);
+    the ``_PLAN.json`` marker is written last.
 
-    No process ever holds the whole plan: each actor reads only its chunk's shard.
+    One object, however many chunks: planning 46,875 chunks on S3 is one multipart upload, not 46,875 PUTs. No
+    process ever holds the whole plan: the driver streams row groups out, each actor reads only its chunk's row
+    group (:func:`pipeline.stages.plan_sources`).
     """
     from pipeline.sources import iter_sources
 
@@ -178,26 +183,27 @@ def write_plan(cfg: CafeConfig, out: Storage, plan_key: str, exclude_uris: list[
     buf: list[str] = []
     n = 0
     rejected: dict[str, int] = {}
+    schema = pa.schema([("source", pa.string())])
 
-    def flush():
-        cid = f"{len(chunks):06d}"
-        out.write_parquet(f"_work/plan/{plan_key}/{cid}.parquet", pa.table({"source": pa.array(buf, pa.string())}))
-        chunks.append(cid)
-        buf.clear()
+    with out.writer(f"_work/plan/{plan_key}/{PLAN_FILE}") as sink, pq.ParquetWriter(sink, schema) as writer:
+        def flush():
+            writer.write_table(pa.table({"source": pa.array(buf, pa.string())}), row_group_size=len(buf))
+            chunks.append(f"{len(chunks):06d}")  # the chunk id is its row group's index
+            buf.clear()
 
-    # iter_sources gives every listed input its own id (a second listing of one file is a `duplicate` reject),
-    # so no set of ids is kept here: the driver's memory does not grow with the number of sources
-    for source in iter_sources(cfg, exclude_uris=exclude_uris):
-        buf.append(json.dumps(source, sort_keys=True))
-        n += 1
-        if source.get("reject"):
-            rejected[source["reject"][0]] = rejected.get(source["reject"][0], 0) + 1
-        if len(buf) == per_chunk:
+        # iter_sources gives every listed input its own id (a second listing of one file is a `duplicate` reject),
+        # so no set of ids is kept here: the driver's memory does not grow with the number of sources
+        for source in iter_sources(cfg, exclude_uris=exclude_uris):
+            buf.append(json.dumps(source, sort_keys=True))
+            n += 1
+            if source.get("reject"):
+                rejected[source["reject"][0]] = rejected.get(source["reject"][0], 0) + 1
+            if len(buf) == per_chunk:
+                flush()
+                if len(chunks) % 1000 == 0:
+                    log.info("plan: %d sources in %d chunks so far", n, len(chunks))
+        if buf:
             flush()
-            if len(chunks) % 1000 == 0:
-                log.info("plan: %d sources in %d chunks so far", n, len(chunks))
-    if buf:
-        flush()
     if n == sum(rejected.values()):  # nothing usable: no marker, so a fixed input is planned afresh
         where = cfg.build.sources.path or cfg.build.sources.kind
         why = ", ".join(f"{reason}: {count}" for reason, count in sorted(rejected.items())) or "nothing listed"
@@ -205,7 +211,7 @@ def write_plan(cfg: CafeConfig, out: Storage, plan_key: str, exclude_uris: list[
             f"build.sources ({where}): {n} input(s) listed, none usable ({why}); nothing to build. Check "
             "build.sources.path, build.sources.class_from (a folder needs one sub-folder per class) and "
             "build.sources.exclude")
-    out.write_json(marker, {"chunks": chunks, "num_sources": n})
+    out.write_json(marker, {"chunks": chunks, "num_sources": n, "layout": PLAN_FILE})
     return chunks
 
 
@@ -304,12 +310,28 @@ def stage_graph(ds, cfg: CafeConfig, kw: dict, env: dict[str, str] | None = None
     return ds
 
 
-def _aggregate(out: Storage, dialogue_key: str, chunks: list[str]) -> tuple[list[dict], dict, str]:
+#: concurrent reads of the markers a run did not stream back (chunks sunk by an earlier run)
+READ_THREADS = 32
+
+
+def _aggregate(out: Storage, dialogue_key: str, chunks: list[str], known: dict[str, dict] | None = None
+               ) -> tuple[list[dict], dict, str]:
+    """Fold the chunks' sink markers into the funnel, counts and dataset hash. ``known``: markers the sink
+    streamed back during this run; only the others (chunks sunk before) are read, ``READ_THREADS`` at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    known = dict(known or {})
+    missing = [c for c in chunks if c not in known]
+    if missing:
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            for cid, rec in zip(missing, pool.map(lambda c: out.read_json(f"_work/sink/{dialogue_key}/{c}.json"),
+                                                  missing)):
+                known[cid] = rec
     totals: dict[str, dict] = {}
     counts = {"kept": 0, "candidates": 0, "quarantined": 0, "dataset_bytes": 0}
     h = hashlib.sha256()
     for cid in chunks:
-        rec = out.read_json(f"_work/sink/{dialogue_key}/{cid}.json")
+        rec = known[cid]
         for stage in FUNNEL_ORDER:
             r = rec["funnel"][stage]
             t = totals.setdefault(stage, {"stage": stage, "unit": r["unit"], "in": 0, "out": 0, "removed": {}})
@@ -448,6 +470,7 @@ def run_build(cfg: CafeConfig, out_dir: str | os.PathLike | None = None, address
         log.info("build: %d chunks; %d to do (keys %s)", len(chunks), len(todo), keys)
         t_pipeline = time.perf_counter()
         pending, reasons = 0, []
+        markers: dict[str, dict] = {}  # what the sink streamed back: not read again
         if todo:
             with ray_session(cfg, address):
                 kw = {"config": cfg.model_dump(mode="json"), "out": out.uri, "keys": keys, "owner": owner,
@@ -464,6 +487,7 @@ def run_build(cfg: CafeConfig, out_dir: str | os.PathLike | None = None, address
                         done += 1
                         progress.add(row["kept"] if row["committed"] else 0)
                         if row["committed"]:
+                            markers[row["chunk"]] = json.loads(row["marker"])
                             log.debug("build: chunk %s committed, %d kept (%d/%d)", row["chunk"], row["kept"], done,
                                       len(todo))
                         else:
@@ -476,7 +500,7 @@ def run_build(cfg: CafeConfig, out_dir: str | os.PathLike | None = None, address
         sunk = set(c.removesuffix(".json") for c in out.list(f"_work/sink/{keys['dialogue']}"))
         done_chunks = [c for c in chunks if c in sunk]
         _remove_stale_shards(out, chunks)
-        funnel, counts, dataset_hash = _aggregate(out, keys["dialogue"], done_chunks)
+        funnel, counts, dataset_hash = _aggregate(out, keys["dialogue"], done_chunks, markers)
         r = cfg.build.rules
         manifest = {
             "schema_version": S.SCHEMA_VERSION,

@@ -35,10 +35,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.config import CafeConfig
-from pipeline.store import Lease, Storage, is_uri, local_copy, table_hash
 from pipeline.models import ModelMismatch, check_fingerprints
+from pipeline.store import Lease, Storage, is_uri, local_copy, table_hash
 from training.data import schema as S
 from training.data.ids import row_id, stable_int
 
@@ -131,9 +132,38 @@ class _Stage:
         return table
 
 
+#: the plan: one Parquet object, one row group per chunk (row group i = chunk ``f"{i:06d}"``)
+PLAN_FILE = "plan.parquet"
+_PLAN_FILES: "OrderedDict[tuple[str, str], pq.ParquetFile]" = OrderedDict()
+
+
 def plan_sources(out: Storage, plan_key: str, chunk: str) -> list[dict]:
-    table = out.read_parquet(f"_work/plan/{plan_key}/{chunk}.parquet")
+    """The sources of one chunk: its row group of the plan object (the footer is read once per process and plan).
+    Plans written before the one-object layout (one ``<chunk>.parquet`` each) are read as they are."""
+    key = (out.uri, plan_key)
+    plan = _PLAN_FILES.get(key)
+    if plan is None:
+        rel = f"_work/plan/{plan_key}/{PLAN_FILE}"
+        if not out.is_file(rel):
+            table = out.read_parquet(f"_work/plan/{plan_key}/{chunk}.parquet")
+            return [json.loads(s) for s in table["source"].to_pylist()]
+        plan = pq.ParquetFile(out.fs.open_input_file(out.path(rel)))
+        _PLAN_FILES[key] = plan
+        while len(_PLAN_FILES) > 4:
+            _PLAN_FILES.popitem(last=False)
+    table = plan.read_row_group(int(chunk), columns=["source"])
     return [json.loads(s) for s in table["source"].to_pylist()]
+
+
+def plan_table(out: Storage, plan_key: str) -> pa.Table:
+    """The whole plan (its ``source`` column), either layout: for tools that need every planned source."""
+    rel = f"_work/plan/{plan_key}/{PLAN_FILE}"
+    if out.is_file(rel):
+        return out.read_parquet(rel, columns=["source"])
+    shards = [f"_work/plan/{plan_key}/{n}" for n in out.list(f"_work/plan/{plan_key}")
+              if n.endswith(".parquet") and not n.startswith(".")]
+    return pa.concat_tables([out.read_parquet(s, columns=["source"]) for s in shards]) if shards else \
+        pa.table({"source": pa.array([], pa.string())})
 
 
 # ------------------------------------------------------------------------------------------------ ledger
@@ -679,7 +709,8 @@ def sink_batch(batch: pa.Table, config: dict, out: str, keys: dict, owner: str,
         pending = [r for r in records if r[S.STATUS] == S.STATUS_PENDING]
         if pending:
             summary.append({"chunk": chunk, "committed": False, "pending": len(pending), "kept": 0,
-                            "reasons": json.dumps(sorted({f"{r['q_stage']}: {r['q_detail']}"[:200] for r in pending}))})
+                            "reasons": json.dumps(sorted({f"{r['q_stage']}: {r['q_detail']}"[:200] for r in pending})),
+                            "marker": None})
             continue
         rows = sorted((r for r in records if r[S.STATUS] == S.STATUS_ROW or r["q_stage"] == "dialogue"),
                       key=lambda r: r[S.ID])
@@ -695,10 +726,13 @@ def sink_batch(batch: pa.Table, config: dict, out: str, keys: dict, owner: str,
         storage.write_parquet(f"candidates/data/{chunk}.parquet", candidates)
         storage.write_parquet(f"quarantine/data/{chunk}.parquet", qt)
         fence(storage, epoch)
-        storage.write_json(f"_work/sink/{keys['dialogue']}/{chunk}.json", {
-            "funnel": chunk_funnel(len(sources), records), "kept": data.num_rows, "candidates": candidates.num_rows,
-            "quarantined": qt.num_rows, "dataset_hash": table_hash(data), "dataset_bytes": nbytes})
-        summary.append({"chunk": chunk, "committed": True, "pending": 0, "kept": data.num_rows, "reasons": "[]"})
+        marker = {"funnel": chunk_funnel(len(sources), records), "kept": data.num_rows,
+                  "candidates": candidates.num_rows, "quarantined": qt.num_rows, "dataset_hash": table_hash(data),
+                  "dataset_bytes": nbytes}
+        storage.write_json(f"_work/sink/{keys['dialogue']}/{chunk}.json", marker)
+        # the marker travels back too: the driver folds the funnel from these rows instead of reading markers
+        summary.append({"chunk": chunk, "committed": True, "pending": 0, "kept": data.num_rows, "reasons": "[]",
+                        "marker": json.dumps(marker, sort_keys=True)})
     return pa.Table.from_pylist(summary, schema=pa.schema([("chunk", pa.string()), ("committed", pa.bool_()),
                                                            ("pending", pa.int64()), ("kept", pa.int64()),
-                                                           ("reasons", pa.string())]))
+                                                           ("reasons", pa.string()), ("marker", pa.string())]))

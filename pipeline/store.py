@@ -194,6 +194,30 @@ class Storage:
         self.write_bytes(rel, data)
         return len(data)
 
+    @contextmanager
+    def writer(self, rel: str):
+        """A stream for one large object written piece by piece (a Parquet writer's sink): locally a temporary
+        sibling renamed over ``rel`` when the block ends without error; on an object store a multipart upload
+        that completes on close. Readers never see a partial object locally; on object stores the object appears
+        whole at close. Callers that must survive a kill mid-write still commit with a marker written after it."""
+        target = self.path(rel)
+        if not self.is_local:
+            with self.fs.open_output_stream(target) as f:
+                yield f
+            return
+        parent, name = os.path.split(target)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{name}{TMP_INFIX}{self.owner}-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
     def delete(self, rel: str) -> None:
         try:
             self.fs.delete_file(self.path(rel))

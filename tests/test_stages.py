@@ -1,6 +1,8 @@
 """Build stages called in-process (no Ray): rows in blocks, generation ledger, transient vs input failures."""
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 import pytest
 import torch
@@ -40,8 +42,10 @@ def test_chain_in_process_commits_a_chunk(tiny_models, tmp_path):
     block = DialogueStage(**kw)(ScoreStage(**kw)(block))
     assert out.is_file(f"_work/score/{keys['score']}/{chunk}.parquet")
     summary = sink_batch(block, **kw).to_pylist()
-    assert summary == [{"chunk": chunk, "committed": True, "pending": 0, "kept": 4, "reasons": "[]"}]
     marker = out.read_json(f"_work/sink/{keys['dialogue']}/{chunk}.json")
+    # the stored marker streams back to the driver in the summary (it folds the funnel without reading markers)
+    assert summary == [{"chunk": chunk, "committed": True, "pending": 0, "kept": 4, "reasons": "[]",
+                        "marker": json.dumps(marker, sort_keys=True)}]
     assert marker["funnel"]["generate"] == {"stage": "generate", "unit": "rows", "in": 4, "out": 4, "removed": {}}
     # a second pass reads the committed generation instead of decoding or generating again
     again = SourcesStage(**kw)
@@ -210,3 +214,28 @@ def test_an_actor_whose_model_copy_differs_from_the_drivers_refuses_to_load_it(t
     with pytest.raises(ModelMismatch, match="dino_filter"):
         ScoreStage(**kw, fingerprints={**fps, "dino_filter": "f" * 16})._setup_once()
     assert set(GenerateStage(**kw).model_dirs()) == {"t2i", "promptnet"}
+
+
+def test_the_plan_is_one_object_with_a_row_group_per_chunk_and_old_plans_still_read(tiny_models, tmp_path):
+    """``write_plan`` streams one Parquet object (row group i = chunk i); ``plan_sources`` reads one row group; a
+    plan in the earlier layout (one ``<chunk>.parquet`` per chunk, no ``plan.parquet``) reads the same."""
+    import pyarrow.parquet as pq
+
+    from pipeline.stages import PLAN_FILE, plan_sources
+
+    data = tiny_build_config(tiny_models, sources={"classes": ["cat", "dog"], "num_per_class": 5}, rows_per_chunk=4)
+    cfg = as_config(data)
+    keys = stage_keys(cfg, {})
+    out = Storage(tmp_path / "out", owner="test")
+    chunks = write_plan(cfg, out, keys["plan"], [])
+    assert chunks == [f"{i:06d}" for i in range(len(chunks))] and len(chunks) == 5  # 10 sources, 2 per chunk
+    assert sorted(out.list(f"_work/plan/{keys['plan']}")) == ["_PLAN.json", PLAN_FILE]
+    meta = pq.ParquetFile(str(tmp_path / "out" / "_work" / "plan" / keys["plan"] / PLAN_FILE)).metadata
+    assert meta.num_row_groups == 5 and meta.num_rows == 10
+    got = {c: plan_sources(out, keys["plan"], c) for c in chunks}
+    assert [len(v) for v in got.values()] == [2] * 5 and len({s["source_id"] for v in got.values() for s in v}) == 10
+    old = Storage(tmp_path / "old", owner="test")  # the earlier layout, written by hand from the same sources
+    for c, sources in got.items():
+        old.write_parquet(f"_work/plan/{keys['plan']}/{c}.parquet",
+                          pa.table({"source": [json.dumps(s, sort_keys=True) for s in sources]}))
+    assert {c: plan_sources(old, keys["plan"], c) for c in chunks} == got

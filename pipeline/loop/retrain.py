@@ -148,18 +148,12 @@ def add_increment(ctx, snapshot: str, current) -> int:
 
 
 def planned_ids(build: Storage) -> set[str]:
-    """The source ids a build planned (its ``_work/plan/<plan key>/`` shards; [] when it planned nothing)."""
+    """The source ids a build planned (its plan under ``_work/plan/<plan key>/``; [] when it planned nothing)."""
     import json
 
-    import pyarrow.dataset as pads
+    from pipeline.stages import plan_table
 
     identity = build.read_json("_work/identity.json")
     if identity is None:
         return set()
-    shards = [f"_work/plan/{identity['plan']}/{n}" for n in build.list(f"_work/plan/{identity['plan']}")
-              if n.endswith(".parquet") and not n.startswith(".")]
-    if not shards:
-        return set()
-    table = pads.dataset([build.path(s) for s in shards], filesystem=build.fs, format="parquet").to_table(
-        columns=["source"])
-    return {json.loads(s)["source_id"] for s in table.column("source").to_pylist()}
+    return {json.loads(s)["source_id"] for s in plan_table(build, identity["plan"]).column("source").to_pylist()}
