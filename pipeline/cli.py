@@ -836,17 +836,47 @@ _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 def _os_error_in(exc: BaseException) -> OSError | None:
     """The OSError behind ``exc`` (itself, a cause, or a Ray task error's cause), preferring one with a path;
     else one rebuilt from a Rust library's ``(os error N)`` message (no path known)."""
-    seen, found, rust = set(), None, None
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
+    found, rust = None, None
+    for exc in _chain(exc):
         if isinstance(exc, OSError) and (found is None or (found.filename is None and exc.filename is not None)):
             found = exc
         m = _RUST_OS_ERROR.search(str(exc))
         if rust is None and m:
             code = int(m.group(1))
             rust = OSError(code, os.strerror(code))
-        exc = getattr(exc, "cause", None) or exc.__cause__
     return found or rust
+
+
+def _chain(exc: BaseException | None):
+    """``exc``, then what caused it: Python's ``__cause__`` and a Ray task error's ``cause`` (a worker's error)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = getattr(exc, "cause", None) or exc.__cause__
+
+
+#: Ray's errors for a lost node, worker or actor (by name: the CLI's error path imports no Ray)
+RAY_LOSS = ("ActorUnavailableError", "ActorDiedError", "NodeDiedError", "OwnerDiedError", "ObjectLostError",
+            "WorkerCrashedError", "LocalRayletDiedError", "RaySystemError")
+
+
+def _one_line_error(exc: BaseException) -> str | None:
+    """One line for a fault that ended a run inside Ray (a worker's model copy, a superseded driver, a lost
+    node), or None when there is no such known cause."""
+    from pipeline.models import ModelMismatch
+    from pipeline.store import OutputBusy
+
+    for e in _chain(exc):
+        if isinstance(e, (ModelMismatch, OutputBusy)):
+            return f"cafe: error: {str(e).splitlines()[0]}"
+    for e in _chain(exc):
+        if type(e).__name__ in RAY_LOSS:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            return (f"cafe: error: a Ray node, worker or actor was lost ({type(e).__name__}: {first[:300]}); what "
+                    "was committed is kept: re-run the same command to resume (on a cluster, check the node's "
+                    "events: preemption, OOM kill)")
+    return None
 
 
 def _print_os_error(exc: OSError) -> None:
@@ -889,7 +919,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
     except Exception as exc:  # noqa: BLE001 - top level: report and exit non-zero
         inner = _os_error_in(exc)  # e.g. a full disk inside a Ray worker, wrapped by Ray
-        if inner is not None:
+        line = _one_line_error(exc)
+        if line is not None:
+            print(line, file=sys.stderr)
+        elif inner is not None:
             _print_os_error(inner)
         else:
             log.exception("failed: %s", exc)

@@ -322,6 +322,39 @@ def test_os_error_wrapped_in_another_exception_is_one_line(tmp_path, capsys, mon
     assert capsys.readouterr().err == "cafe: error: /data/out/part-0.arrow: No space left on device\n"
 
 
+@pytest.mark.parametrize("case", ["model-mismatch", "superseded", "node-lost"])
+def test_faults_inside_ray_workers_are_one_line(tmp_path, capsys, monkeypatch, case):
+    """What ends a run inside a Ray worker reaches the user as one line (Ray's real error classes, as the driver
+    receives them: a task error whose cause is the worker's exception, or Ray's own loss errors)."""
+    import ray.exceptions as rx
+
+    import pipeline.report
+    from pipeline.models import ModelMismatch
+    from pipeline.store import OutputBusy
+
+    cause = {"model-mismatch": ModelMismatch("generate on node-7: t2i at /models/t2i has fingerprint aaaa, the "
+                                             "driver's is bbbb: this node's model copy differs"),
+             "superseded": OutputBusy("s3://b/out: a newer driver (epoch 3) holds this output; a worker of epoch 2 "
+                                      "does not commit"),
+             "node-lost": rx.ActorUnavailableError("The actor is unavailable: node 10.0.0.7 died\nmore", None)}[case]
+
+    def write_report(dataset, **kw):
+        if case == "node-lost":
+            raise cause
+        raise rx.RayTaskError("sink_batch", "Traceback (most recent call last):\n  ... 100 lines ...", cause)
+
+    monkeypatch.setattr(pipeline.report, "write_report", write_report)
+    assert main(["report", str(tmp_path)]) == EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    want = {"model-mismatch": "cafe: error: generate on node-7: t2i at /models/t2i has fingerprint aaaa",
+            "superseded": "cafe: error: s3://b/out: a newer driver (epoch 3) holds this output",
+            "node-lost": "cafe: error: a Ray node, worker or actor was lost (ActorUnavailableError: "}
+    assert err.startswith(want[case]), err
+    if case == "node-lost":  # Ray's own message (first line) and what to do
+        assert "node 10.0.0.7 died); what was committed is kept: re-run the same command to resume" in err
+
+
 def _unshare_mount_works() -> bool:
     if shutil.which("unshare") is None:
         return False
