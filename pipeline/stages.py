@@ -179,19 +179,28 @@ class GenerationLedger:
         return self.out.read_json(f"{self.dir}/commit.json")
 
     def records(self, info: dict | None = None) -> list[dict]:
+        """The committed records, each row id once (the first part that holds it wins): two overlapping commits
+        of the same sources — a zombie actor beside its retry — can never duplicate a row."""
         info = info if info is not None else self.commit_info()
         recs: list[dict] = []
+        seen: set[str] = set()
         for part in (info or {}).get("parts", []):
-            recs.extend(self.out.read_parquet(f"{self.dir}/{part}").to_pylist())
+            for r in self.out.read_parquet(f"{self.dir}/{part}").to_pylist():
+                if r[S.ID] not in seen:
+                    seen.add(r[S.ID])
+                    recs.append(r)
         return recs
 
     def commit(self, records: list[dict], pending_sources: list[str]) -> None:
         info = self.commit_info() or {"parts": []}
         if records:
-            # deterministic name: an attempt killed before its marker is overwritten by the retry, never orphaned
-            part = f"part-{len(info['parts']):03d}.parquet"
+            # named by the sources it holds: a retry of the same sources (after a kill before the marker, or a
+            # zombie beside its successor) writes the same object and adds no second part
+            sources = "\n".join(sorted({str(r[S.SOURCE_ID]) for r in records}))
+            part = f"part-{hashlib.sha256(sources.encode()).hexdigest()[:16]}.parquet"
             self.out.write_parquet(f"{self.dir}/{part}", flight_table(records))
-            info["parts"].append(part)
+            if part not in info["parts"]:
+                info["parts"].append(part)
         info["pending_sources"] = sorted(pending_sources)
         self.out.write_json(f"{self.dir}/commit.json", info)  # the marker: written last
         self.out.delete_dir(f"{self.dir}/attempts")  # finished normally: only deaths mid-chunk accumulate

@@ -239,3 +239,20 @@ def test_the_plan_is_one_object_with_a_row_group_per_chunk_and_old_plans_still_r
         old.write_parquet(f"_work/plan/{keys['plan']}/{c}.parquet",
                           pa.table({"source": [json.dumps(s, sort_keys=True) for s in sources]}))
     assert {c: plan_sources(old, keys["plan"], c) for c in chunks} == got
+
+
+def test_generation_commits_are_idempotent_and_never_duplicate_a_row(tiny_models, tmp_path):
+    """A commit of the same sources again (a retry, or a zombie actor beside its successor) writes the same part
+    and adds none; parts that overlap (an earlier layout's leftovers) read each row id once."""
+    cfg, out, keys, chunk, kw = _setup(tiny_models, tmp_path)
+    generated = GenerateStage(**kw)(_sources(kw, chunk))
+    ledger = GenerationLedger(out, keys["generate"], chunk)
+    info = ledger.commit_info()
+    rows = ledger.records()
+    assert len(info["parts"]) == 1 and len({r[S.ID] for r in rows}) == len(rows) == 4
+    ledger.commit(rows, [])  # the same sources committed a second time
+    assert ledger.commit_info()["parts"] == info["parts"] and ledger.records() == rows
+    out.write_parquet(f"{ledger.dir}/part-000.parquet", out.read_parquet(f"{ledger.dir}/{info['parts'][0]}"))
+    out.write_json(f"{ledger.dir}/commit.json", {**info, "parts": ["part-000.parquet", *info["parts"]]})
+    assert [r[S.ID] for r in ledger.records()] == [r[S.ID] for r in rows]  # overlapping parts: each id once
+    assert generated.num_rows == 4
