@@ -166,7 +166,7 @@ def main(argv=None) -> int:
                    "driver peak planning (MiB)", "growth (MiB)", "driver VmHWM (MiB)", "plan files",
                    "plan bytes (MiB)", "plan on disk (MiB)", "_PLAN.json (KiB)"], rows))
     print()
-    heads = ["reader of one chunk's shard (fresh process)"] + [f"plan of {plans[n]['sources']:,}" for n in plans]
+    heads = ["reader of one chunk (fresh process)"] + [f"plan of {plans[n]['sources']:,}" for n in plans]
     print(U.table(heads, [
         ["chunk read (after a first read of chunk 000000)"] + [f"{plans[n]['middle']} of {plans[n]['chunks']:,}"
                                                               for n in plans],
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     large, rd = plans[args.sources], reads[args.sources]
     small = plans[args.small]
     per_source = (large["peak_plan"] - small["peak_plan"]) / (large["sources"] - small["sources"])
-    print(f"RESULT  plan of {large['sources']:,} sources: {large['chunks']:,} shards, {U.mib(large['bytes'])} MiB "
+    print(f"RESULT  plan of {large['sources']:,} sources: {large['chunks']:,} chunks in {large['files'] - 1:,} object(s), {U.mib(large['bytes'])} MiB "
           f"({large['bytes'] / large['sources']:.0f} bytes per source; {U.mib(large['disk'])} MiB on disk), "
           f"written in {large['seconds']:.1f} s")
     print(f"RESULT  driver peak RSS while planning: {U.mib(small['peak_plan'])} MiB at {small['sources']:,} sources · "

@@ -38,8 +38,8 @@ import pyarrow.parquet as pq
 
 from pipeline.config import CafeConfig
 from pipeline.local_ray import looks_secret
-from pipeline.stages import (PLAN_FILE, DialogueStage, GenerateStage, ScoreStage, SourcesStage, distill_checkpoint,
-                             sink_batch)
+from pipeline.stages import (PLAN_PART_CHUNKS, DialogueStage, GenerateStage, ScoreStage, SourcesStage, distill_checkpoint,
+                             plan_part, sink_batch)
 from pipeline.store import Lease, Storage, is_uri, join
 from training.data import schema as S
 
@@ -164,13 +164,15 @@ def code_version() -> str:
 
 
 def write_plan(cfg: CafeConfig, out: Storage, plan_key: str, exclude_uris: list[str]) -> list[str]:
-    """Stream the sources into one Parquet object with one row group per chunk (``_work/plan/<key>/plan.parquet``);
-    the ``_PLAN.json`` marker is written last.
+    """Stream the sources into Parquet objects of ``PLAN_PART_CHUNKS`` row groups each, one row group per chunk
+    (``_work/plan/<key>/plan-<part>.parquet``); the ``_PLAN.json`` marker is written last.
 
-    One object, however many chunks: planning 46,875 chunks on S3 is one multipart upload, not 46,875 PUTs. No
-    process ever holds the whole plan: the driver streams row groups out, each actor reads only its chunk's row
-    group (:func:`pipeline.stages.plan_sources`).
+    Few objects, however many chunks: planning 46,875 chunks on S3 is 46 uploads, not 46,875 PUTs; and a part's
+    footer (what a reader keeps in memory) stays small. No process ever holds the whole plan: the driver streams
+    row groups out, each actor reads only its chunk's row group (:func:`pipeline.stages.plan_sources`).
     """
+    from contextlib import ExitStack
+
     from pipeline.sources import iter_sources
 
     marker = f"_work/plan/{plan_key}/_PLAN.json"
@@ -184,13 +186,20 @@ def write_plan(cfg: CafeConfig, out: Storage, plan_key: str, exclude_uris: list[
     n = 0
     rejected: dict[str, int] = {}
     schema = pa.schema([("source", pa.string())])
+    part = ExitStack()
+    writer = None
 
-    with out.writer(f"_work/plan/{plan_key}/{PLAN_FILE}") as sink, pq.ParquetWriter(sink, schema) as writer:
-        def flush():
-            writer.write_table(pa.table({"source": pa.array(buf, pa.string())}), row_group_size=len(buf))
-            chunks.append(f"{len(chunks):06d}")  # the chunk id is its row group's index
-            buf.clear()
+    def flush():
+        nonlocal writer
+        if len(chunks) % PLAN_PART_CHUNKS == 0:  # a new part: the previous one is closed (uploaded) first
+            part.close()
+            sink = part.enter_context(out.writer(f"_work/plan/{plan_key}/{plan_part(len(chunks))}"))
+            writer = part.enter_context(pq.ParquetWriter(sink, schema))
+        writer.write_table(pa.table({"source": pa.array(buf, pa.string())}), row_group_size=len(buf))
+        chunks.append(f"{len(chunks):06d}")  # chunk i: row group i % PLAN_PART_CHUNKS of part i // PLAN_PART_CHUNKS
+        buf.clear()
 
+    with part:
         # iter_sources gives every listed input its own id (a second listing of one file is a `duplicate` reject),
         # so no set of ids is kept here: the driver's memory does not grow with the number of sources
         for source in iter_sources(cfg, exclude_uris=exclude_uris):
@@ -211,7 +220,7 @@ def write_plan(cfg: CafeConfig, out: Storage, plan_key: str, exclude_uris: list[
             f"build.sources ({where}): {n} input(s) listed, none usable ({why}); nothing to build. Check "
             "build.sources.path, build.sources.class_from (a folder needs one sub-folder per class) and "
             "build.sources.exclude")
-    out.write_json(marker, {"chunks": chunks, "num_sources": n, "layout": PLAN_FILE})
+    out.write_json(marker, {"chunks": chunks, "num_sources": n, "part_chunks": PLAN_PART_CHUNKS})
     return chunks
 
 

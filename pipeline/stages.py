@@ -132,18 +132,26 @@ class _Stage:
         return table
 
 
-#: the plan: one Parquet object, one row group per chunk (row group i = chunk ``f"{i:06d}"``)
-PLAN_FILE = "plan.parquet"
+#: the plan: Parquet objects of this many row groups, one row group per chunk (chunk i = row group
+#: i % PLAN_PART_CHUNKS of part i // PLAN_PART_CHUNKS): few objects to write, and a reader keeps one small footer
+PLAN_PART_CHUNKS = 1024
 _PLAN_FILES: "OrderedDict[tuple[str, str], pq.ParquetFile]" = OrderedDict()
 
 
+def plan_part(index: int) -> str:
+    """The plan object holding chunk ``index``."""
+    return f"plan-{index // PLAN_PART_CHUNKS:05d}.parquet"
+
+
 def plan_sources(out: Storage, plan_key: str, chunk: str) -> list[dict]:
-    """The sources of one chunk: its row group of the plan object (the footer is read once per process and plan).
-    Plans written before the one-object layout (one ``<chunk>.parquet`` each) are read as they are."""
-    key = (out.uri, plan_key)
+    """The sources of one chunk: its row group of its plan part (a part's footer is read once per process; the
+    last four parts stay open). Plans written before the parts layout (one ``<chunk>.parquet`` each) read as they
+    are."""
+    index = int(chunk)
+    rel = f"_work/plan/{plan_key}/{plan_part(index)}"
+    key = (out.uri, rel)
     plan = _PLAN_FILES.get(key)
     if plan is None:
-        rel = f"_work/plan/{plan_key}/{PLAN_FILE}"
         if not out.is_file(rel):
             table = out.read_parquet(f"_work/plan/{plan_key}/{chunk}.parquet")
             return [json.loads(s) for s in table["source"].to_pylist()]
@@ -151,15 +159,13 @@ def plan_sources(out: Storage, plan_key: str, chunk: str) -> list[dict]:
         _PLAN_FILES[key] = plan
         while len(_PLAN_FILES) > 4:
             _PLAN_FILES.popitem(last=False)
-    table = plan.read_row_group(int(chunk), columns=["source"])
+    table = plan.read_row_group(index % PLAN_PART_CHUNKS, columns=["source"])
     return [json.loads(s) for s in table["source"].to_pylist()]
 
 
 def plan_table(out: Storage, plan_key: str) -> pa.Table:
-    """The whole plan (its ``source`` column), either layout: for tools that need every planned source."""
-    rel = f"_work/plan/{plan_key}/{PLAN_FILE}"
-    if out.is_file(rel):
-        return out.read_parquet(rel, columns=["source"])
+    """The whole plan (its ``source`` column), either layout, in chunk order: for tools that need every planned
+    source (the parts' or the shards' names sort in chunk order)."""
     shards = [f"_work/plan/{plan_key}/{n}" for n in out.list(f"_work/plan/{plan_key}")
               if n.endswith(".parquet") and not n.startswith(".")]
     return pa.concat_tables([out.read_parquet(s, columns=["source"]) for s in shards]) if shards else \

@@ -216,24 +216,33 @@ def test_an_actor_whose_model_copy_differs_from_the_drivers_refuses_to_load_it(t
     assert set(GenerateStage(**kw).model_dirs()) == {"t2i", "promptnet"}
 
 
-def test_the_plan_is_one_object_with_a_row_group_per_chunk_and_old_plans_still_read(tiny_models, tmp_path):
-    """``write_plan`` streams one Parquet object (row group i = chunk i); ``plan_sources`` reads one row group; a
-    plan in the earlier layout (one ``<chunk>.parquet`` per chunk, no ``plan.parquet``) reads the same."""
+def test_the_plan_is_few_objects_with_a_row_group_per_chunk_and_old_plans_still_read(tiny_models, tmp_path,
+                                                                                      monkeypatch):
+    """``write_plan`` streams parts of ``PLAN_PART_CHUNKS`` row groups (row group = chunk); ``plan_sources`` reads
+    one row group of one part; a plan in the earlier layout (one ``<chunk>.parquet`` per chunk) reads the same."""
     import pyarrow.parquet as pq
 
-    from pipeline.stages import PLAN_FILE, plan_sources
+    import pipeline.build
+    import pipeline.stages
+    from pipeline.stages import plan_sources, plan_table
 
+    monkeypatch.setattr(pipeline.stages, "PLAN_PART_CHUNKS", 2)  # 5 chunks: parts of 2, 2 and 1
+    monkeypatch.setattr(pipeline.build, "PLAN_PART_CHUNKS", 2)
     data = tiny_build_config(tiny_models, sources={"classes": ["cat", "dog"], "num_per_class": 5}, rows_per_chunk=4)
     cfg = as_config(data)
     keys = stage_keys(cfg, {})
     out = Storage(tmp_path / "out", owner="test")
     chunks = write_plan(cfg, out, keys["plan"], [])
     assert chunks == [f"{i:06d}" for i in range(len(chunks))] and len(chunks) == 5  # 10 sources, 2 per chunk
-    assert sorted(out.list(f"_work/plan/{keys['plan']}")) == ["_PLAN.json", PLAN_FILE]
-    meta = pq.ParquetFile(str(tmp_path / "out" / "_work" / "plan" / keys["plan"] / PLAN_FILE)).metadata
-    assert meta.num_row_groups == 5 and meta.num_rows == 10
+    parts = ["plan-00000.parquet", "plan-00001.parquet", "plan-00002.parquet"]
+    assert sorted(out.list(f"_work/plan/{keys['plan']}")) == ["_PLAN.json", *parts]
+    groups = [pq.ParquetFile(str(tmp_path / "out" / "_work" / "plan" / keys["plan"] / p)).metadata.num_row_groups
+              for p in parts]
+    assert groups == [2, 2, 1]
     got = {c: plan_sources(out, keys["plan"], c) for c in chunks}
     assert [len(v) for v in got.values()] == [2] * 5 and len({s["source_id"] for v in got.values() for s in v}) == 10
+    assert [json.loads(s) for s in plan_table(out, keys["plan"])["source"].to_pylist()] == \
+        [s for c in chunks for s in got[c]]
     old = Storage(tmp_path / "old", owner="test")  # the earlier layout, written by hand from the same sources
     for c, sources in got.items():
         old.write_parquet(f"_work/plan/{keys['plan']}/{c}.parquet",
