@@ -170,6 +170,12 @@ def test_pool_runs_good_jobs_and_fails_bad_ones_alone(tmp_path, tiny_models, ref
     ico = evaluate(path, "red", method="ico", overrides=div)
     assert inf["lfd"] == 0.0 and ico["lfd"] > 0.0          # Infusion leaves non-customized prompts to F alone
     assert inf["w2"] >= 0.0 and ico["w2"] > 0.0
+    # W2 on the prompt naming each concept; class drift apart (Infusion: the same samples); the base's own W2 at
+    # this n beside it, and the note that 4 samples in 256 dimensions are estimator bias
+    assert ico["w2_prompts"] == ["a photo of a <new1> <new2> <new3> cat"] and inf["w2_prompts"] == ["a photo of a cat"]
+    assert inf["w2_class_drift"] == inf["w2"] and ico["w2_class_drift"] != ico["w2"]
+    assert ico["w2_baseline"] > 0.0 and inf["w2_baseline"] > 0.0
+    assert "4 samples < 256 pooled dimensions" in ico["w2_note"]
     rows = generate_batch(path, [{"concepts": ["red"], "prompt": "a photo of {}", "method": "ico"},
                                  {"concepts": ["nobody"], "prompt": "a photo of {}"},
                                  {"concepts": ["red", "blue"], "prompt": "a cat and a dog", "method": "infusion"}],

@@ -347,3 +347,38 @@ def test_lfd_leaves_the_base_model_untouched(t2i, lfd_setup):
     latent_fisher_divergence(f_a, f_b, latents, conditions, t2i.scheduler, 2, torch.Generator().manual_seed(0))
     after = t2i.unet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_w2_at_the_default_sample_count_separates_classes_on_the_world():
+    """At `concepts.eval.w2_samples` (the papers' 1,000) W2 between two independent draws of one distribution (the
+    world's renders of one class, its VAE's latents) is small next to W2 between two classes; at 32 samples the
+    same-distribution W2 is several times larger (estimator bias: why every W2 is reported with its baseline)."""
+    import numpy as np
+
+    from pipeline.concepts import W2_POOL
+    from pipeline.concepts_config import ConceptEvalConfig
+    from training.models.kit import load_role
+    from training.world import domain as D
+
+    n = ConceptEvalConfig().w2_samples
+    from tests.trainutil import WORLD
+
+    vae = load_role("t2i", str(WORLD / "t2i"), dtype="float32", device="cpu").components.vae
+    rng = np.random.default_rng(0)
+    instances, contexts = D.all_instances(), D.all_contexts()
+
+    def draw(cls: str, seed0: int) -> torch.Tensor:
+        of = [i for i in instances if i.cls == cls]
+        imgs = [D.render(D.Scene.single(of[rng.integers(len(of))], contexts[rng.integers(len(contexts))]),
+                         seed0 + k)[0] for k in range(n)]
+        x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        with torch.no_grad():
+            return torch.cat([vae.encode(x[i:i + 250]).latent_dist.mean for i in range(0, n, 250)]) * \
+                vae.config.scaling_factor
+
+    circles, circles2, stars = draw("circle", 0), draw("circle", 10_000), draw("star", 20_000)
+    same, across = gaussian_w2(circles, circles2, pool=W2_POOL), gaussian_w2(circles, stars, pool=W2_POOL)
+    small = gaussian_w2(circles[:32], circles2[:32], pool=W2_POOL)
+    print(f"W2 n={n}: same class {same:.3f}, circle vs star {across:.3f}; n=32 same class {small:.3f}")
+    assert same < 0.5 * across, (same, across)
+    assert small > 2 * same, (small, same)
