@@ -36,6 +36,7 @@ import os
 import re
 import tempfile
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -392,7 +393,8 @@ class ConceptWorker:
                    "seed": req.get("seed", 0), "dci": bool(req.get("dci", False)), "image": None, "error": None}
             try:
                 method, concepts, prompt = resolve_request(self.storage, req["concepts"], req["prompt"],
-                                                           req.get("method"), self.fingerprint)
+                                                           req.get("method"), self.fingerprint,
+                                                           int(self.cfg.concepts.cache_mb * 2**20))
                 img = sample_concepts(self.t2i, method, concepts, [prompt], [row["seed"]], self.cfg, self.device,
                                       dci=row["dci"], lam=req.get("lam"), aux_noun=req.get("aux_noun"))[0]
                 name = f"{req['index']:06d}.png"
@@ -407,7 +409,31 @@ class ConceptWorker:
 # ------------------------------------------------------------------------------------------ finding concepts
 
 
-_CONCEPT_CACHE: dict[tuple[str, str], Any] = {}
+#: loaded concepts, least recently used first: (location, method) → (concept, bytes)
+_CONCEPT_CACHE: "OrderedDict[tuple[str, str], tuple[Any, int]]" = OrderedDict()
+DEFAULT_CACHE_BYTES = 2048 << 20
+
+
+def concept_bytes(concept) -> int:
+    """Bytes of every tensor a loaded concept holds (its attributes, dicts of tensors, modules' parameters)."""
+    import torch
+
+    total, seen = 0, set()
+
+    def add(t) -> None:
+        nonlocal total
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+
+    for value in vars(concept).values():
+        for v in (value.values() if isinstance(value, dict) else [value]):
+            if isinstance(v, torch.nn.Module):
+                for t in list(v.parameters()) + list(v.buffers()):
+                    add(t)
+            else:
+                add(v)
+    return total
 
 
 def latest_run(storage: Storage, concept_id: str, method: str | None = None,
@@ -434,11 +460,13 @@ def latest_run(storage: Storage, concept_id: str, method: str | None = None,
     return rec["method"], rec["artifact"]
 
 
-def load_concept(storage: Storage, method: str, artifact: str):
-    """Load a finished artifact (copied to a local temp dir when the output is remote); cached per process."""
+def load_concept(storage: Storage, method: str, artifact: str, cache_bytes: int = DEFAULT_CACHE_BYTES):
+    """Load a finished artifact (copied to a local temp dir when the output is remote); kept in a per-process
+    LRU cache of at most ``cache_bytes`` (``concepts.cache_mb``) of host memory."""
     key = (storage.uri_of(artifact), method)
     if key in _CONCEPT_CACHE:
-        return _CONCEPT_CACHE[key]
+        _CONCEPT_CACHE.move_to_end(key)
+        return _CONCEPT_CACHE[key][0]
     mod = _method(method)
     cls = {"ico": "IcoConcept", "infusion": "InfusionConcept", "em": "EmConcept"}[method]
     cls = getattr(mod, cls)
@@ -451,12 +479,24 @@ def load_concept(storage: Storage, method: str, artifact: str):
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(sub.read_bytes(rel))
         concept = cls.load(tmp)
-    _CONCEPT_CACHE[key] = concept
+    remember(key, concept, cache_bytes)
     return concept
 
 
+def remember(key: tuple[str, str], concept, cache_bytes: int) -> None:
+    """Cache ``concept`` (most recently used last), evicting the least recently used until the cache holds at
+    most ``cache_bytes``; a concept larger than the whole budget is not cached."""
+    size = concept_bytes(concept)
+    if size > cache_bytes:
+        return
+    _CONCEPT_CACHE[key] = (concept, size)
+    _CONCEPT_CACHE.move_to_end(key)
+    while sum(b for _, b in _CONCEPT_CACHE.values()) > cache_bytes:
+        _CONCEPT_CACHE.popitem(last=False)
+
+
 def resolve_request(storage: Storage, concept_ids: Sequence[str], prompt: str, method: str | None = None,
-                    base_fingerprint: str | None = None):
+                    base_fingerprint: str | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES):
     """``(method, concepts, prompt with '{}' filled)`` for a generate request (concepts of this base only)."""
     if not concept_ids:
         raise ConceptError("name at least one concept")
@@ -465,7 +505,7 @@ def resolve_request(storage: Storage, concept_ids: Sequence[str], prompt: str, m
     if len(methods) != 1:
         raise ConceptError(f"concepts {', '.join(concept_ids)} mix methods {sorted(methods)}; compose Infusion concepts")
     m = methods.pop()
-    concepts = [load_concept(storage, m, a) for _, a in found]
+    concepts = [load_concept(storage, m, a, cache_bytes) for _, a in found]
     if "{}" in prompt:
         if len(concepts) != 1:
             raise ConceptError("'{}' is ambiguous with several concepts: write each class noun in the prompt")
@@ -655,7 +695,7 @@ def generate(config: str | os.PathLike, concepts: Sequence[str], prompt: str, se
     storage = Storage(cfg.concepts.output)
     # the request is resolved (concepts found, prompt checked) before any model loads: a typo answers at once
     base = fingerprint(cfg.models.role_dir("t2i"))
-    m, loaded, text = resolve_request(storage, concepts, prompt, method, base)
+    m, loaded, text = resolve_request(storage, concepts, prompt, method, base, int(cfg.concepts.cache_mb * 2**20))
     local = _Local(cfg, fingerprint=base)  # the base's weights hashed once
     seeds = [seed + i for i in range(num_images)]
     images = sample_concepts(local.t2i, m, loaded, [text] * num_images, seeds, cfg, local.device, dci=dci, lam=lam,
@@ -685,7 +725,7 @@ def masks(config: str | os.PathLike, concept_id: str, image: str | None = None, 
     storage = Storage(cfg.concepts.output)
     base = fingerprint(cfg.models.role_dir("t2i"))
     _, artifact = latest_run(storage, concept_id, "em", base)
-    concept = load_concept(storage, "em", artifact)
+    concept = load_concept(storage, "em", artifact, int(cfg.concepts.cache_mb * 2**20))
     em = _method("em")
     out_dir = Path(out or Path(cfg.run.output_dir) / "concepts-masks" / concept_id)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -757,7 +797,7 @@ def evaluate(config: str | os.PathLike, concept_id: str, method: str | None = No
     storage = Storage(cfg.concepts.output)
     local = _Local(cfg)
     m, artifact = latest_run(storage, concept_id, method, local.fingerprint)
-    concept = load_concept(storage, m, artifact)
+    concept = load_concept(storage, m, artifact, int(cfg.concepts.cache_mb * 2**20))
     meta = storage.sub(artifact).read_json("job.json")
     size = image_size(local.t2i)
     refs = [_decode_reference(read_image_bytes(loc), loc, size) for loc in meta["images"]]

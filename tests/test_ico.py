@@ -409,3 +409,27 @@ def test_contexts_take_ten_times_the_learning_rate(t2i):
         assert abs(float(delta.median()) / rate - 1) < 1e-2  # … and ≈ lr where |g| ≫ eps (1e-8)
     print(f"median |Δctx| / median |ΔV| = {float(d_ctx.median() / d_v.median()):.4f}")
     assert abs(float(d_ctx.median() / d_v.median()) - 10) < 1e-2
+
+
+def test_serving_never_moves_the_concept_and_the_cache_is_bounded(t2i):
+    """A served concept is copied to the sampling device, never moved there (its cached weights stay on the host);
+    the concept cache holds at most its byte budget, least recently used evicted first, bytes counted exactly."""
+    from pipeline import concepts as C
+
+    concept = train_ico(t2i, _images(1), "cat", IcoParams(steps=1, learning_rate=1e-3), seed=0)
+    procs = concept.processors_for(t2i.unet, "meta")
+    assert all(p.to_k.weight.device.type == "meta" for p in procs.values())
+    assert all(layer.to_k.weight.device.type == "cpu" for layer in concept.layers.values())  # untouched
+    assert all(concept.processors_for(t2i.unet, "cpu")[n] is concept.layers[n] for n in concept.layers)  # no copy
+    size = C.concept_bytes(concept)
+    params = sum(p.numel() * 4 for layer in concept.layers.values() for p in layer.parameters())
+    assert size == params + 4 * (concept.new_embeddings.numel() + concept.prefix.numel() + concept.suffix.numel())
+    C._CONCEPT_CACHE.clear()
+    try:
+        for name in "abc":
+            C.remember((name, "ico"), concept, cache_bytes=2 * size)
+        assert list(C._CONCEPT_CACHE) == [("b", "ico"), ("c", "ico")]  # a, the least recently used, evicted
+        C.remember(("huge", "ico"), concept, cache_bytes=size - 1)  # larger than the whole budget: not cached
+        assert ("huge", "ico") not in C._CONCEPT_CACHE
+    finally:
+        C._CONCEPT_CACHE.clear()

@@ -292,6 +292,17 @@ def guided(out_u: torch.Tensor, out_c: torch.Tensor, scale: float) -> torch.Tens
 # ----------------------------------------------------------------------------------------- the concept
 
 
+def _on_device(layer: IcoAttnProcessor, device) -> IcoAttnProcessor:
+    """``layer`` itself when it already lives on ``device``; else a copy there (the concept's own weights stay
+    where they are: a served concept is moved to the GPU only while it samples, never left there)."""
+    device = torch.device(device)
+    if layer.to_k.weight.device == device or (device.type == layer.to_k.weight.device.type and device.index is None):
+        return layer
+    copy = IcoAttnProcessor(layer.to_k.in_features, layer.to_k.out_features, bias=layer.to_k.bias is not None)
+    copy.load_state_dict(layer.state_dict())
+    return copy.to(device)
+
+
 class IcoConcept:
     """Trained ICO state: per-``attn2`` to_k/to_v (float32), V rows, per-image contexts, names, losses."""
 
@@ -319,7 +330,7 @@ class IcoConcept:
         if sorted(names) != sorted(self.layers):
             raise ValueError(f"IcoConcept: layer names do not match the UNet's attn2 layers ({len(self.layers)} vs "
                              f"{len(names)}); was it trained on another base?")
-        return {n: self.layers[n].to(device) for n in names}
+        return {n: _on_device(self.layers[n], device) for n in names}
 
     def save(self, directory: str | os.PathLike) -> list[str]:
         """Write ``ico.safetensors`` and ``ico.json`` (temp name, then ``os.replace``); returns their paths."""
