@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import re
+import socket
 import tempfile
 import time
 from collections import OrderedDict
@@ -247,7 +248,7 @@ class ConceptWorker:
     running job's step for the job table's heartbeat.
     """
 
-    def __init__(self, cfg_json: dict, device: str = "cpu"):
+    def __init__(self, cfg_json: dict, device: str = "cpu", base_fingerprint: str | None = None):
         from pipeline.config import load_config_dict
         from training.models.kit import fingerprint, load_role, resolve_device
 
@@ -257,6 +258,7 @@ class ConceptWorker:
         self.t2i_dir = self.cfg.models.role_dir("t2i")
         self.t2i = load_role("t2i", self.t2i_dir, dtype=spec.dtype, device=device).components
         self.fingerprint = fingerprint(self.t2i_dir)
+        self.expected_fingerprint = base_fingerprint  # the driver's: what the jobs' run ids were keyed by
         self.size = image_size(self.t2i)
         self.embedders = Embedders(self.cfg, device)
         self.storage = Storage(self.cfg.concepts.output)
@@ -349,7 +351,17 @@ class ConceptWorker:
         finally:
             self._progress = {}
 
+    def check_base(self) -> None:
+        """This node's base model is the driver's (else its artifacts would be recorded under another base)."""
+        from pipeline.models import ModelMismatch
+
+        if self.expected_fingerprint is not None and self.fingerprint != self.expected_fingerprint:
+            raise ModelMismatch(f"concept worker on {socket.gethostname()}: t2i at {self.t2i_dir} has fingerprint "
+                                f"{self.fingerprint}, the driver's is {self.expected_fingerprint}: this node's model "
+                                "copy differs from the driver's (sync the models volume) — nothing was written")
+
     def _run(self, job: ConceptJob, t0: float) -> dict:
+        self.check_base()
         concept, refs = self.train(job)
         train_s = time.time() - t0
         cfg = self.cfg.concepts
@@ -392,6 +404,7 @@ class ConceptWorker:
             row = {"index": req["index"], "concepts": ",".join(req["concepts"]), "prompt": req["prompt"],
                    "seed": req.get("seed", 0), "dci": bool(req.get("dci", False)), "image": None, "error": None}
             try:
+                self.check_base()
                 method, concepts, prompt = resolve_request(self.storage, req["concepts"], req["prompt"],
                                                            req.get("method"), self.fingerprint,
                                                            int(self.cfg.concepts.cache_mb * 2**20))
@@ -568,7 +581,7 @@ def run_jobs(source: str | os.PathLike, config: str | os.PathLike | None = None,
              f"{sum(1 for r in records.values() if r['state'] == 'failed')} failed")
         if todo:
             with ray_session(cfg, address):
-                _schedule(cfg, todo, table, records, lease, echo)
+                _schedule(cfg, todo, table, records, lease, echo, base_fp)
         final = [table.get(j.key) for j in jobs]
     done = sum(1 for r in final if r["state"] == "done")
     failed = [r for r in final if r["state"] == "failed"]
@@ -576,7 +589,8 @@ def run_jobs(source: str | os.PathLike, config: str | os.PathLike | None = None,
     return {"done": done, "failed": len(failed), "skipped": skipped, "records": final}
 
 
-def _schedule(cfg: CafeConfig, todo: list[ConceptJob], table: JobTable, records: dict, lease: Lease, echo) -> None:
+def _schedule(cfg: CafeConfig, todo: list[ConceptJob], table: JobTable, records: dict, lease: Lease, echo,
+              base_fingerprint: str | None = None) -> None:
     import ray
 
     opts, device = _actor_options(cfg)
@@ -587,7 +601,7 @@ def _schedule(cfg: CafeConfig, todo: list[ConceptJob], table: JobTable, records:
 
     def new_actor():
         name = f"concept-worker-{next(counter)}"
-        return name, worker_cls.options(**opts).remote(cfg_json, device)
+        return name, worker_cls.options(**opts).remote(cfg_json, device, base_fingerprint)
 
     actors = dict(new_actor() for _ in range(n_actors))
     idle = list(actors)
@@ -779,7 +793,10 @@ def generate_batch(config: str | os.PathLike, requests: list[dict], out: str, ov
     with ray_session(cfg, address):
         worker_cls = ray.remote(ConceptWorker)
         n = max(1, min(cfg.concepts.actors.num_actors, len(reqs)))
-        actors = [worker_cls.options(**opts).remote(cfg.model_dump(mode="json"), device) for _ in range(n)]
+        from training.models.fingerprint import fingerprint
+
+        base = fingerprint(cfg.models.role_dir("t2i"))
+        actors = [worker_cls.options(**opts).remote(cfg.model_dump(mode="json"), device, base) for _ in range(n)]
         parts = [reqs[i::n] for i in range(n)]
         rows = [r for part in ray.get([a.generate.remote(p, out) for a, p in zip(actors, parts) if p]) for r in part]
         for a in actors:

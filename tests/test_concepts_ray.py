@@ -212,6 +212,12 @@ def test_same_job_alone_and_after_others_is_bit_identical(tmp_path, tiny_models,
     base = {k: v.clone() for k, v in busy.t2i.unet.state_dict().items()}
     weights(busy, parsed[2])
     assert all(torch_equal(base[k], v) for k, v in busy.t2i.unet.state_dict().items())
+    # a worker whose base copy is not the driver's fails the job with a reason and writes nothing
+    stray = ConceptWorker(cfg_json, base_fingerprint="0" * 16)
+    result = stray.run(parsed[0].to_json())
+    assert not result["ok"] and not result["transient"] and "ModelMismatch" in result["error"]
+    assert "the driver's is 0000000000000000" in result["error"] and not list(Path(cfg.concepts.output).rglob("*.safetensors"))
+    ConceptWorker(cfg_json, base_fingerprint=busy.fingerprint).check_base()  # the same copy passes
 
 
 def torch_equal(a, b) -> bool:
