@@ -4,7 +4,7 @@ Usage::
 
     python bench/bench_concepts.py            # all three, 3 repetitions
     python bench/bench_concepts.py --quick    # 1 repetition, fewer jobs/steps: checks the script works
-    python bench/bench_concepts.py --only jobs|dci|infusion
+    python bench/bench_concepts.py --only jobs|dci|dci-batch|infusion
 
 Models: the synthetic world's ``models/world/t2i`` (32×32 images, 8×8 latents, v-prediction), CPU.
 
@@ -17,6 +17,9 @@ Models: the synthetic world's ``models/world/t2i`` (32×32 images, 8×8 latents,
    creation is (it is part of A's cost). Printed: wall seconds of each and B / A (target ≥ 3).
 2. **DCI.** One prompt, ``--steps`` DDIM steps, η 1, CFG 6: :func:`training.methods.dci.sample_dci` with
    ``agg_time = 0.3`` (λ = 0) against :func:`training.methods.ico.sample` of the same ICO concept (target ≤ 1.25).
+2b. **DCI, many seeds** (issue 23). 8 seeds of one prompt, ``--steps`` steps:
+   :func:`training.methods.dci.sample_dci_batch` (one two-branch run, 3·8 rows per DCI step) against
+   :func:`training.methods.dci.sample_dci` called once per seed; images per second of each (target ≥ 3×).
 3. **Infusion.** One prompt, 50 DDIM steps, η 0, CFG 8: :func:`training.methods.infusion.sample` (F and C streams)
    against base generation (``ico.sample`` with no concept: the base UNet's own attention) (target ≤ 2.1).
 
@@ -141,6 +144,22 @@ def bench_dci(steps: int, reps: int) -> dict:
     return {"steps": steps, "plain_s": tp, "dci_s": td, "ratio_dci_over_plain": td / tp}
 
 
+def bench_dci_batch(steps: int, reps: int, seeds: int = 8) -> dict:
+    from training.methods import dci, ico
+
+    t2i = _world_t2i()
+    noun = SUBJECTS[0].name.split("-")[1]
+    concept = ico.train_ico(t2i, _subject_images(0), noun, ico.IcoParams(steps=20, learning_rate=1e-3), seed=0)
+    prompt = f"a {ico.concept_phrase(concept)} on the right"
+    params = dci.DciParams(steps=steps, agg_time=0.3, lam=0.0, aux_nouns=("square", "star", "heart"))
+    one = lambda: [dci.sample_dci(t2i, concept, prompt, s, params) for s in range(seeds)]  # noqa: E731
+    batched = lambda: dci.sample_dci_batch(t2i, concept, prompt, list(range(seeds)), params)  # noqa: E731
+    one(), batched()
+    t1, tb = _alternate(one, batched, reps)
+    return {"steps": steps, "seeds": seeds, "one_at_a_time_s": t1, "batched_s": tb,
+            "images_per_s_one": seeds / t1, "images_per_s_batched": seeds / tb, "ratio": t1 / tb}
+
+
 def bench_infusion(steps: int, reps: int) -> dict:
     from training.methods import ico, infusion
 
@@ -163,7 +182,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=6)
     ap.add_argument("--job-steps", type=int, default=None)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--only", choices=["jobs", "dci", "infusion"])
+    ap.add_argument("--only", choices=["jobs", "dci", "dci-batch", "infusion"])
     ap.add_argument("--json", default=str(REPO / "bench" / "results" / "bench_concepts.json"))
     args = ap.parse_args()
     if args.quick:
@@ -192,6 +211,12 @@ def main() -> None:
         results["dci"] = r
         rows.append([f"DCI / plain sampling ({args.steps} steps, agg_time 0.3)",
                      f"{r['dci_s']:.3f} s / {r['plain_s']:.3f} s", f"{r['ratio_dci_over_plain']:.2f}", "≤ 1.25"])
+    if args.only in (None, "dci-batch"):
+        r = bench_dci_batch(args.steps, args.reps)
+        results["dci_batch"] = r
+        rows.append([f"DCI, {r['seeds']} seeds: one run per seed / one batched run ({args.steps} steps; images/s "
+                     f"{r['images_per_s_one']:.2f} → {r['images_per_s_batched']:.2f})",
+                     f"{r['one_at_a_time_s']:.2f} s / {r['batched_s']:.2f} s", f"{r['ratio']:.2f}", "≥ 3"])
     if args.only in (None, "infusion"):
         r = bench_infusion(args.steps, args.reps)
         results["infusion"] = r

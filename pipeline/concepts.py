@@ -209,8 +209,16 @@ def _sample_chunk(t2i, method, concepts, prompts, seeds, cfg, device, dci, lam, 
             if lam is not None:
                 values["lam"] = lam
             params = build_params(dci_params_class(), values, "concepts.dci")
-            return [dci_mod.sample_dci(t2i, concepts[0], p, seed, params, aux_noun=aux_noun, device=device)
-                    for p, seed in zip(prompts, seeds)]
+            images: list = [None] * len(prompts)
+            by_prompt: dict[str, list[int]] = {}
+            for i, p in enumerate(prompts):  # one two-branch run per prompt, its seeds batched
+                by_prompt.setdefault(p, []).append(i)
+            for p, idx in by_prompt.items():
+                batch = dci_mod.sample_dci_batch(t2i, concepts[0], p, [seeds[i] for i in idx], params,
+                                                 aux_noun=aux_noun, device=device)
+                for i, image in zip(idx, batch):
+                    images[i] = image
+            return images
         return _method("ico").sample(t2i, concepts[0], list(prompts), list(seeds), device=device, **kw)
     if dci:
         raise ConceptError("DCI sampling applies to ICO concepts")

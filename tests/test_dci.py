@@ -452,3 +452,29 @@ def test_dci_auxiliary_branch_guidance_and_trajectory(tiny_t2i, share, eta):
     # the concept branch: guidance on the (DBIM) concept output and ε_u(x)
     want_x = _ddim(x, eps_u + s * (c0["out"][1] - eps_u), a_t, a_prev, eta, z)
     torch.testing.assert_close(calls[1]["x"][:2].double(), torch.cat([want_x, want_x]), rtol=0, atol=1e-5)
+
+
+def test_dci_batch_of_seeds_equals_each_seed_alone(world_concept):
+    """Several seeds of one prompt in one two-branch run (3B rows per DCI step): each image equals that seed's
+    run alone up to the backend's batch-size rounding of the latents; at λ = −∞ the batch equals ICO's own batched
+    sampling of the same seeds."""
+    from training.methods.dci import sample_dci_batch
+
+    t2i, concept = world_concept
+    prompt = "a <new1> <new2> <new3> square on the left"
+    seeds = [3, 4, 5]
+    got, handle = _capture_latents(t2i)
+    try:
+        batch = sample_dci_batch(t2i, concept, prompt, seeds, DciParams(lam=0.5, steps=12))
+        alone = [sample_dci(t2i, concept, prompt, s, DciParams(lam=0.5, steps=12)) for s in seeds]
+        limit = sample_dci_batch(t2i, concept, prompt, seeds, DciParams(lam=NEG_INF, steps=12))
+        plain = sample(t2i, concept, [prompt] * 3, seeds, steps=12)
+    finally:
+        handle.remove()
+    lat_batch, lat_alone = got[0], torch.cat(got[1:4])
+    print(f"DCI batch of 3 vs alone: max |Δlatent| = {(lat_batch - lat_alone).abs().max():.2e}")
+    assert (lat_batch - lat_alone).abs().max() < 1e-3
+    assert all(np.abs(a.astype(int) - b.astype(int)).max() <= 2 for a, b in zip(batch, alone))
+    assert not np.array_equal(batch[0], batch[1])  # the rows are different seeds
+    assert (got[4] - got[5]).abs().max() < 1e-3 and len(limit) == len(plain) == 3
+    assert sample_dci_batch(t2i, concept, prompt, [], DciParams(steps=2)) == []

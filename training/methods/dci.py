@@ -100,16 +100,30 @@ def _real(eos: int, length: int) -> torch.Tensor:
     return real
 
 
-@torch.no_grad()
 def sample_dci(t2i, concept: IcoConcept, prompt: str, seed: int, params: DciParams, aux_noun: str | None = None,
                device: str | torch.device = "cpu") -> np.ndarray:
     """One DCI image (H, W, 3) uint8 of the concept branch for ``prompt`` (which must contain ``V <noun>``)."""
+    return sample_dci_batch(t2i, concept, prompt, [seed], params, aux_noun, device)[0]
+
+
+@torch.no_grad()
+def sample_dci_batch(t2i, concept: IcoConcept, prompt: str, seeds: Sequence[int], params: DciParams,
+                     aux_noun: str | None = None, device: str | torch.device = "cpu") -> list[np.ndarray]:
+    """DCI images of ``prompt`` for every seed in one sampling run: B seeds make one UNet call of 3B rows per DCI
+    step (``[uncond]*B, [concept]*B, [aux]*B``; 4B without ``share_guidance``) and 2B after it. Row b draws from
+    the generators of ``seeds[b]`` exactly as a run of that seed alone does; the result equals the seed run alone
+    up to the backend's batch-size rounding (see the module docstring)."""
     device = torch.device(device)
+    seeds = [int(v) for v in seeds]
+    b = len(seeds)
+    if b == 0:
+        return []
     tokenizer, unet = t2i.tokenizer, t2i.unet
     p_a, aux = auxiliary_prompt(prompt, concept, aux_noun, params.aux_nouns)
     t_c, _, aux_idx = token_sets(tokenizer, prompt, p_a, concept, aux)
     length = tokenizer.model_max_length
-    config = DbimConfig(concept_rows=(1,), aux_rows=(2,) if params.share_guidance else (3,),
+    rows = lambda k: tuple(range(k * b, (k + 1) * b))  # noqa: E731 - the k-th block of b rows
+    config = DbimConfig(concept_rows=rows(1), aux_rows=rows(2) if params.share_guidance else rows(3),
                         concept_real=_real(inference_prompt_ids(tokenizer, prompt, concept.tokens).eos, length),
                         aux_real=_real(inference_prompt_ids(tokenizer, p_a).eos, length),
                         concept_tokens=tuple(t_c), aux_noun_tokens=tuple(aux_idx), lam=float(params.lam))
@@ -117,12 +131,13 @@ def sample_dci(t2i, concept: IcoConcept, prompt: str, seed: int, params: DciPara
     sched = make_scheduler(t2i)
     sched.set_timesteps(int(params.steps))
     threshold = (1.0 - params.agg_time) * sched.config.num_train_timesteps
-    gen, gen_aux = torch.Generator().manual_seed(int(seed)), torch.Generator().manual_seed(aux_seed(seed))
-    x = initial_latents(unet, [gen], device, sched.init_noise_sigma)  # (1, C, h, w)
-    x_aux = initial_latents(unet, [gen_aux], device, sched.init_noise_sigma)
-    cond = encode_prompts(t2i, concept, [prompt], device).to(unet.dtype)  # (1, L, D)
-    cond_a = encode_prompts(t2i, concept, [p_a], device).to(unet.dtype)
-    uncond = encode_prompts(t2i, concept, [""], device).to(unet.dtype)
+    gens = [torch.Generator().manual_seed(v) for v in seeds]
+    gens_aux = [torch.Generator().manual_seed(aux_seed(v)) for v in seeds]
+    x = initial_latents(unet, gens, device, sched.init_noise_sigma)  # (B, C, h, w)
+    x_aux = initial_latents(unet, gens_aux, device, sched.init_noise_sigma)
+    cond = encode_prompts(t2i, concept, [prompt], device).to(unet.dtype).expand(b, -1, -1)  # (B, L, D)
+    cond_a = encode_prompts(t2i, concept, [p_a], device).to(unet.dtype).expand(b, -1, -1)
+    uncond = encode_prompts(t2i, concept, [""], device).to(unet.dtype).expand(b, -1, -1)
     layers = concept.processors_for(unet, device)
     dbim = {name: DbimAttnProcessor(config, kv=layer) for name, layer in layers.items()}
     s = params.guidance
@@ -139,9 +154,9 @@ def sample_dci(t2i, concept: IcoConcept, prompt: str, seed: int, params: DciPara
                         out_u, out_c, out_ua, out_a = unet(torch.cat([x, x, x_aux, x_aux]), t,
                                                            encoder_hidden_states=torch.cat([uncond, cond, uncond,
                                                                                             cond_a])).sample.chunk(4)
-                x_aux = sched.step(guided(out_ua, out_a, s), t, x_aux, eta=params.eta, generator=[gen_aux]).prev_sample
+                x_aux = sched.step(guided(out_ua, out_a, s), t, x_aux, eta=params.eta, generator=gens_aux).prev_sample
             else:  # the auxiliary branch is dropped
                 out_u, out_c = unet(torch.cat([x, x]), t,
                                     encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
-            x = sched.step(guided(out_u, out_c, s), t, x, eta=params.eta, generator=[gen]).prev_sample
-    return decode_latents(t2i.vae, x)[0]
+            x = sched.step(guided(out_u, out_c, s), t, x, eta=params.eta, generator=gens).prev_sample
+    return decode_latents(t2i.vae, x)
