@@ -432,6 +432,29 @@ class GenerateStage(_Stage):
                                                 [r[S.SEED] for r in part], **extra(part))
         return images
 
+    def _generate_across_sources(self, by_source: "OrderedDict[str, list[dict]]") -> dict[str, list[np.ndarray]]:
+        """Rounds r ≥ 1 (no per-source fine-tuning): every row of the chunk in batches of ``profusion.batch_size``
+        whatever its source, each row with its own source image — full batches on the device instead of one
+        short batch per source. Returns the images by source id; raises on any failure (the caller then
+        generates source by source, so a bad input is still quarantined alone)."""
+        from filtering.images import decode_png_rgb
+
+        p, ins, d = self.cfg.build.profusion, self.cfg.build.instructions, self.cfg.build.distill
+        fill = lambda tpl, r: tpl.format(**{"class": r[S.CLASS], "phrase": r[S.INSTRUCTION]})  # noqa: E731
+        sources = {sid: decode_png_rgb(group[0][S.SOURCE_PNG]) for sid, group in by_source.items()}
+        rows = [r for group in by_source.values() for r in group]
+        images: list[np.ndarray] = []
+        for i in range(0, len(rows), p.batch_size):
+            part = rows[i : i + p.batch_size]
+            images += self.generator.sample([sources[r[S.SOURCE_ID]] for r in part],
+                                            [fill(ins.sstar_prompt, r) for r in part],
+                                            [fill(ins.reference_prompt, r) for r in part], [r[S.SEED] for r in part],
+                                            requests=[fill(d.request, r) for r in part])
+        out: dict[str, list[np.ndarray]] = {}
+        for r, image in zip(rows, images):
+            out.setdefault(r[S.SOURCE_ID], []).append(image)
+        return out
+
     def process(self, chunk: str, records: list[dict]) -> list[dict]:
         from PIL import Image
 
@@ -463,8 +486,16 @@ class GenerateStage(_Stage):
             node, alive = node_facts()
             before = ledger.attempt(self.out.owner, node, alive)
             crashed = before >= self.cfg.build.max_chunk_attempts
+            batched: dict[str, list[np.ndarray]] = {}
             if not crashed:
                 self._setup_once()
+                if self.cfg.build.round >= 1 and len(by_source) > 1:
+                    try:
+                        batched = self._generate_across_sources(by_source)
+                    except Exception as exc:  # noqa: BLE001 - retried source by source, classified there
+                        log.warning("chunk %s: batched generation failed (%s); generating source by source",
+                                    chunk, exc)
+                        _free_device_memory()
             for source_id, group in by_source.items():
                 if crashed:  # this chunk killed its worker max_chunk_attempts times: stop retrying it
                     decided += [quarantine_record(chunk, r[S.ID], None, self.name, "worker_crashed",
@@ -473,8 +504,8 @@ class GenerateStage(_Stage):
                                                   "stayed up)", r[S.SOURCE_URI], row=r)
                                 for r in group]
                     continue
-                images, error = None, None
-                for attempt in range(2):  # one in-process retry for transient device errors
+                images, error = batched.get(source_id), None
+                for attempt in range(0 if images is not None else 2):  # one retry for transient device errors
                     try:
                         images = self._generate_source(source_id, group)
                         break

@@ -164,3 +164,46 @@ def test_assistant_batch_equals_one_request_at_a_time(checkpoints):
         assert batch[i].clip_source == "image" and batch[i].response == ""
     with pytest.raises(ValueError, match="no MLLM loaded"):
         assistant.generate_batch(images, ["x"] * 4, seeds)
+
+
+def test_round_one_batches_rows_across_sources_like_source_by_source(checkpoints, tmp_path):
+    """Rounds ≥ 1 fill each batch with rows of any source (each row with its own source image): the targets equal
+    source-by-source generation up to batch-size rounding, in the same row order."""
+    import pyarrow as pa
+
+    from pipeline.build import stage_keys, write_plan
+    from pipeline.stages import GenerateStage, SourcesStage
+    from pipeline.store import Storage
+    from tests.buildutil import as_config
+    from training.data import schema as S
+
+    a, _ = checkpoints
+    src = tmp_path / "src"
+    for cls in ("circle", "star"):
+        (src / cls).mkdir(parents=True)
+        f = sorted((WORLD / "sources" / cls).glob("*.png"))[0]
+        (src / cls / f.name).write_bytes(f.read_bytes())
+    cfg = as_config({"run": {"name": "r1", "seed": 0}, "models": {"root": str(WORLD)},
+                     "build": {"round": 1, "sources": {"kind": "folder", "path": str(src), "image_size": 32},
+                               "instructions": {"phrases": ["on the left", "in large size", "in outline style"],
+                                                "per_source": 3},
+                               "profusion": {"batch_size": 4},
+                               "distill": {"diffusion": a, "num_inference_steps": 4}, "rows_per_chunk": 6}})
+    keys = stage_keys(cfg, {})
+    out = Storage(tmp_path / "out", owner="t")
+    (chunk,) = write_plan(cfg, out, keys["plan"], [])
+    kw = {"config": cfg.model_dump(mode="json"), "out": out.uri, "keys": keys, "owner": "t"}
+    block = SourcesStage(**kw)(pa.table({"chunk": [chunk]}))
+    stage = GenerateStage(**kw)
+    stage._setup_once()
+    rows = [r for r in block.to_pylist() if r[S.STATUS] == S.STATUS_ROW]
+    by_source: dict = {}
+    for r in rows:
+        by_source.setdefault(r[S.SOURCE_ID], []).append(r)
+    assert [len(g) for g in by_source.values()] == [3, 3]  # batches of 4 cross the sources: [3 + 1], [2]
+    batched = stage._generate_across_sources(by_source)
+    for sid, group in by_source.items():
+        alone = stage._generate_source(sid, group)
+        assert len(batched[sid]) == len(alone) == 3
+        assert all(np.abs(x.astype(int) - y.astype(int)).max() <= 2 for x, y in zip(batched[sid], alone))
+    assert not np.array_equal(batched[list(by_source)[0]][0], batched[list(by_source)[1]][0])
