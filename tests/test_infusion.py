@@ -421,6 +421,13 @@ def test_foreground_mask_weights_the_loss(tiny):
     expected = sum(float(m[b, 0, i, j]) * float((pred[b, c, i, j] - target[b, c, i, j]) ** 2)
                    for b in range(2) for c in range(4) for i in range(3) for j in range(3)) / (4 * float(m.sum()))
     assert math.isclose(float(_weighted_mse(pred, target, m)), expected, rel_tol=1e-5)
+    authors = sum(float((m[b, 0, i, j] * pred[b, c, i, j] - m[b, 0, i, j] * target[b, c, i, j]) ** 2)
+                  for b in range(2) for c in range(4) for i in range(3) for j in range(3)) / (2 * 4 * 9)
+    assert math.isclose(float(_weighted_mse(pred, target, m, "authors")), authors, rel_tol=1e-5)
+    # the authors' resize: bilinear, then divided by the max (a half-covered mask keeps its 1s)
+    soft = np.zeros((64, 64), np.float32)
+    soft[:, :32] = 0.5
+    assert prepare_mask(soft, (64, 64), 8, "bilinear").max() == 1.0 and prepare_mask(soft, (64, 64), 8).max() == 0.5
     # masks follow the image's centre crop: a 70×50 mask whose top 10 rows are 1 is cropped away entirely
     mask = np.zeros((70, 50), np.float32)
     mask[:10] = 1.0
@@ -432,7 +439,13 @@ def test_foreground_mask_weights_the_loss(tiny):
     half = np.zeros((70, 50), np.float32)
     half[:, :25] = 1.0
     halved = train_infusion(tiny, images, "cat", params, seed=0, masks=[half, half])
-    assert np.allclose(plain.losses, ones.losses, rtol=1e-5)
+    assert np.allclose(plain.losses, ones.losses, rtol=1e-5)  # either weighting: a full mask is no mask
     assert not np.allclose(plain.losses, halved.losses, rtol=1e-3)
+    normalized = InfusionParams(steps=2, mask_loss="normalized", **FAST)
+    assert np.allclose(plain.losses, train_infusion(tiny, images, "cat", normalized, seed=0,
+                                                    masks=[np.ones((70, 50), np.uint8) * 255] * 2).losses, rtol=1e-5)
+    with pytest.raises(ValueError, match="mask_loss"):
+        InfusionParams(mask_loss="sum")
+    assert len(InfusionParams().templates) == 11 and InfusionParams().templates[0] == "a photo of a {}"
     with pytest.raises(ValueError, match="does not match"):
         train_infusion(tiny, images, "cat", params, seed=0, masks=[np.ones((8, 8))] * 2)

@@ -236,8 +236,9 @@ def prepare_image(image: np.ndarray, size: int) -> np.ndarray:
     return _square_resize(a, size, Image.BICUBIC)
 
 
-def prepare_mask(mask: np.ndarray, image_shape: tuple[int, int], size: int) -> np.ndarray:
-    """Soft mask (H, W) in [0, 1] (float, bool or uint8 /255): same centre crop, area-resized to (size, size)."""
+def prepare_mask(mask: np.ndarray, image_shape: tuple[int, int], size: int, mode: str = "area") -> np.ndarray:
+    """Soft mask (H, W) in [0, 1] (float, bool or uint8 /255): same centre crop, resized to (size, size) —
+    ``area`` (averaging), or ``bilinear`` then divided by its max (the authors' ``mask / mask.max()``)."""
     m = np.asarray(mask)
     if m.shape != tuple(image_shape):
         raise ValueError(f"masks: a mask of shape {m.shape} does not match its image's (H, W) = {image_shape}")
@@ -248,6 +249,9 @@ def prepare_mask(mask: np.ndarray, image_shape: tuple[int, int], size: int) -> n
     s = min(h, w)
     top, left = (h - s) // 2, (w - s) // 2
     crop = torch.from_numpy(np.ascontiguousarray(m[top : top + s, left : left + s]))[None, None]
+    if mode == "bilinear":
+        out = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear")[0, 0]
+        return (out / out.max()).numpy() if float(out.max()) > 0 else out.numpy()
     return torch.nn.functional.interpolate(crop, size=(size, size), mode="area")[0, 0].numpy()
 
 
@@ -299,11 +303,15 @@ def _encode_posteriors(t2i, pixels: np.ndarray, device) -> tuple[torch.Tensor, t
     return dist.mean.float(), dist.std.float()
 
 
-def _weighted_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """``Σ m (ŷ − y)² / (C · Σ m)`` over the batch; plain MSE when ``mask`` is None. mask: (B, 1, h, w)."""
-    err = (pred.float() - target.float()) ** 2  # (B, C, h, w)
+def _weighted_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
+                  how: str = "normalized") -> torch.Tensor:
+    """Plain MSE when ``mask`` is None; else (mask (B, 1, h, w)) ``how`` = ``authors``: mean((m·ŷ − m·y)²) over every
+    element (the authors' ``p_losses``); ``normalized``: ``Σ m (ŷ − y)² / (C · Σ m)`` over the batch."""
     if mask is None:
-        return err.mean()
+        return ((pred.float() - target.float()) ** 2).mean()
+    if how == "authors":
+        return ((pred.float() * mask - target.float() * mask) ** 2).mean()
+    err = (pred.float() - target.float()) ** 2  # (B, C, h, w)
     return (err * mask).sum() / (mask.sum() * err.shape[1]).clamp_min(1e-8)
 
 
@@ -340,7 +348,8 @@ def train_infusion(t2i, images: Sequence[np.ndarray], noun: str, params: Infusio
     scaling = float(getattr(t2i.vae.config, "scaling_factor", 0.18215))
     mask_t = None
     if masks is not None:
-        m = np.stack([prepare_mask(mk, np.shape(im)[:2], latent) for mk, im in zip(masks, images)])  # (N, h, w)
+        mode = "bilinear" if params.mask_loss == "authors" else "area"
+        m = np.stack([prepare_mask(mk, np.shape(im)[:2], latent, mode) for mk, im in zip(masks, images)])  # (N, h, w)
         mask_t = torch.from_numpy(np.concatenate([m, m[:, :, ::-1]]).copy())[:, None].to(device)  # (2N, 1, h, w)
 
     layers = cross_attention_layers(unet)
@@ -377,7 +386,7 @@ def train_infusion(t2i, images: Sequence[np.ndarray], noun: str, params: Infusio
                 with _autocast(device.type, autocast_dtype):
                     out = unet(torch.cat([z_t, z_t]).to(unet.dtype), torch.cat([t, t]),
                                encoder_hidden_states=torch.cat([ctx, ctx])).sample
-                loss = _weighted_mse(out[bs:], target, None if mask_t is None else mask_t[row])
+                loss = _weighted_mse(out[bs:], target, None if mask_t is None else mask_t[row], params.mask_loss)
                 grads = torch.autograd.grad(scaler.scale(loss / params.grad_accum), deltas)
                 for p, g in zip(deltas, grads):
                     p.grad = g if p.grad is None else p.grad + g

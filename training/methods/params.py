@@ -9,6 +9,13 @@ PRECISION_NAMES = ("auto", "fp32", "fp16", "bf16")  # autocast dtype of a frozen
 ICO_PROMPTS = ("ico", "manual")
 INFUSION_PLACEMENTS = ("post_v", "pre_v")  # D6: Δ after to_v (inner_dim) | before to_v (text width)
 INFUSION_MODES = ("paper", "code_compat")
+#: the authors' training prompts (zwl666666/infusion, infusion/dataset.py: PROMPT_TEMPLATE), '{}' = the noun
+INFUSION_TEMPLATES = ("a photo of a {}", "a good photo of a {}", "the photo of a {}", "a good photo of the {}",
+                      "image of a {}", "image of the {}", "A photograph of {}", "A {} shown in a photo ",
+                      "A photo of {}", "A {}", "{}")
+#: mask weighting: "authors" = mean((m·ε̂ − m·ε)²) over every element, m bilinear to the latent size and divided by
+#: its max (their p_losses); "normalized" = Σ m (ε̂ − ε)² / (C · Σ m), m area-resized
+INFUSION_MASK_LOSSES = ("authors", "normalized")
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,8 @@ class InfusionParams:
     learning_rate: float = 0.01
     batch_size: int = 4
     grad_accum: int = 4
-    templates: tuple[str, ...] = ("a photo of a {}",)
+    templates: tuple[str, ...] = INFUSION_TEMPLATES
+    mask_loss: str = "authors"
     placement: str = "post_v"  # D6: "post_v" (Δ ∈ inner_dim after to_v) | "pre_v" (Δ ∈ text width before to_v)
     mode: str = "paper"  # "paper" | "code_compat"
     flip_p: float = 0.5
@@ -113,6 +121,8 @@ class InfusionParams:
         for t in self.templates:
             if not isinstance(t, str) or t.count("{}") != 1:
                 raise ValueError(f"InfusionParams.templates: {t!r} must contain '{{}}' exactly once")
+        if self.mask_loss not in INFUSION_MASK_LOSSES:
+            raise ValueError(f"InfusionParams.mask_loss={self.mask_loss!r}: allowed {INFUSION_MASK_LOSSES}")
         if self.placement not in INFUSION_PLACEMENTS:
             raise ValueError(f"InfusionParams.placement={self.placement!r}: allowed {INFUSION_PLACEMENTS}")
         if self.mode not in INFUSION_MODES:
