@@ -124,8 +124,11 @@ def _contend(storage, barrier, results) -> None:
     try:
         lease.acquire(wait_s=0)
         results.append(("held", lease.epoch))
+        barrier.wait()  # every contender has answered: the winner lets go (its heartbeat thread ends)
+        lease.release()
     except OutputBusy:
         results.append(("refused", None))
+        barrier.wait()
 
 
 def test_drivers_racing_for_a_stale_lease_one_wins(storage):
@@ -140,6 +143,7 @@ def test_drivers_racing_for_a_stale_lease_one_wins(storage):
         t.join(30)
     assert sorted(r for r, _ in results) == ["held", "refused", "refused", "refused"]
     assert [e for r, e in results if r == "held"] == [2] and _holder(storage)["epoch"] == 2
+    assert _holder(storage)["released"]
 
 
 def test_release_never_masks_the_error_that_ended_the_run(tmp_path, monkeypatch):
