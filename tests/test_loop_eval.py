@@ -93,3 +93,22 @@ def test_flat_metrics_and_table():
     assert flat_metrics(report, "held_out")["assistant.both"] == 0.5
     table = format_table(report)
     assert "| assistant | 0.500 ± 0.100 |" in table and "0.500 ± 0.200 |" in table
+
+
+def test_paired_difference_equals_a_direct_computation():
+    """Difference of two rounds' verdicts on the same pairs ± the paired s.e. (std of the differences / √n),
+    against a hand computation; paired s.e. is below the unpaired one when the verdicts agree on most pairs."""
+    import math
+
+    from pipeline.loop.evaluate import paired_difference
+
+    a = [1, 1, 0, 1, 0, 0, 1, 1, 0, 0]
+    b = [1, 0, 0, 1, 0, 0, 0, 1, 0, 0]
+    d = [x - y for x, y in zip(a, b)]  # two pairs gained, none lost
+    mean = sum(d) / 10
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 9)
+    got = paired_difference(a, b)
+    assert got[0] == mean == 0.2 and math.isclose(got[1], sd / math.sqrt(10)) and got[2] == 10
+    unpaired = math.sqrt(0.5 * 0.5 / 10 + 0.3 * 0.7 / 10)
+    assert got[1] < unpaired
+    assert paired_difference([1], [0])[2] == 1 and math.isnan(paired_difference([1], [0])[1])

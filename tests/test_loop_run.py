@@ -107,6 +107,16 @@ def test_loop_with_every_location_on_s3_resumes_and_its_outputs_are_read(tmp_pat
     metrics = Storage(records["eval-r0"]["outputs"]["report"]).read_json("metrics.json")
     assert set(metrics["methods"]) == {"assistant", "direct", "input", "t2i"} and metrics["n"] == 2
     assert metrics["methods"]["input"]["oracle"]["all"]["identity"]["rate"] == 1.0  # the input is its own identity
+    # per-pair verdicts beside the rates (the report's paired comparisons read them): they add up to the rates
+    from pipeline.loop.evaluate import read_pairs
+
+    pairs = read_pairs(records["eval-r0"]["outputs"]["report"])
+    assert len(pairs["subject"]) == metrics["n"]
+    for method in metrics["methods"]:
+        for verdict in ("identity", "instruction", "both"):
+            rate = metrics["methods"][method]["oracle"]["all"][verdict]["rate"]
+            assert sum(pairs[f"{method}.{verdict}"]) / metrics["n"] == pytest.approx(rate, abs=1e-4)
+    assert sum(pairs["changing"]) == metrics["n_changing"]
     assert out.read_bytes("report/report.md").decode().count("## Round 0") == 1
 
     # every output is on s3 and nothing of the run was written locally

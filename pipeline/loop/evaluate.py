@@ -130,16 +130,46 @@ def evaluate_checkpoint(cfg, mllm_dir: str | None, diffusion_dir: str, out: Stor
 
         changing = ~oracle_verdicts(oracle.predict_names(np.stack(images["input"])), meta)["instruction"]
         report["n_changing"] = int(changing.sum())
+    pairs = None
+    if oracle is not None:
+        from training.world.assistant_eval import oracle_verdicts
+
+        pairs = {"subject": [m["subject"] for m in meta], "phrase": [m.get("phrase") for m in meta],
+                 "seed": [int(m.get("seed", 0)) for m in meta], "held_out": [bool(m["held_out"]) for m in meta],
+                 "changing": [bool(c) for c in changing]}
     for method, ims in images.items():
         report["methods"][method] = dreambench(clip, dino, ims, meta, refs)
         if oracle is not None:
-            report["methods"][method]["oracle"] = oracle_rates(oracle.predict_names(np.stack(ims)), meta, changing)
+            read = oracle.predict_names(np.stack(ims))
+            report["methods"][method]["oracle"] = oracle_rates(read, meta, changing)
+            for verdict, values in oracle_verdicts(read, meta).items():
+                pairs[f"{method}.{verdict}"] = [bool(v) for v in values]
     report["seconds"] = round(time.perf_counter() - t0, 1)
     if out is not None:
+        if pairs is not None:  # per pair, so rounds and methods compare paired (same pairs, same seeds)
+            import pyarrow as pa
+
+            out.write_parquet("pairs.parquet", pa.table(pairs))
         out.write_json("metrics.json", report)
         out.write_bytes("table.md", (format_table(report) + "\n").encode())
         out.write_bytes("samples.png", _samples_png(images, 8))
     return report
+
+
+def paired_difference(a, b) -> tuple[float, float, int]:
+    """Mean of ``a − b`` over pairs (0/1 verdicts or scores of the same pairs) and its standard error
+    ``std(a − b, ddof=1) / √n``: the paired comparison of two rounds or two methods on one evaluation set."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    n = int(d.size)
+    if n < 2:
+        return float(d.mean()) if n else float("nan"), float("nan"), n
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(n)), n
+
+
+def read_pairs(location: str):
+    """An evaluation's per-pair verdicts (``pairs.parquet``) as a dict of lists, or None (no oracle, or older)."""
+    store = Storage(location)
+    return store.read_parquet("pairs.parquet").to_pydict() if store.is_file("pairs.parquet") else None
 
 
 def headline(metrics_by_split: dict) -> tuple[str, dict[str, float]]:

@@ -66,8 +66,37 @@ def write_loop_report(ctx, rounds: int) -> str:
             lines.append(f"| {m} | " + " | ".join(f"{x.get(m, float('nan')):.3f}" for x in metrics_by_round) + " |")
         state.write_bytes("report/metrics.png", _curves_png(metrics_by_round, names))
         lines += ["", "![metrics across rounds](metrics.png)", ""]
+        lines += _paired_lines(recs, rounds)
     state.write_bytes("report/report.md", "\n".join(lines).encode())
     return state.uri_of("report/report.md")
+
+
+def _paired_lines(recs: dict, rounds: int) -> list[str]:
+    """Paired comparisons on the `changing` pairs (the same pairs and seeds in every round): the assistant of
+    each round against the previous round's and against each baseline of its round — difference ± paired s.e."""
+    from pipeline.loop.evaluate import paired_difference, read_pairs
+
+    pairs = [read_pairs(recs[f"eval-r{r}"]["outputs"]["report"]) if f"eval-r{r}" in recs else None
+             for r in range(rounds)]
+    if not any(pairs):
+        return []
+    out = ["## Paired comparisons (joint rate, `changing` pairs)", "",
+           "| comparison | difference | paired s.e. | n | difference / s.e. |", "| --- | --- | --- | --- | --- |"]
+
+    def row(label: str, p: dict, a: str, q: dict, b: str) -> None:
+        keep = [i for i, c in enumerate(p["changing"]) if c]
+        d, se, n = paired_difference([p[a][i] for i in keep], [q[b][i] for i in keep])
+        out.append(f"| {label} | {d:+.3f} | {se:.3f} | {n} | {d / se if se and se == se else float('nan'):+.1f} |")
+
+    for r, p in enumerate(pairs):
+        if p is None:
+            continue
+        if r > 0 and pairs[r - 1] is not None and pairs[r - 1]["subject"] == p["subject"]:
+            row(f"assistant r{r} − assistant r{r - 1}", p, "assistant.both", pairs[r - 1], "assistant.both")
+        for base in ("direct", "t2i", "input"):
+            if f"{base}.both" in p:
+                row(f"assistant r{r} − {base} r{r}", p, "assistant.both", p, f"{base}.both")
+    return out + [""]
 
 
 def _oracle_rates(build: Storage) -> dict | None:
