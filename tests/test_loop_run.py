@@ -117,7 +117,8 @@ def test_loop_with_every_location_on_s3_resumes_and_its_outputs_are_read(tmp_pat
             rate = metrics["methods"][method]["oracle"]["all"][verdict]["rate"]
             assert sum(pairs[f"{method}.{verdict}"]) / metrics["n"] == pytest.approx(rate, abs=1e-4)
     assert sum(pairs["changing"]) == metrics["n_changing"]
-    assert out.read_bytes("report/report.md").decode().count("## Round 0") == 1
+    report_md = out.read_bytes("report/report.md").decode()
+    assert report_md.count("## Round 0") == 1 and "| assistant r0 − t2i r0 |" in report_md  # the paired table
 
     # every output is on s3 and nothing of the run was written locally
     for rec, key in ((records["build-r0"], "dataset"), (records["train-mllm-r0"], "weights"),

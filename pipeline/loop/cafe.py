@@ -257,7 +257,7 @@ def _eval_stage(r: int) -> Stage:
         extra = {"subjects": ctx.fingerprint(e.subjects)}
         if e.oracle:
             extra["oracle"] = ctx.fingerprint(e.oracle)
-        return {"eval": _semantic(e, frozenset({"device"})), "format": 2, **extra,
+        return {"eval": _semantic(e, frozenset({"device"})), "format": 3, **extra,  # 3: pairs.parquet
                 "max_new_tokens": ctx.cfg.train.mllm.max_new_tokens,
                 "roles": ctx.roles(("t2i", "clip_filter", "dino_filter"))}
 
