@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import re
-import socket
 import tempfile
 import time
 from collections import OrderedDict
@@ -361,12 +360,10 @@ class ConceptWorker:
 
     def check_base(self) -> None:
         """This node's base model is the driver's (else its artifacts would be recorded under another base)."""
-        from pipeline.models import ModelMismatch
+        from pipeline.models import mismatch
 
         if self.expected_fingerprint is not None and self.fingerprint != self.expected_fingerprint:
-            raise ModelMismatch(f"concept worker on {socket.gethostname()}: t2i at {self.t2i_dir} has fingerprint "
-                                f"{self.fingerprint}, the driver's is {self.expected_fingerprint}: this node's model "
-                                "copy differs from the driver's (sync the models volume) — nothing was written")
+            raise mismatch("concept worker", "t2i", self.t2i_dir, self.fingerprint, self.expected_fingerprint)
 
     def _run(self, job: ConceptJob, t0: float) -> dict:
         self.check_base()

@@ -25,8 +25,6 @@ def check_fingerprints(dirs: dict[str, str | os.PathLike], want: dict[str, str],
     """Every directory of ``dirs`` has the fingerprint the driver recorded in ``want`` (names missing from ``want``
     are not checked): a node whose copy differs (a stale sync, another mount) fails loudly, before loading it,
     instead of producing rows or weights under the wrong key."""
-    import socket
-
     from training.models.fingerprint import fingerprint
 
     for name, directory in dirs.items():
@@ -34,9 +32,16 @@ def check_fingerprints(dirs: dict[str, str | os.PathLike], want: dict[str, str],
             continue
         got = fingerprint(directory) if Path(directory).is_dir() else "missing"
         if got != want[name]:
-            raise ModelMismatch(f"{who} on {socket.gethostname()}: {name} at {directory} has fingerprint {got}, "
-                                f"the driver's is {want[name]}: this node's model copy differs from the driver's "
-                                "(sync the models volume or the node's copy) — nothing was written")
+            raise mismatch(who, name, directory, got, want[name])
+
+
+def mismatch(who: str, name: str, where, got: str, want: str) -> ModelMismatch:
+    """The one error for a worker whose model copy (``name`` at ``where``) is not the driver's."""
+    import socket
+
+    return ModelMismatch(f"{who} on {socket.gethostname()}: {name} at {where} has fingerprint {got}, the driver's "
+                         f"is {want}: this node's model copy differs from the driver's (sync the models volume or "
+                         "the node's copy) — nothing was written")
 
 
 @dataclass

@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import time
 import uuid
 from collections import OrderedDict
@@ -38,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import CafeConfig
-from pipeline.models import ModelMismatch, check_fingerprints
+from pipeline.models import check_fingerprints, mismatch
 from pipeline.store import Lease, Storage, is_uri, local_copy, table_hash
 from training.data import schema as S
 from training.data.ids import row_id, stable_int
@@ -380,9 +379,11 @@ class GenerateStage(_Stage):
     def check_models(self) -> None:
         super().check_models()
         want = self.fingerprints.get("distill")
-        if self.cfg.build.round >= 1 and want is not None and distill_checkpoint(self.cfg) != want:
-            raise ModelMismatch(f"generate on {socket.gethostname()}: the round {self.cfg.build.round - 1} "
-                                f"weights read here ({distill_checkpoint(self.cfg)}) are not the driver's ({want})")
+        if self.cfg.build.round >= 1 and want is not None:
+            got = distill_checkpoint(self.cfg)
+            if got != want:
+                raise mismatch(self.name, f"the round {self.cfg.build.round - 1} models", self.cfg.build.distill.diffusion,
+                               got, want)
 
     def setup(self) -> None:
         from training.models.kit import load_from_config, resolve_device

@@ -145,11 +145,16 @@ class Storage:
             with self.fs.open_output_stream(target) as f:
                 f.write(data)
 
-    def _local_tmp(self, target: str, data: bytes) -> str:
-        """``data`` fsynced in a temporary sibling of ``target`` (named so a successor can tell a dead run's)."""
+    def _tmp_sibling(self, target: str) -> str:
+        """A fresh temporary name beside ``target`` (its directory created), named so a successor can tell a dead
+        run's leftovers (:meth:`clean_dead_tmp`)."""
         parent, name = os.path.split(target)
         os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".{name}{TMP_INFIX}{self.owner}-{uuid.uuid4().hex[:8]}")
+        return os.path.join(parent, f".{name}{TMP_INFIX}{self.owner}-{uuid.uuid4().hex[:8]}")
+
+    def _local_tmp(self, target: str, data: bytes) -> str:
+        """``data`` fsynced in a temporary sibling of ``target``."""
+        tmp = self._tmp_sibling(target)
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -205,9 +210,7 @@ class Storage:
             with self.fs.open_output_stream(target) as f:
                 yield f
             return
-        parent, name = os.path.split(target)
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".{name}{TMP_INFIX}{self.owner}-{uuid.uuid4().hex[:8]}")
+        tmp = self._tmp_sibling(target)
         try:
             with open(tmp, "wb") as f:
                 yield f
